@@ -1,0 +1,236 @@
+"""Records of runs, phase runs, artifacts and generations. History is never overwritten."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from django.db import models
+from django.db.models import Q
+from django.utils import timezone
+from django.utils.translation import gettext_lazy as _
+
+
+class RunState(models.TextChoices):
+    PENDING = "pending", _("pending")
+    RUNNING = "running", _("running")
+    SUCCEEDED = "succeeded", _("succeeded")
+    FAILED = "failed", _("failed")
+    CANCELLED = "cancelled", _("cancelled")
+
+
+class PhaseState(models.TextChoices):
+    PENDING = "pending", _("pending")
+    RUNNING = "running", _("running")
+    SUCCEEDED = "succeeded", _("succeeded")
+    CACHED = "cached", _("cached")
+    FAILED = "failed", _("failed")
+    UPSTREAM_FAILED = "upstream_failed", _("upstream failed")
+    CANCELLED = "cancelled", _("cancelled")
+
+
+IN_FLIGHT = (RunState.PENDING, RunState.RUNNING)
+PHASE_DONE = (PhaseState.SUCCEEDED, PhaseState.CACHED)
+PHASE_ENDED = (
+    PhaseState.SUCCEEDED,
+    PhaseState.CACHED,
+    PhaseState.FAILED,
+    PhaseState.UPSTREAM_FAILED,
+    PhaseState.CANCELLED,
+)
+
+
+class PipelineRunQuerySet(models.QuerySet["PipelineRun"]):
+    def in_flight(self) -> PipelineRunQuerySet:
+        return self.filter(state__in=IN_FLIGHT)
+
+    def latest_first(self) -> PipelineRunQuerySet:
+        return self.order_by("-created_at", "-id")
+
+
+class PipelineRun(models.Model):
+    """One execution of the pipeline."""
+
+    # A constant column that lets the database enforce "one run in flight" with a
+    # partial unique index: the single flight holds under any number of start_init calls.
+    pipeline = models.CharField(max_length=64, default="default", editable=False)
+    state = models.CharField(
+        _("state"), max_length=16, choices=RunState.choices, default=RunState.PENDING
+    )
+    created_at = models.DateTimeField(_("created"), default=timezone.now)
+    started_at = models.DateTimeField(_("started"), null=True, blank=True)
+    finished_at = models.DateTimeField(_("finished"), null=True, blank=True)
+    trigger = models.CharField(
+        _("started by"), max_length=200, blank=True, help_text=_("Who or what started the run.")
+    )
+    options = models.JSONField(_("options"), default=dict, blank=True)
+    error = models.TextField(_("error"), blank=True)
+
+    objects = PipelineRunQuerySet.as_manager()
+
+    class Meta:
+        verbose_name = _("pipeline run")
+        verbose_name_plural = _("pipeline runs")
+        ordering = ["-created_at", "-id"]
+        constraints = [
+            models.UniqueConstraint(
+                fields=["pipeline"],
+                condition=Q(state__in=["pending", "running"]),
+                name="initpipeline_run_single_flight",
+            )
+        ]
+        permissions = [
+            ("start_run", "Can start, resume and run the init pipeline again"),
+            ("cancel_run", "Can cancel a run of the init pipeline"),
+        ]
+
+    def __str__(self) -> str:
+        return f"run {self.pk} ({self.state})"
+
+    @property
+    def is_in_flight(self) -> bool:
+        return self.state in IN_FLIGHT
+
+    @property
+    def duration(self) -> float | None:
+        if self.started_at is None:
+            return None
+        end = self.finished_at or timezone.now()
+        return (end - self.started_at).total_seconds()
+
+
+class PhaseRun(models.Model):
+    """One phase within one run."""
+
+    run = models.ForeignKey(PipelineRun, on_delete=models.CASCADE, related_name="phases")
+    name = models.CharField(_("phase"), max_length=200)
+    position = models.PositiveIntegerField(_("position"))
+    state = models.CharField(
+        _("state"), max_length=16, choices=PhaseState.choices, default=PhaseState.PENDING
+    )
+    fingerprint = models.CharField(_("fingerprint"), max_length=64)
+    version = models.CharField(_("version"), max_length=100)
+    forced = models.BooleanField(_("forced"), default=False)
+    attempt = models.PositiveIntegerField(_("attempt"), default=0)
+    max_attempts = models.PositiveIntegerField(_("attempts allowed"), default=1)
+    timeout = models.PositiveIntegerField(_("timeout (s)"), null=True, blank=True)
+    progress_done = models.FloatField(default=0)
+    progress_total = models.FloatField(null=True, blank=True)
+    message = models.CharField(_("message"), max_length=500, blank=True)
+    task_id = models.CharField(max_length=255, blank=True)
+    worker = models.CharField(_("worker"), max_length=255, blank=True)
+    heartbeat_at = models.DateTimeField(_("heartbeat"), null=True, blank=True)
+    started_at = models.DateTimeField(_("started"), null=True, blank=True)
+    finished_at = models.DateTimeField(_("finished"), null=True, blank=True)
+    error = models.TextField(_("error"), blank=True)
+    traceback = models.TextField(_("traceback"), blank=True)
+
+    class Meta:
+        verbose_name = _("phase run")
+        verbose_name_plural = _("phase runs")
+        ordering = ["run", "position"]
+        constraints = [
+            models.UniqueConstraint(fields=["run", "name"], name="initpipeline_phaserun_unique")
+        ]
+        indexes = [models.Index(fields=["name", "fingerprint"], name="initpipeline_phase_fp")]
+
+    def __str__(self) -> str:
+        return f"{self.name} ({self.state})"
+
+    @property
+    def progress(self) -> float:
+        """Progress from 0 to 1."""
+        if self.state in PHASE_DONE:
+            return 1.0
+        if not self.progress_total:
+            return 0.0
+        return max(0.0, min(1.0, self.progress_done / self.progress_total))
+
+    @property
+    def duration(self) -> float | None:
+        if self.started_at is None:
+            return None
+        end = self.finished_at or timezone.now()
+        return (end - self.started_at).total_seconds()
+
+
+class ArtifactQuerySet(models.QuerySet["Artifact"]):
+    def for_fingerprint(self, name: str, fingerprint: str) -> ArtifactQuerySet:
+        return self.filter(name=name, fingerprint=fingerprint).order_by("-created_at", "-id")
+
+
+class Artifact(models.Model):
+    """An immutable, checksummed file a phase published."""
+
+    name = models.CharField(_("name"), max_length=200)
+    fingerprint = models.CharField(_("fingerprint"), max_length=64)
+    storage_key = models.CharField(_("storage key"), max_length=500)
+    sha256 = models.CharField("sha256", max_length=64)
+    size = models.BigIntegerField(_("size (bytes)"))
+    format = models.CharField(_("format"), max_length=16)
+    metadata = models.JSONField(_("metadata"), default=dict, blank=True)
+    run = models.ForeignKey(
+        PipelineRun, on_delete=models.PROTECT, related_name="artifacts", null=True
+    )
+    phase_run = models.ForeignKey(
+        PhaseRun, on_delete=models.PROTECT, related_name="artifacts", null=True
+    )
+    created_at = models.DateTimeField(_("created"), default=timezone.now)
+
+    objects = ArtifactQuerySet.as_manager()
+
+    class Meta:
+        verbose_name = _("artifact")
+        verbose_name_plural = _("artifacts")
+        ordering = ["-created_at", "-id"]
+        indexes = [models.Index(fields=["name", "fingerprint"], name="initpipeline_artifact_fp")]
+
+    def __str__(self) -> str:
+        return f"{self.name} {self.sha256[:12]}"
+
+
+class Generation(models.Model):
+    """The artifacts of one successful run. Exactly one generation is active."""
+
+    run = models.OneToOneField(PipelineRun, on_delete=models.PROTECT, related_name="generation")
+    artifacts = models.ManyToManyField(Artifact, related_name="generations")
+    fingerprints = models.JSONField(
+        _("fingerprints"), default=dict, help_text=_("Phase name to fingerprint.")
+    )
+    is_active = models.BooleanField(_("active"), default=False)
+    created_at = models.DateTimeField(_("created"), default=timezone.now)
+    activated_at = models.DateTimeField(_("activated"), null=True, blank=True)
+
+    class Meta:
+        verbose_name = _("generation")
+        verbose_name_plural = _("generations")
+        ordering = ["-created_at", "-id"]
+        constraints = [
+            models.UniqueConstraint(
+                fields=["is_active"],
+                condition=Q(is_active=True),
+                name="initpipeline_one_active_generation",
+            )
+        ]
+
+    def __str__(self) -> str:
+        return f"generation {self.pk}{' (active)' if self.is_active else ''}"
+
+    def artifact_map(self) -> dict[str, Artifact]:
+        return {a.name: a for a in self.artifacts.all()}
+
+
+def trigger_label(user: Any = None, *, via: str) -> str:
+    """A short "who or what started it" label, free of secrets."""
+    if user is not None and getattr(user, "is_authenticated", False):
+        return f"{via} by {user.get_username()}"
+    return via
+
+
+__all__ = [
+    "Artifact",
+    "Generation",
+    "PhaseRun",
+    "PhaseState",
+    "PipelineRun",
+    "RunState",
+]

@@ -1,0 +1,362 @@
+"""Phases, the DAG they form, and their fingerprints."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import threading
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, TypeVar
+
+from .exceptions import PipelineConfigError
+
+if TYPE_CHECKING:
+    from .context import PhaseContext
+
+PhaseFunc = Callable[["PhaseContext"], Any]
+F = TypeVar("F", bound=PhaseFunc)
+
+DISCOVER_MODULE = "init_phases"
+
+
+@dataclass(frozen=True)
+class Phase:
+    """One registered phase: a function plus what it produces and what it needs."""
+
+    name: str
+    func: PhaseFunc
+    produces: tuple[str, ...]
+    after: tuple[str, ...] = ()
+    inputs: tuple[str, ...] = ()
+    version: str = "1"
+    timeout: int | None = None
+    retries: int = 0
+    config: Mapping[str, Any] | Callable[[], Mapping[str, Any]] | None = None
+    description: str = ""
+
+    @property
+    def origin(self) -> str:
+        return f"{self.func.__module__}.{self.func.__qualname__}"
+
+    def resolved_config(self) -> dict[str, Any]:
+        """The phase's config as a plain dict (a callable config is called now)."""
+        config = self.config() if callable(self.config) else self.config
+        return dict(config or {})
+
+
+@dataclass(frozen=True)
+class Problem:
+    """A defect of the pipeline, reported by the system checks with ``id``."""
+
+    id: str
+    msg: str
+    hint: str | None = None
+    obj: str | None = None
+
+
+def _as_tuple(value: str | Iterable[str] | None) -> tuple[str, ...]:
+    if value is None:
+        return ()
+    if isinstance(value, str):
+        return (value,)
+    return tuple(value)
+
+
+@dataclass
+class Registry:
+    """Holds the phases registered with ``@phase``; the global one is ``registry``."""
+
+    _phases: dict[str, Phase] = field(default_factory=dict)
+    _duplicates: list[tuple[str, str, str]] = field(default_factory=list)
+    _discovered: bool = False
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def phase(
+        self,
+        *,
+        produces: str | Sequence[str] | None = None,
+        after: str | Sequence[str] = (),
+        inputs: str | Sequence[str] = (),
+        version: str | int = "1",
+        timeout: int | None = None,
+        retries: int = 0,
+        config: Mapping[str, Any] | Callable[[], Mapping[str, Any]] | None = None,
+        name: str | None = None,
+    ) -> Callable[[F], F]:
+        """Register the decorated function as a phase; see ``initpipeline.phase``."""
+
+        def decorator(func: F) -> F:
+            phase_name = name or func.__name__
+            new = Phase(
+                name=phase_name,
+                func=func,
+                produces=_as_tuple(produces),
+                after=_as_tuple(after),
+                inputs=_as_tuple(inputs),
+                version=str(version),
+                timeout=timeout,
+                retries=retries,
+                config=config,
+                description=(func.__doc__ or "").strip().splitlines()[0] if func.__doc__ else "",
+            )
+            old = self._phases.get(phase_name)
+            if old is not None and old.origin != new.origin:
+                self._duplicates.append((phase_name, old.origin, new.origin))
+            self._phases[phase_name] = new
+            return func
+
+        return decorator
+
+    def discover(self) -> None:
+        """Import the ``init_phases`` module of every installed app, once."""
+        if self._discovered:
+            return
+        with self._lock:
+            if self._discovered:
+                return
+            from django.utils.module_loading import autodiscover_modules
+
+            try:
+                autodiscover_modules(DISCOVER_MODULE)
+            except Exception as exc:
+                raise PipelineConfigError(
+                    f"importing an {DISCOVER_MODULE} module failed: {type(exc).__name__}: {exc}"
+                ) from exc
+            self._discovered = True
+
+    def pipeline(self) -> Pipeline:
+        """The pipeline of every phase registered so far (after discovery)."""
+        self.discover()
+        return Pipeline(list(self._phases.values()), duplicates=list(self._duplicates))
+
+
+registry = Registry()
+
+
+class Pipeline:
+    """A set of phases seen as a DAG: validation, order, fingerprints."""
+
+    def __init__(
+        self, phases: Sequence[Phase], *, duplicates: Sequence[tuple[str, str, str]] = ()
+    ) -> None:
+        self.phases: dict[str, Phase] = {p.name: p for p in phases}
+        self._duplicates = list(duplicates)
+        self.producer: dict[str, str] = {}
+        for p in phases:
+            for artifact_name in p.produces:
+                self.producer.setdefault(artifact_name, p.name)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self.phases
+
+    def __getitem__(self, name: str) -> Phase:
+        try:
+            return self.phases[name]
+        except KeyError:
+            known = ", ".join(sorted(self.phases)) or "none registered"
+            raise PipelineConfigError(f"unknown phase {name!r} (known: {known})") from None
+
+    def dependencies(self, name: str) -> list[str]:
+        """Direct upstream phases: ``after`` plus the producers of ``inputs``."""
+        p = self.phases[name]
+        deps = list(p.after)
+        for artifact_name in p.inputs:
+            producer = self.producer.get(artifact_name)
+            if producer is not None and producer not in deps:
+                deps.append(producer)
+        return deps
+
+    def problems(self) -> list[Problem]:
+        """Everything wrong with the DAG; empty when it can run."""
+        found: list[Problem] = []
+        for phase_name, first, second in self._duplicates:
+            found.append(
+                Problem(
+                    "initpipeline.E010",
+                    f"phase {phase_name!r} is registered twice: by {first} and by {second}.",
+                    "Give one of them another name with @phase(name=...).",
+                    phase_name,
+                )
+            )
+        owners: dict[str, list[str]] = {}
+        for p in self.phases.values():
+            if not p.produces:
+                found.append(
+                    Problem(
+                        "initpipeline.E011",
+                        f"phase {p.name!r} produces no artifact.",
+                        "Every phase needs produces=...: its artifacts are what makes it "
+                        "cacheable and what the site serves.",
+                        p.name,
+                    )
+                )
+            if p.retries < 0 or (p.timeout is not None and p.timeout <= 0):
+                found.append(
+                    Problem(
+                        "initpipeline.E012",
+                        f"phase {p.name!r} has retries={p.retries!r}, timeout={p.timeout!r}.",
+                        "retries must be >= 0 and timeout a positive number of seconds.",
+                        p.name,
+                    )
+                )
+            for artifact_name in p.produces:
+                owners.setdefault(artifact_name, []).append(p.name)
+            for dep in p.after:
+                if dep not in self.phases:
+                    found.append(
+                        Problem(
+                            "initpipeline.E003",
+                            f"phase {p.name!r} runs after {dep!r}, which is not a phase.",
+                            f"Known phases: {', '.join(sorted(self.phases))}.",
+                            p.name,
+                        )
+                    )
+            for artifact_name in p.inputs:
+                if artifact_name not in self.producer:
+                    found.append(
+                        Problem(
+                            "initpipeline.E005",
+                            f"phase {p.name!r} reads artifact {artifact_name!r}, "
+                            "which no phase produces.",
+                            "Add a phase with produces=... for it, or fix the name.",
+                            p.name,
+                        )
+                    )
+        for artifact_name, names in sorted(owners.items()):
+            if len(names) > 1:
+                found.append(
+                    Problem(
+                        "initpipeline.E004",
+                        f"artifact {artifact_name!r} is produced by more than one phase: "
+                        f"{', '.join(names)}.",
+                        "An artifact has exactly one producer; rename one of them.",
+                        artifact_name,
+                    )
+                )
+        cycle = self._find_cycle()
+        if cycle:
+            found.append(
+                Problem(
+                    "initpipeline.E002",
+                    f"the phases form a cycle: {' -> '.join(cycle)}.",
+                    "Remove one of these dependencies.",
+                    cycle[0],
+                )
+            )
+        for p in self.phases.values():
+            try:
+                _canonical(p.resolved_config())
+            except Exception as exc:
+                found.append(
+                    Problem(
+                        "initpipeline.E006",
+                        f"the config of phase {p.name!r} cannot be used: "
+                        f"{type(exc).__name__}: {exc}",
+                        "config must be (or return) a dict of JSON values.",
+                        p.name,
+                    )
+                )
+        return found
+
+    def check(self) -> None:
+        """Raise PipelineConfigError naming the first problem, if any."""
+        found = self.problems()
+        if found:
+            raise PipelineConfigError(f"{found[0].msg} ({found[0].id})")
+
+    def _known_deps(self, name: str) -> list[str]:
+        return [d for d in self.dependencies(name) if d in self.phases]
+
+    def _find_cycle(self) -> list[str]:
+        white, grey, black = 0, 1, 2
+        colour = dict.fromkeys(self.phases, white)
+        stack: list[str] = []
+
+        def visit(node: str) -> list[str]:
+            colour[node] = grey
+            stack.append(node)
+            for dep in self._known_deps(node):
+                if colour[dep] == grey:
+                    return [*stack[stack.index(dep) :], dep]
+                if colour[dep] == white:
+                    found = visit(dep)
+                    if found:
+                        return found
+            stack.pop()
+            colour[node] = black
+            return []
+
+        for node in self.phases:
+            if colour[node] == white:
+                found = visit(node)
+                if found:
+                    # Dependencies point upstream; print the cycle in running order.
+                    return list(reversed(found))
+        return []
+
+    def order(self) -> list[str]:
+        """Phases in running order: every phase after its dependencies, ties by registration."""
+        self.check()
+        done: list[str] = []
+        placed: set[str] = set()
+        remaining = list(self.phases)
+        while remaining:
+            for name in remaining:
+                if all(d in placed for d in self._known_deps(name)):
+                    done.append(name)
+                    placed.add(name)
+                    remaining.remove(name)
+                    break
+        return done
+
+    def descendants(self, name: str) -> set[str]:
+        """Every phase that depends on ``name``, directly or not."""
+        self[name]
+        found: set[str] = set()
+        frontier = [name]
+        while frontier:
+            current = frontier.pop()
+            for other in self.phases:
+                if current in self._known_deps(other) and other not in found:
+                    found.add(other)
+                    frontier.append(other)
+        return found
+
+    def ancestors(self, name: str) -> set[str]:
+        """Every phase ``name`` depends on, directly or not."""
+        found: set[str] = set()
+        frontier = [name]
+        while frontier:
+            for dep in self._known_deps(frontier.pop()):
+                if dep not in found:
+                    found.add(dep)
+                    frontier.append(dep)
+        return found
+
+    def fingerprints(self) -> dict[str, str]:
+        """sha256 of each phase's name, version, config and its inputs' fingerprints."""
+        result: dict[str, str] = {}
+        for name in self.order():
+            p = self.phases[name]
+            payload = {
+                "phase": name,
+                "version": p.version,
+                "config": p.resolved_config(),
+                "produces": list(p.produces),
+                "inputs": {dep: result[dep] for dep in sorted(self._known_deps(name))},
+            }
+            result[name] = hashlib.sha256(_canonical(payload).encode()).hexdigest()
+        return result
+
+    def artifact_names(self) -> list[str]:
+        return [a for name in self.order() for a in self.phases[name].produces]
+
+
+def _canonical(value: Any) -> str:
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), allow_nan=False)
+
+
+def get_pipeline() -> Pipeline:
+    """The project's pipeline: every ``@phase`` in every installed app's ``init_phases``."""
+    return registry.pipeline()

@@ -1,0 +1,181 @@
+"""Publishing artifacts atomically under content-addressed keys, and verifying them."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import tempfile
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, TYPE_CHECKING
+
+from django.core.exceptions import ImproperlyConfigured
+from django.core.files import File
+from django.core.files.storage import FileSystemStorage, Storage, storages
+from django.core.files.storage.handler import InvalidStorageError
+
+from . import conf
+from .exceptions import ArtifactCorrupt, ArtifactNotReady, PipelineConfigError
+
+if TYPE_CHECKING:
+    from .models import Artifact
+
+CHUNK = 1024 * 1024
+
+
+@dataclass(frozen=True)
+class Published:
+    key: str
+    sha256: str
+    size: int
+
+
+def get_storage() -> Storage:
+    """The Django storage that holds the artifacts (``STORAGES[INITPIPELINE["STORAGE"]]``)."""
+    alias = conf.get("STORAGE")
+    try:
+        return storages[alias]
+    except (InvalidStorageError, ImproperlyConfigured) as exc:
+        raise PipelineConfigError(
+            f"settings.STORAGES has no usable {alias!r} entry for the artifacts: {exc}"
+        ) from exc
+
+
+def _local_root(storage: Storage) -> Path | None:
+    # Only a FileSystemStorage lets us rename into place; S3 and friends get
+    # content-addressed keys and a pointer flip in the database instead.
+    if isinstance(storage, FileSystemStorage):
+        return Path(storage.location)
+    return None
+
+
+def scratch_dir() -> Path:
+    """Where phases write files before publishing: on the same filesystem when possible."""
+    root = _local_root(get_storage())
+    base = root / ".partial" if root is not None else Path(tempfile.gettempdir()) / "initpipeline"
+    base.mkdir(parents=True, exist_ok=True)
+    return base
+
+
+def new_scratch_path(suffix: str = "") -> Path:
+    return scratch_dir() / f"{uuid.uuid4().hex}.part{suffix}"
+
+
+def file_sha256(path: Path | str) -> tuple[str, int]:
+    digest = hashlib.sha256()
+    size = 0
+    with open(path, "rb") as fh:
+        while chunk := fh.read(CHUNK):
+            digest.update(chunk)
+            size += len(chunk)
+    return digest.hexdigest(), size
+
+
+def stream_sha256(fh: IO[bytes]) -> tuple[str, int]:
+    digest = hashlib.sha256()
+    size = 0
+    while chunk := fh.read(CHUNK):
+        digest.update(chunk)
+        size += len(chunk)
+    return digest.hexdigest(), size
+
+
+def fsync_file(path: Path) -> None:
+    with open(path, "rb") as fh:
+        os.fsync(fh.fileno())
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def publish(path: Path, *, name: str, suffix: str) -> Published:
+    """Publish the finished file at ``path`` as artifact ``name``; ``path`` is consumed.
+
+    The key is ``<name>/<sha256><suffix>``: a key never changes content, so a reader
+    that found a key in the database can never see a half-written file under it.
+    """
+    sha, size = file_sha256(path)
+    key = f"{name}/{sha}{suffix}"
+    storage = get_storage()
+    root = _local_root(storage)
+    if root is not None:
+        dest = root / key
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        if dest.exists() and file_sha256(dest) == (sha, size):
+            path.unlink(missing_ok=True)  # Same bytes published before: idempotent.
+            return Published(key, sha, size)
+        if path.parent != root / ".partial":
+            tmp = root / ".partial" / f"{uuid.uuid4().hex}.part"
+            tmp.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(path, tmp)
+            path.unlink(missing_ok=True)
+            path = tmp
+        fsync_file(path)
+        os.replace(path, dest)  # Atomic on POSIX: the key appears whole or not at all.
+        _fsync_dir(dest.parent)
+        return Published(key, sha, size)
+    try:
+        if storage.exists(key):
+            path.unlink(missing_ok=True)
+            return Published(key, sha, size)
+        with open(path, "rb") as fh:
+            saved = storage.save(key, File(fh, name=key))
+    finally:
+        path.unlink(missing_ok=True)
+    # Storage.save() may pick another name; the record keeps the one it returns.
+    return Published(saved, sha, size)
+
+
+def local_path(artifact: Artifact) -> Path:
+    """A local path of the artifact's file (remote storages are downloaded once per host)."""
+    storage = get_storage()
+    root = _local_root(storage)
+    if root is not None:
+        path = root / artifact.storage_key
+        if not path.exists():
+            raise ArtifactNotReady(
+                f"artifact {artifact.name!r} is recorded but its file {artifact.storage_key!r} "
+                "is missing from storage"
+            )
+        return path
+    cache = Path(tempfile.gettempdir()) / "initpipeline-cache"
+    cache.mkdir(parents=True, exist_ok=True)
+    target = cache / f"{artifact.sha256}{Path(artifact.storage_key).suffix}"
+    if target.exists():
+        return target
+    tmp = cache / f".{uuid.uuid4().hex}.part"
+    with storage.open(artifact.storage_key, "rb") as src, open(tmp, "wb") as dst:
+        shutil.copyfileobj(src, dst, CHUNK)
+    if file_sha256(tmp) != (artifact.sha256, artifact.size):
+        tmp.unlink(missing_ok=True)
+        raise ArtifactCorrupt(f"artifact {artifact.name!r} downloaded with a wrong checksum")
+    os.replace(tmp, target)
+    return target
+
+
+def verify(artifact: Artifact) -> Path:
+    """Return the artifact's local path after checking its size and sha256."""
+    path = local_path(artifact)
+    sha, size = file_sha256(path)
+    if (sha, size) != (artifact.sha256, artifact.size):
+        raise ArtifactCorrupt(
+            f"artifact {artifact.name!r} ({artifact.storage_key}) fails its checksum: "
+            f"expected sha256 {artifact.sha256[:12]}… and {artifact.size} bytes, "
+            f"found {sha[:12]}… and {size} bytes"
+        )
+    return path
+
+
+def is_valid(artifact: Artifact) -> bool:
+    try:
+        verify(artifact)
+    except (ArtifactCorrupt, ArtifactNotReady, OSError):
+        return False
+    return True

@@ -1,0 +1,52 @@
+"""Thin Celery tasks: they take ids and call the services."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from celery import shared_task
+from celery.exceptions import Ignore
+
+from . import services
+
+logger = logging.getLogger("initpipeline")
+
+
+# acks_late + reject_on_worker_lost: a worker that dies mid-phase does not lose the
+# message on brokers that redeliver (FIELD_NOTES, Celery). Our own heartbeat covers
+# the filesystem broker, which does not.
+@shared_task(
+    bind=True,
+    name="initpipeline.run_phase",
+    acks_late=True,
+    reject_on_worker_lost=True,
+    ignore_result=True,
+    max_retries=None,
+)
+def run_phase(self: Any, run_id: int, phase_name: str) -> str:
+    """Run one phase of a run."""
+    try:
+        return services.execute_phase(
+            run_id=run_id,
+            phase_name=phase_name,
+            task_id=self.request.id or "",
+            worker=self.request.hostname or "",
+        )
+    except services.RetryPhase as retry:
+        # self.retry keeps the rest of the chain in the new message.
+        raise self.retry(countdown=retry.countdown) from None
+    except services.PhaseSkipped as skipped:
+        logger.info("skipping %s of run %s: %s", phase_name, run_id, skipped)
+        # Ignore: this copy neither succeeds nor fails, so it sends no next step.
+        raise Ignore() from None
+    except services.PhaseFailed:
+        # Recorded by the service; raising stops the chain (no later phase runs).
+        raise
+
+
+@shared_task(name="initpipeline.finish_run", acks_late=True, ignore_result=True)
+def finish_run(run_id: int) -> int | None:
+    """Activate the run's generation."""
+    generation = services.finish_run(run_id=run_id)
+    return generation.pk if generation else None

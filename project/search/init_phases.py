@@ -1,0 +1,188 @@
+"""The demo's init: a latent-semantic search index over Python's own docstrings.
+
+Real CPU work on data every machine has: parse every module of the standard library
+(and, at larger scales, site-packages) with ast; build a TF-IDF matrix; compute a
+truncated SVD (LSA); check a few known queries. About 20 s at scale 1 on 2 cores.
+"""
+
+from __future__ import annotations
+
+import ast
+import os
+import sysconfig
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from django.conf import settings
+
+from initpipeline import PhaseContext, phase
+
+from . import engine
+
+
+def _corpus_config() -> dict[str, Any]:
+    scale = float(settings.SEARCH_SCALE)
+    return {"scale": scale, "max_files": int(settings.SEARCH_MAX_DOCS)}
+
+
+def _lsa_config() -> dict[str, Any]:
+    scale = float(settings.SEARCH_SCALE)
+    return {"components": int(200 * scale)}
+
+
+def _source_files(scale: float, max_files: int) -> list[Path]:
+    paths = sysconfig.get_paths()
+    roots = [Path(paths["stdlib"])]
+    if scale >= 1:
+        roots.append(Path(paths["purelib"]))
+    skip = {"test", "tests", "idle_test", "__pycache__", "site-packages", "lib2to3"}
+    found: list[Path] = []
+    for root in roots:
+        for dirpath, dirnames, filenames in os.walk(root):
+            dirnames[:] = sorted(d for d in dirnames if d not in skip and not d.startswith("."))
+            found.extend(Path(dirpath) / f for f in sorted(filenames) if f.endswith(".py"))
+    if max_files and len(found) > max_files:
+        step = len(found) / max_files
+        found = [found[int(i * step)] for i in range(max_files)]
+    return found
+
+
+def _module_name(path: Path) -> str:
+    paths = sysconfig.get_paths()
+    for root in (paths["purelib"], paths["stdlib"]):
+        try:
+            rel = path.relative_to(root)
+        except ValueError:
+            continue
+        parts = list(rel.with_suffix("").parts)
+        if parts[-1] == "__init__":
+            parts.pop()
+        return ".".join(parts)
+    return path.stem
+
+
+@phase(produces="corpus", version="2", config=_corpus_config, timeout=3600)
+def collect_docstrings(ctx: PhaseContext) -> None:
+    """Parse every module and keep the docstrings of modules, classes and functions."""
+    files = _source_files(ctx.config["scale"], ctx.config["max_files"])
+    docs: list[list[str]] = []
+    for i, path in enumerate(files):
+        module = _module_name(path)
+        try:
+            tree = ast.parse(path.read_bytes(), filename=str(path))
+        except (SyntaxError, ValueError, OSError):
+            continue
+        nodes: list[Any] = [tree]
+        nodes.extend(
+            n
+            for n in ast.walk(tree)
+            if isinstance(n, ast.FunctionDef | ast.AsyncFunctionDef | ast.ClassDef)
+        )
+        for node in nodes:
+            doc = ast.get_docstring(node)
+            if doc and len(doc) >= 40:
+                title = module if node is tree else f"{module}.{node.name}"
+                docs.append([title, doc[:4000]])
+        ctx.progress(i + 1, len(files), f"parsed {module}")
+    ctx.logger.info("collected %d docstrings from %d files", len(docs), len(files))
+    ctx.save_json("corpus", docs, metadata={"documents": len(docs), "files": len(files)})
+
+
+@phase(produces=["vocabulary", "idf", "tfidf"], after="collect_docstrings", version="1")
+def build_tfidf(ctx: PhaseContext) -> None:
+    """Tokenize, build the vocabulary and a sublinear TF-IDF matrix (CSR, rows unit length)."""
+    from scipy import sparse
+
+    docs = ctx.load("corpus")
+    tokenized = []
+    doc_freq: Counter[str] = Counter()
+    for i, (title, text) in enumerate(docs):
+        words = engine.tokens(title.replace(".", " ") + " " + text)
+        tokenized.append(words)
+        doc_freq.update(set(words))
+        if i % 500 == 0:
+            ctx.progress(i, len(docs) * 2, "tokenizing")
+    max_df = 0.5 * len(docs)
+    terms = sorted(t for t, df in doc_freq.items() if 2 <= df <= max_df)
+    vocab = {t: j for j, t in enumerate(terms)}
+    idf = engine.idf_weights([doc_freq[t] for t in terms], len(docs))
+    indptr, indices, values = [0], [], []
+    for i, words in enumerate(tokenized):
+        cols, vals = engine.tf_row(words, vocab)
+        row = np.asarray(vals) * idf[cols] if cols else np.zeros(0)
+        norm = np.linalg.norm(row)
+        indices.extend(cols)
+        values.extend((row / norm).tolist() if norm else [])
+        indptr.append(len(indices))
+        if i % 500 == 0:
+            ctx.progress(len(docs) + i, len(docs) * 2, "weighting")
+    matrix = sparse.csr_matrix(
+        (np.asarray(values, dtype=np.float32), indices, indptr), shape=(len(docs), len(terms))
+    )
+    path = ctx.scratch_path(".npz")
+    sparse.save_npz(path, matrix, compressed=False)
+    ctx.save_json("vocabulary", terms, metadata={"terms": len(terms)})
+    ctx.save_array("idf", idf.astype(np.float32))
+    ctx.save_file("tfidf", path, metadata={"shape": list(matrix.shape), "nnz": int(matrix.nnz)})
+
+
+@phase(produces=["lsa_docs", "lsa_terms"], after="build_tfidf", version="1", config=_lsa_config)
+def compute_lsa(ctx: PhaseContext) -> None:
+    """Truncated SVD of the TF-IDF matrix: unit document vectors and the term projection."""
+    from scipy import sparse
+    from scipy.sparse.linalg import svds
+
+    matrix = sparse.load_npz(ctx.load("tfidf")).astype(np.float64)
+    k = max(2, min(ctx.config["components"], min(matrix.shape) - 1))
+    ctx.progress(0, 3, f"truncated SVD, {k} components of a {matrix.shape} matrix")
+    # Several short solves would report progress more often, but the single Lanczos solve
+    # is what a user would run; the heartbeat thread keeps the phase alive meanwhile.
+    u, s, vt = svds(matrix, k=k, random_state=0)
+    ctx.progress(2, 3, "normalizing")
+    order = np.argsort(-s)
+    u, s, vt = u[:, order], s[order], vt[order]
+    docs = (u * s).astype(np.float32)
+    docs /= np.maximum(np.linalg.norm(docs, axis=1, keepdims=True), 1e-12)
+    term_proj = (vt.T / s).astype(np.float32)
+    ctx.save_array("lsa_docs", docs)
+    ctx.save_array("lsa_terms", term_proj)
+    ctx.progress(3, 3, f"{k} components")
+
+
+KNOWN_QUERIES = [
+    ("json encoder decoder", "json"),
+    ("regular expression pattern match", "re"),
+    ("temporary file directory", "tempfile"),
+    ("socket connect address", "socket"),
+    ("compress decompress gzip", "gzip"),
+    ("http request response header", "http"),
+]
+
+
+@phase(
+    produces="search_report",
+    inputs=["corpus", "vocabulary", "idf", "lsa_docs", "lsa_terms"],
+    version="1",
+)
+def check_queries(ctx: PhaseContext) -> None:
+    """Run known queries; fail the run when the index cannot find what it obviously should."""
+    docs = ctx.load("corpus")
+    titles = [t for t, _ in docs]
+    vocab = {t: j for j, t in enumerate(ctx.load("vocabulary"))}
+    idf, doc_vecs, term_proj = ctx.load("idf"), ctx.load("lsa_docs"), ctx.load("lsa_terms")
+    results = []
+    checkable = hits = 0
+    for query, module in KNOWN_QUERIES:
+        present = any(t == module or t.startswith(module + ".") for t in titles)
+        vec = engine.fold_query(query, vocab, idf, term_proj)
+        top = engine.rank(doc_vecs, vec, 10) if vec is not None else []
+        found = [titles[i] for i, _ in top]
+        ok = any(t == module or t.startswith(module + ".") for t in found)
+        checkable += present
+        hits += ok and present
+        results.append({"query": query, "expect": module, "top": found[:5], "ok": ok})
+    if checkable and hits * 2 < checkable:
+        raise AssertionError(f"only {hits} of {checkable} known queries found their module")
+    ctx.save_json("search_report", {"hits": hits, "checkable": checkable, "queries": results})

@@ -1,0 +1,9 @@
+"""WSGI entry point. Nothing slow happens here: the init runs in Celery workers."""
+
+import os
+
+from django.core.wsgi import get_wsgi_application
+
+os.environ.setdefault("DJANGO_SETTINGS_MODULE", "project.settings")
+
+application = get_wsgi_application()
