@@ -13,12 +13,14 @@ from .exceptions import (
     PhaseCancelled,
     PipelineConfigError,
 )
-from .registry import F, registry
+from .registry import F
+from .registry import registry as _registry
 
 if TYPE_CHECKING:
     from .context import PhaseContext
 
 __version__ = "0.1.0"
+
 
 def phase(
     *,
@@ -50,7 +52,7 @@ def phase(
     Phases live in an ``init_phases`` module of an installed app and must be safe to run
     twice (a redelivered task may run one again).
     """
-    return registry.phase(
+    return _registry.phase(
         produces=produces,
         after=after,
         inputs=inputs,
@@ -60,6 +62,7 @@ def phase(
         config=config,
         name=name,
     )
+
 
 __all__ = [
     "ArtifactCorrupt",

@@ -24,7 +24,7 @@ class ReadOnlyMixin:
 class PhaseRunInline(ReadOnlyMixin, admin.TabularInline):  # type: ignore[type-arg]
     model = PhaseRun
     extra = 0
-    fields = ["position", "name", "state", "attempt", "message", "started_at", "finished_at"]
+    fields = ("position", "name", "state", "attempt", "message", "started_at", "finished_at")
     readonly_fields = fields
     ordering = ["position"]
 

@@ -31,9 +31,11 @@ def phase_rows(phases: Sequence[PhaseRun]) -> list[list[str]]:
                 f"{p.progress * 100:.0f}%",
                 f"{p.attempt}/{p.max_attempts}",
                 fmt_duration(p.duration),
-                (p.error.splitlines()[-1] if p.error and p.state == PhaseState.FAILED else p.message)[
-                    :60
-                ],
+                (
+                    p.error.splitlines()[-1]
+                    if p.error and p.state == PhaseState.FAILED
+                    else p.message
+                )[:60],
             ]
         )
     return rows
@@ -105,7 +107,9 @@ class PlainProgress:
             text = f"{stamp} {p.name} {p.state}"
             if p.state == PhaseState.RUNNING:
                 text += f" {p.progress * 100:.0f}%"
-            msg = p.error.splitlines()[-1] if p.state == PhaseState.FAILED and p.error else p.message
+            msg = (
+                p.error.splitlines()[-1] if p.state == PhaseState.FAILED and p.error else p.message
+            )
             if msg:
                 text += f" {msg}"
             self.out.write(text + "\n")
@@ -140,7 +144,7 @@ class RichProgress:
 
     def __call__(self, run: PipelineRun, phases: Sequence[PhaseRun]) -> None:
         for p in phases:
-            fields = {"name": p.name, "state": p.state, "message": p.message[:50]}
+            fields: dict[str, Any] = {"name": p.name, "state": p.state, "message": p.message[:50]}
             if p.name not in self.tasks:
                 self.tasks[p.name] = self.progress.add_task(
                     p.name, total=1.0, start=p.started_at is not None, **fields

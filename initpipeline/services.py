@@ -129,8 +129,7 @@ def start(
     cached = {
         name
         for name in order
-        if name not in forced
-        and _cached(name, fingerprints[name], pipeline.phases[name].produces)
+        if name not in forced and _cached(name, fingerprints[name], pipeline.phases[name].produces)
     }
     options = {"force": force, "from": from_phase, "only": list(only)}
     try:
@@ -192,9 +191,8 @@ def _enqueue(run_id: int, names: Sequence[str]) -> None:
     for name in names:
         timeout = _timeout(pipeline, name)
         # Immutable signatures: a step never receives the previous step's return value.
-        sig = tasks.run_phase.si(run_id, name).set(
-            soft_time_limit=timeout, time_limit=timeout + 30
-        )
+        limits: dict[str, Any] = {"soft_time_limit": timeout, "time_limit": timeout + 30}
+        sig = tasks.run_phase.si(run_id, name).set(**limits)
         if queue:
             sig = sig.set(queue=queue)
         steps.append(sig)
@@ -249,8 +247,10 @@ class _Heartbeat(threading.Thread):
 
 def _claim(run_id: int, phase_name: str, task_id: str, worker: str) -> PhaseRun:
     with transaction.atomic():
-        pr = PhaseRun.objects.select_for_update().select_related("run").get(
-            run_id=run_id, name=phase_name
+        pr = (
+            PhaseRun.objects.select_for_update()
+            .select_related("run")
+            .get(run_id=run_id, name=phase_name)
         )
         run = pr.run
         if run.state not in IN_FLIGHT:
@@ -375,7 +375,7 @@ def execute_phase(*, run_id: int, phase_name: str, task_id: str = "", worker: st
 def backoff(attempt: int) -> float:
     """Exponential backoff with full jitter: a delay in [base*2^(n-1)/2, base*2^(n-1)]."""
     base = float(conf.get("RETRY_BACKOFF"))
-    ceiling = min(float(conf.get("RETRY_BACKOFF_MAX")), base * 2 ** max(attempt - 1, 0))
+    ceiling = min(float(conf.get("RETRY_BACKOFF_MAX")), base * float(2 ** max(attempt - 1, 0)))
     return ceiling / 2 + random.uniform(0, ceiling / 2)
 
 
@@ -463,12 +463,21 @@ def cancel(*, run_id: int | None = None) -> PipelineRun | None:
     if run is None:
         return None
     task_ids = list(
-        run.phases.filter(state=PhaseState.RUNNING).exclude(task_id="").values_list(
-            "task_id", flat=True
-        )
+        run.phases.filter(state=PhaseState.RUNNING)
+        .exclude(task_id="")
+        .values_list("task_id", flat=True)
     )
     # The running phase sees the cancelled state at its next heartbeat or progress call.
     _end_run(run.pk, RunState.CANCELLED, "cancelled", phase_state=PhaseState.CANCELLED)
+    if task_ids:
+        # Revoked ids are refused by every worker, so a redelivered copy never starts.
+        # A running copy is not killed: it stops itself at its next heartbeat.
+        try:
+            from celery import current_app
+
+            current_app.control.revoke(task_ids)
+        except Exception:
+            logger.warning("could not revoke the tasks of run %s", run.pk, exc_info=True)
     run.refresh_from_db()
     return run
 
@@ -558,4 +567,3 @@ def wait(
         if deadline is not None and time.monotonic() > deadline:
             return run
         time.sleep(poll)
-

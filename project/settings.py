@@ -74,8 +74,6 @@ if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
         "transaction_mode": "IMMEDIATE",
         "timeout": 20,
     }
-    if os.environ.get("INITPIPELINE_TEST_DB"):
-        DATABASES["default"]["TEST"] = {"NAME": os.environ["INITPIPELINE_TEST_DB"]}
 
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 
@@ -98,7 +96,7 @@ USE_TZ = True
 
 # -- Celery (see FIELD_NOTES: long tasks) -------------------------------------------------
 CELERY_BROKER_URL = os.environ.get("CELERY_BROKER_URL", "filesystem://")
-_BROKER_DIR = VAR_DIR / "broker"
+_BROKER_DIR = Path(os.environ.get("INITPIPELINE_BROKER_DIR", VAR_DIR / "broker"))
 if CELERY_BROKER_URL.startswith("filesystem://"):
     CELERY_BROKER_TRANSPORT_OPTIONS = {
         "data_folder_in": str(_BROKER_DIR / "queue"),

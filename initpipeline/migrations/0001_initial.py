@@ -6,125 +6,257 @@ from django.db import migrations, models
 
 
 class Migration(migrations.Migration):
-
     initial = True
 
-    dependencies = [
-    ]
+    dependencies = []
 
     operations = [
         migrations.CreateModel(
-            name='PhaseRun',
+            name="PhaseRun",
             fields=[
-                ('id', models.BigAutoField(auto_created=True, primary_key=True, serialize=False, verbose_name='ID')),
-                ('name', models.CharField(max_length=200, verbose_name='phase')),
-                ('position', models.PositiveIntegerField(verbose_name='position')),
-                ('state', models.CharField(choices=[('pending', 'pending'), ('running', 'running'), ('succeeded', 'succeeded'), ('cached', 'cached'), ('failed', 'failed'), ('upstream_failed', 'upstream failed'), ('cancelled', 'cancelled')], default='pending', max_length=16, verbose_name='state')),
-                ('fingerprint', models.CharField(max_length=64, verbose_name='fingerprint')),
-                ('version', models.CharField(max_length=100, verbose_name='version')),
-                ('forced', models.BooleanField(default=False, verbose_name='forced')),
-                ('attempt', models.PositiveIntegerField(default=0, verbose_name='attempt')),
-                ('max_attempts', models.PositiveIntegerField(default=1, verbose_name='attempts allowed')),
-                ('timeout', models.PositiveIntegerField(blank=True, null=True, verbose_name='timeout (s)')),
-                ('progress_done', models.FloatField(default=0)),
-                ('progress_total', models.FloatField(blank=True, null=True)),
-                ('message', models.CharField(blank=True, max_length=500, verbose_name='message')),
-                ('task_id', models.CharField(blank=True, max_length=255)),
-                ('worker', models.CharField(blank=True, max_length=255, verbose_name='worker')),
-                ('heartbeat_at', models.DateTimeField(blank=True, null=True, verbose_name='heartbeat')),
-                ('started_at', models.DateTimeField(blank=True, null=True, verbose_name='started')),
-                ('finished_at', models.DateTimeField(blank=True, null=True, verbose_name='finished')),
-                ('error', models.TextField(blank=True, verbose_name='error')),
-                ('traceback', models.TextField(blank=True, verbose_name='traceback')),
+                (
+                    "id",
+                    models.BigAutoField(
+                        auto_created=True, primary_key=True, serialize=False, verbose_name="ID"
+                    ),
+                ),
+                ("name", models.CharField(max_length=200, verbose_name="phase")),
+                ("position", models.PositiveIntegerField(verbose_name="position")),
+                (
+                    "state",
+                    models.CharField(
+                        choices=[
+                            ("pending", "pending"),
+                            ("running", "running"),
+                            ("succeeded", "succeeded"),
+                            ("cached", "cached"),
+                            ("failed", "failed"),
+                            ("upstream_failed", "upstream failed"),
+                            ("cancelled", "cancelled"),
+                        ],
+                        default="pending",
+                        max_length=16,
+                        verbose_name="state",
+                    ),
+                ),
+                ("fingerprint", models.CharField(max_length=64, verbose_name="fingerprint")),
+                ("version", models.CharField(max_length=100, verbose_name="version")),
+                ("forced", models.BooleanField(default=False, verbose_name="forced")),
+                ("attempt", models.PositiveIntegerField(default=0, verbose_name="attempt")),
+                (
+                    "max_attempts",
+                    models.PositiveIntegerField(default=1, verbose_name="attempts allowed"),
+                ),
+                (
+                    "timeout",
+                    models.PositiveIntegerField(blank=True, null=True, verbose_name="timeout (s)"),
+                ),
+                ("progress_done", models.FloatField(default=0)),
+                ("progress_total", models.FloatField(blank=True, null=True)),
+                ("message", models.CharField(blank=True, max_length=500, verbose_name="message")),
+                ("task_id", models.CharField(blank=True, max_length=255)),
+                ("worker", models.CharField(blank=True, max_length=255, verbose_name="worker")),
+                (
+                    "heartbeat_at",
+                    models.DateTimeField(blank=True, null=True, verbose_name="heartbeat"),
+                ),
+                ("started_at", models.DateTimeField(blank=True, null=True, verbose_name="started")),
+                (
+                    "finished_at",
+                    models.DateTimeField(blank=True, null=True, verbose_name="finished"),
+                ),
+                ("error", models.TextField(blank=True, verbose_name="error")),
+                ("traceback", models.TextField(blank=True, verbose_name="traceback")),
             ],
             options={
-                'verbose_name': 'phase run',
-                'verbose_name_plural': 'phase runs',
-                'ordering': ['run', 'position'],
+                "verbose_name": "phase run",
+                "verbose_name_plural": "phase runs",
+                "ordering": ["run", "position"],
             },
         ),
         migrations.CreateModel(
-            name='Artifact',
+            name="Artifact",
             fields=[
-                ('id', models.BigAutoField(auto_created=True, primary_key=True, serialize=False, verbose_name='ID')),
-                ('name', models.CharField(max_length=200, verbose_name='name')),
-                ('fingerprint', models.CharField(max_length=64, verbose_name='fingerprint')),
-                ('storage_key', models.CharField(max_length=500, verbose_name='storage key')),
-                ('sha256', models.CharField(max_length=64, verbose_name='sha256')),
-                ('size', models.BigIntegerField(verbose_name='size (bytes)')),
-                ('format', models.CharField(max_length=16, verbose_name='format')),
-                ('metadata', models.JSONField(blank=True, default=dict, verbose_name='metadata')),
-                ('created_at', models.DateTimeField(default=django.utils.timezone.now, verbose_name='created')),
-                ('phase_run', models.ForeignKey(null=True, on_delete=django.db.models.deletion.PROTECT, related_name='artifacts', to='initpipeline.phaserun')),
+                (
+                    "id",
+                    models.BigAutoField(
+                        auto_created=True, primary_key=True, serialize=False, verbose_name="ID"
+                    ),
+                ),
+                ("name", models.CharField(max_length=200, verbose_name="name")),
+                ("fingerprint", models.CharField(max_length=64, verbose_name="fingerprint")),
+                ("storage_key", models.CharField(max_length=500, verbose_name="storage key")),
+                ("sha256", models.CharField(max_length=64, verbose_name="sha256")),
+                ("size", models.BigIntegerField(verbose_name="size (bytes)")),
+                ("format", models.CharField(max_length=16, verbose_name="format")),
+                ("metadata", models.JSONField(blank=True, default=dict, verbose_name="metadata")),
+                (
+                    "created_at",
+                    models.DateTimeField(default=django.utils.timezone.now, verbose_name="created"),
+                ),
+                (
+                    "phase_run",
+                    models.ForeignKey(
+                        null=True,
+                        on_delete=django.db.models.deletion.PROTECT,
+                        related_name="artifacts",
+                        to="initpipeline.phaserun",
+                    ),
+                ),
             ],
             options={
-                'verbose_name': 'artifact',
-                'verbose_name_plural': 'artifacts',
-                'ordering': ['-created_at', '-id'],
+                "verbose_name": "artifact",
+                "verbose_name_plural": "artifacts",
+                "ordering": ["-created_at", "-id"],
             },
         ),
         migrations.CreateModel(
-            name='PipelineRun',
+            name="PipelineRun",
             fields=[
-                ('id', models.BigAutoField(auto_created=True, primary_key=True, serialize=False, verbose_name='ID')),
-                ('pipeline', models.CharField(default='default', editable=False, max_length=64)),
-                ('state', models.CharField(choices=[('pending', 'pending'), ('running', 'running'), ('succeeded', 'succeeded'), ('failed', 'failed'), ('cancelled', 'cancelled')], default='pending', max_length=16, verbose_name='state')),
-                ('created_at', models.DateTimeField(default=django.utils.timezone.now, verbose_name='created')),
-                ('started_at', models.DateTimeField(blank=True, null=True, verbose_name='started')),
-                ('finished_at', models.DateTimeField(blank=True, null=True, verbose_name='finished')),
-                ('trigger', models.CharField(blank=True, help_text='Who or what started the run.', max_length=200, verbose_name='started by')),
-                ('options', models.JSONField(blank=True, default=dict, verbose_name='options')),
-                ('error', models.TextField(blank=True, verbose_name='error')),
+                (
+                    "id",
+                    models.BigAutoField(
+                        auto_created=True, primary_key=True, serialize=False, verbose_name="ID"
+                    ),
+                ),
+                ("pipeline", models.CharField(default="default", editable=False, max_length=64)),
+                (
+                    "state",
+                    models.CharField(
+                        choices=[
+                            ("pending", "pending"),
+                            ("running", "running"),
+                            ("succeeded", "succeeded"),
+                            ("failed", "failed"),
+                            ("cancelled", "cancelled"),
+                        ],
+                        default="pending",
+                        max_length=16,
+                        verbose_name="state",
+                    ),
+                ),
+                (
+                    "created_at",
+                    models.DateTimeField(default=django.utils.timezone.now, verbose_name="created"),
+                ),
+                ("started_at", models.DateTimeField(blank=True, null=True, verbose_name="started")),
+                (
+                    "finished_at",
+                    models.DateTimeField(blank=True, null=True, verbose_name="finished"),
+                ),
+                (
+                    "trigger",
+                    models.CharField(
+                        blank=True,
+                        help_text="Who or what started the run.",
+                        max_length=200,
+                        verbose_name="started by",
+                    ),
+                ),
+                ("options", models.JSONField(blank=True, default=dict, verbose_name="options")),
+                ("error", models.TextField(blank=True, verbose_name="error")),
             ],
             options={
-                'verbose_name': 'pipeline run',
-                'verbose_name_plural': 'pipeline runs',
-                'ordering': ['-created_at', '-id'],
-                'permissions': [('start_run', 'Can start, resume and run the init pipeline again'), ('cancel_run', 'Can cancel a run of the init pipeline')],
-                'constraints': [models.UniqueConstraint(condition=models.Q(('state__in', ['pending', 'running'])), fields=('pipeline',), name='initpipeline_run_single_flight')],
+                "verbose_name": "pipeline run",
+                "verbose_name_plural": "pipeline runs",
+                "ordering": ["-created_at", "-id"],
+                "permissions": [
+                    ("start_run", "Can start, resume and run the init pipeline again"),
+                    ("cancel_run", "Can cancel a run of the init pipeline"),
+                ],
+                "constraints": [
+                    models.UniqueConstraint(
+                        condition=models.Q(("state__in", ["pending", "running"])),
+                        fields=("pipeline",),
+                        name="initpipeline_run_single_flight",
+                    )
+                ],
             },
         ),
         migrations.AddField(
-            model_name='phaserun',
-            name='run',
-            field=models.ForeignKey(on_delete=django.db.models.deletion.CASCADE, related_name='phases', to='initpipeline.pipelinerun'),
+            model_name="phaserun",
+            name="run",
+            field=models.ForeignKey(
+                on_delete=django.db.models.deletion.CASCADE,
+                related_name="phases",
+                to="initpipeline.pipelinerun",
+            ),
         ),
         migrations.CreateModel(
-            name='Generation',
+            name="Generation",
             fields=[
-                ('id', models.BigAutoField(auto_created=True, primary_key=True, serialize=False, verbose_name='ID')),
-                ('fingerprints', models.JSONField(default=dict, help_text='Phase name to fingerprint.', verbose_name='fingerprints')),
-                ('is_active', models.BooleanField(default=False, verbose_name='active')),
-                ('created_at', models.DateTimeField(default=django.utils.timezone.now, verbose_name='created')),
-                ('activated_at', models.DateTimeField(blank=True, null=True, verbose_name='activated')),
-                ('artifacts', models.ManyToManyField(related_name='generations', to='initpipeline.artifact')),
-                ('run', models.OneToOneField(on_delete=django.db.models.deletion.PROTECT, related_name='generation', to='initpipeline.pipelinerun')),
+                (
+                    "id",
+                    models.BigAutoField(
+                        auto_created=True, primary_key=True, serialize=False, verbose_name="ID"
+                    ),
+                ),
+                (
+                    "fingerprints",
+                    models.JSONField(
+                        default=dict,
+                        help_text="Phase name to fingerprint.",
+                        verbose_name="fingerprints",
+                    ),
+                ),
+                ("is_active", models.BooleanField(default=False, verbose_name="active")),
+                (
+                    "created_at",
+                    models.DateTimeField(default=django.utils.timezone.now, verbose_name="created"),
+                ),
+                (
+                    "activated_at",
+                    models.DateTimeField(blank=True, null=True, verbose_name="activated"),
+                ),
+                (
+                    "artifacts",
+                    models.ManyToManyField(related_name="generations", to="initpipeline.artifact"),
+                ),
+                (
+                    "run",
+                    models.OneToOneField(
+                        on_delete=django.db.models.deletion.PROTECT,
+                        related_name="generation",
+                        to="initpipeline.pipelinerun",
+                    ),
+                ),
             ],
             options={
-                'verbose_name': 'generation',
-                'verbose_name_plural': 'generations',
-                'ordering': ['-created_at', '-id'],
+                "verbose_name": "generation",
+                "verbose_name_plural": "generations",
+                "ordering": ["-created_at", "-id"],
             },
         ),
         migrations.AddField(
-            model_name='artifact',
-            name='run',
-            field=models.ForeignKey(null=True, on_delete=django.db.models.deletion.PROTECT, related_name='artifacts', to='initpipeline.pipelinerun'),
+            model_name="artifact",
+            name="run",
+            field=models.ForeignKey(
+                null=True,
+                on_delete=django.db.models.deletion.PROTECT,
+                related_name="artifacts",
+                to="initpipeline.pipelinerun",
+            ),
         ),
         migrations.AddIndex(
-            model_name='phaserun',
-            index=models.Index(fields=['name', 'fingerprint'], name='initpipeline_phase_fp'),
+            model_name="phaserun",
+            index=models.Index(fields=["name", "fingerprint"], name="initpipeline_phase_fp"),
         ),
         migrations.AddConstraint(
-            model_name='phaserun',
-            constraint=models.UniqueConstraint(fields=('run', 'name'), name='initpipeline_phaserun_unique'),
+            model_name="phaserun",
+            constraint=models.UniqueConstraint(
+                fields=("run", "name"), name="initpipeline_phaserun_unique"
+            ),
         ),
         migrations.AddConstraint(
-            model_name='generation',
-            constraint=models.UniqueConstraint(condition=models.Q(('is_active', True)), fields=('is_active',), name='initpipeline_one_active_generation'),
+            model_name="generation",
+            constraint=models.UniqueConstraint(
+                condition=models.Q(("is_active", True)),
+                fields=("is_active",),
+                name="initpipeline_one_active_generation",
+            ),
         ),
         migrations.AddIndex(
-            model_name='artifact',
-            index=models.Index(fields=['name', 'fingerprint'], name='initpipeline_artifact_fp'),
+            model_name="artifact",
+            index=models.Index(fields=["name", "fingerprint"], name="initpipeline_artifact_fp"),
         ),
     ]

@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import json
 import time
-from typing import Any
+from typing import Any, TextIO, cast
 
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 from django.db import close_old_connections
@@ -28,9 +28,7 @@ class Command(BaseCommand):
         )
         parser.add_argument("--run", type=int, metavar="ID", help="Show this run.")
 
-    def handle(
-        self, *args: Any, json: bool, watch: bool, run: int | None, **options: Any
-    ) -> None:
+    def handle(self, *args: Any, json: bool, watch: bool, run: int | None, **options: Any) -> None:
         try:
             data = self._status(run)
             if watch and not json:
@@ -64,7 +62,7 @@ class Command(BaseCommand):
             from rich.live import Live
             from rich.text import Text
 
-            console = Console(file=self.stdout._out)
+            console = Console(file=cast(TextIO, self.stdout._out))
             with Live(console=console, auto_refresh=False) as live:
                 while True:
                     data = self._status(run_id)

@@ -1,7 +1,7 @@
 from __future__ import annotations
 
 import json
-from typing import Any
+from typing import Any, TextIO, cast
 
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 
@@ -74,7 +74,7 @@ class Command(BaseCommand):
     def _wait(self, run_id: int, *, quiet: bool) -> Any:
         if quiet:
             return services.wait(run_id)
-        out = self.stdout._out
+        out = cast(TextIO, self.stdout._out)
         if self.stdout.isatty():
             with render.RichProgress(out) as bars:
                 run = services.wait(run_id, on_update=bars, poll=0.25)

@@ -1,0 +1,220 @@
+"""Fixtures that run the real parts: celery worker and CLI subprocesses, redis-server."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from django.conf import settings
+
+ROOT = Path(__file__).resolve().parent.parent
+
+# CI sets this: a service the tests need but cannot find is then a failure, not a skip.
+REQUIRE_SERVICES = os.environ.get("INITPIPELINE_REQUIRE_SERVICES") == "1"
+
+
+def missing_service(what: str) -> None:
+    if REQUIRE_SERVICES:
+        pytest.fail(f"{what} (INITPIPELINE_REQUIRE_SERVICES=1 turns this skip into a failure)")
+    pytest.skip(what)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_for(predicate: Callable[[], Any], timeout: float = 30, interval: float = 0.1) -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"condition not met within {timeout} s")
+        time.sleep(interval)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _clean_var() -> None:
+    var = Path(os.environ["INITPIPELINE_VAR_DIR"])
+    shutil.rmtree(var, ignore_errors=True)
+    var.mkdir(parents=True)
+
+
+class RedisServer:
+    def __init__(self, binary: str, workdir: Path) -> None:
+        self.binary = binary
+        self.workdir = workdir
+        self.port = free_port()
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> None:
+        self.proc = subprocess.Popen(
+            [
+                self.binary,
+                "--port",
+                str(self.port),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--dir",
+                str(self.workdir),
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        wait_for(self.ping, timeout=10)
+
+    def ping(self) -> bool:
+        try:
+            with socket.create_connection(("127.0.0.1", self.port), timeout=0.5) as s:
+                s.sendall(b"PING\r\n")
+                return s.recv(16).startswith(b"+PONG")
+        except OSError:
+            return False
+
+    def flush(self) -> None:
+        with socket.create_connection(("127.0.0.1", self.port), timeout=2) as s:
+            s.sendall(b"FLUSHALL\r\n")
+            assert s.recv(16).startswith(b"+OK")
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            self.proc.terminate()
+            self.proc.wait(timeout=10)
+            self.proc = None
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    binary = shutil.which("redis-server")
+    if binary is None:
+        missing_service("redis-server is not installed (apt-get install redis-server)")
+    server = RedisServer(binary, tmp_path_factory.mktemp("redis"))
+    server.start()
+    yield server
+    server.stop()
+
+
+class Stack:
+    """The processes of one deployment: a broker, worker subprocesses and CLI calls."""
+
+    def __init__(self, broker: str, tmp: Path, redis: RedisServer | None) -> None:
+        self.broker = broker
+        self.tmp = tmp
+        self.redis = redis
+        self.var = Path(os.environ["INITPIPELINE_VAR_DIR"])
+        self.env = {
+            **os.environ,
+            "DJANGO_SETTINGS_MODULE": "tests.settings",
+            "INITPIPELINE_BROKER_DIR": str(tmp / "broker"),
+            "PYTHONUNBUFFERED": "1",
+        }
+        self.env.pop("NO_COLOR", None)
+        if broker == "redis":
+            assert redis is not None
+            redis.flush()
+            self.env["CELERY_BROKER_URL"] = redis.url
+        else:
+            self.env["CELERY_BROKER_URL"] = "filesystem://"
+        self.workers: list[subprocess.Popen[bytes]] = []
+        self.worker_logs: list[Path] = []
+
+    def control(self, **values: Any) -> None:
+        """Write tests/testapp's control file (versions, fail, sleep)."""
+        (self.var / "control.json").write_text(json.dumps(values))
+
+    def manage(
+        self, *args: str, timeout: float = 120, env: dict[str, str] | None = None
+    ) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, str(ROOT / "manage.py"), *args],
+            cwd=ROOT,
+            env={**self.env, **(env or {})},
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
+
+    def start_worker(self, concurrency: int = 1, env: dict[str, str] | None = None) -> None:
+        n = len(self.workers)
+        log = self.tmp / f"worker{n}.log"
+        proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "celery",
+                "-A",
+                "project",
+                "worker",
+                "-l",
+                "info",
+                "-c",
+                str(concurrency),
+                "-n",
+                f"test{n}@%h",
+                "--without-mingle",
+                "--without-gossip",
+            ],
+            cwd=ROOT,
+            env={**self.env, **(env or {})},
+            stdout=open(log, "wb"),  # noqa: SIM115 - closed with the process
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        self.workers.append(proc)
+        self.worker_logs.append(log)
+        try:
+            wait_for(lambda: b" ready." in log.read_bytes() or proc.poll() is not None, 60)
+        except AssertionError:
+            raise AssertionError(f"worker did not start:\n{self.log(n)}") from None
+        if proc.poll() is not None:
+            raise AssertionError(f"worker exited with {proc.returncode}:\n{self.log(n)}")
+
+    def log(self, n: int = 0) -> str:
+        return self.worker_logs[n].read_text(errors="replace")
+
+    def stop_workers(self) -> None:
+        # Teardown only: an idle worker's warm shutdown takes seconds on these transports,
+        # and nothing here is under test any more.
+        for proc in self.workers:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+@pytest.fixture(params=["filesystem"])
+def stack(
+    request: pytest.FixtureRequest, transactional_db: None, tmp_path: Path
+) -> Iterator[Stack]:
+    """A deployment on the broker named by the parameter ("filesystem" or "redis")."""
+    redis = request.getfixturevalue("redis_server") if request.param == "redis" else None
+    s = Stack(request.param, tmp_path, redis)
+    s.control()
+    yield s
+    s.stop_workers()
+    (s.var / "control.json").unlink(missing_ok=True)
+
+
+@pytest.fixture
+def artifacts_dir() -> Path:
+    return Path(settings.STORAGES["initpipeline"]["OPTIONS"]["location"])

@@ -1,0 +1,174 @@
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from django.core import checks
+from django.test import override_settings
+
+from initpipeline import registry as registry_module
+from initpipeline.exceptions import PipelineConfigError
+from initpipeline.registry import Pipeline, Registry
+
+
+def noop(ctx: Any) -> None:
+    pass
+
+
+def make(*specs: dict[str, Any]) -> Pipeline:
+    reg = Registry()
+    for spec in specs:
+        spec = dict(spec)
+        name = spec.pop("name")
+        reg.phase(name=name, **spec)(noop)
+    reg._discovered = True
+    return reg.pipeline()
+
+
+def ids(pipeline: Pipeline) -> list[str]:
+    return [p.id for p in pipeline.problems()]
+
+
+LINEAR = (
+    {"name": "a", "produces": "x"},
+    {"name": "b", "produces": "y", "after": "a"},
+    {"name": "c", "produces": "z", "inputs": ["y"]},
+)
+
+
+def test_order_puts_every_phase_after_its_dependencies() -> None:
+    pipeline = make(*reversed(LINEAR))
+    assert pipeline.order() == ["a", "b", "c"]
+    assert pipeline.problems() == []
+
+
+def test_order_keeps_registration_order_between_independent_phases() -> None:
+    pipeline = make({"name": "z", "produces": "1"}, {"name": "m", "produces": "2"})
+    assert pipeline.order() == ["z", "m"]
+
+
+def test_inputs_make_their_producer_a_dependency() -> None:
+    pipeline = make(*LINEAR)
+    assert pipeline.dependencies("c") == ["b"]
+    assert pipeline.ancestors("c") == {"a", "b"}
+    assert pipeline.descendants("a") == {"b", "c"}
+
+
+def test_cycle_is_reported_in_running_order() -> None:
+    pipeline = make(
+        {"name": "a", "produces": "x", "after": "c"},
+        {"name": "b", "produces": "y", "after": "a"},
+        {"name": "c", "produces": "z", "after": "b"},
+    )
+    problems = pipeline.problems()
+    assert [p.id for p in problems] == ["initpipeline.E002"]
+    assert problems[0].msg == "the phases form a cycle: a -> b -> c -> a."
+    with pytest.raises(
+        PipelineConfigError, match=r"cycle: a -> b -> c -> a\. \(initpipeline.E002\)"
+    ):
+        pipeline.order()
+
+
+def test_unknown_dependency() -> None:
+    pipeline = make({"name": "a", "produces": "x", "after": "nosuch"})
+    problems = pipeline.problems()
+    assert [p.id for p in problems] == ["initpipeline.E003"]
+    assert problems[0].msg == "phase 'a' runs after 'nosuch', which is not a phase."
+
+
+def test_artifact_produced_twice() -> None:
+    pipeline = make({"name": "a", "produces": "x"}, {"name": "b", "produces": ["x", "y"]})
+    problems = pipeline.problems()
+    assert [p.id for p in problems] == ["initpipeline.E004"]
+    assert problems[0].msg == "artifact 'x' is produced by more than one phase: a, b."
+
+
+def test_input_nobody_produces() -> None:
+    pipeline = make({"name": "a", "produces": "x", "inputs": ["ghost"]})
+    problems = pipeline.problems()
+    assert [p.id for p in problems] == ["initpipeline.E005"]
+    assert problems[0].msg == "phase 'a' reads artifact 'ghost', which no phase produces."
+
+
+def test_phase_without_artifact_and_bad_limits() -> None:
+    pipeline = make({"name": "a"}, {"name": "b", "produces": "y", "retries": -1})
+    assert ids(pipeline) == ["initpipeline.E011", "initpipeline.E012"]
+
+
+def test_config_must_be_json() -> None:
+    pipeline = make({"name": "a", "produces": "x", "config": {"when": object()}})
+    problems = pipeline.problems()
+    assert [p.id for p in problems] == ["initpipeline.E006"]
+    assert problems[0].msg.startswith("the config of phase 'a' cannot be used: TypeError")
+
+
+def test_same_name_from_two_functions_is_reported() -> None:
+    reg = Registry()
+    reg.phase(name="a", produces="x")(noop)
+
+    def other(ctx: Any) -> None:
+        pass
+
+    reg.phase(name="a", produces="x")(other)
+    reg._discovered = True
+    problems = reg.pipeline().problems()
+    assert [p.id for p in problems] == ["initpipeline.E010"]
+    assert "registered twice" in problems[0].msg
+
+
+def test_unknown_phase_name_lists_the_known_ones() -> None:
+    with pytest.raises(PipelineConfigError, match=r"^unknown phase 'q' \(known: a, b, c\)$"):
+        make(*LINEAR)["q"]
+
+
+def test_fingerprint_changes_with_version_and_propagates_downstream() -> None:
+    before = make(*LINEAR).fingerprints()
+    bumped = make(LINEAR[0], {**LINEAR[1], "version": "2"}, LINEAR[2]).fingerprints()
+    assert bumped["a"] == before["a"]
+    assert bumped["b"] != before["b"]
+    assert bumped["c"] != before["c"]
+
+
+def test_fingerprint_covers_config_and_is_stable() -> None:
+    one = make({"name": "a", "produces": "x", "config": {"k": 1, "j": [1, 2]}}).fingerprints()
+    same = make({"name": "a", "produces": "x", "config": lambda: {"j": [1, 2], "k": 1}})
+    other = make({"name": "a", "produces": "x", "config": {"k": 2, "j": [1, 2]}})
+    assert one == same.fingerprints()
+    assert one != other.fingerprints()
+    assert len(one["a"]) == 64
+
+
+def test_system_checks_report_pipeline_problems(monkeypatch: pytest.MonkeyPatch) -> None:
+    broken = Registry()
+    broken.phase(name="a", produces="x", after="b")(noop)
+    broken.phase(name="b", produces="y", after="a")(noop)
+    broken._discovered = True
+    monkeypatch.setattr(registry_module, "registry", broken)
+    errors = checks.run_checks()
+    # E008: the test settings require b_out, which this broken pipeline lacks.
+    assert [e.id for e in errors] == ["initpipeline.E002", "initpipeline.E008"]
+
+
+def test_project_pipeline_passes_the_checks() -> None:
+    assert checks.run_checks() == []
+
+
+@override_settings(INITPIPELINE={"REFRESH_INTERVAL": -1, "NOPE": 1})
+def test_settings_checks_name_the_bad_keys() -> None:
+    msgs = [e.msg for e in checks.run_checks() if e.id == "initpipeline.E001"]
+    assert msgs == [
+        "settings.INITPIPELINE has unknown keys: NOPE.",
+        "INITPIPELINE['REFRESH_INTERVAL'] must be a positive number, not -1.",
+    ]
+
+
+@override_settings(STORAGES={"default": {"BACKEND": "django.core.files.storage.FileSystemStorage"}})
+def test_missing_storage_alias_is_reported() -> None:
+    ours = [e.id for e in checks.run_checks() if e.id.startswith("initpipeline.")]
+    assert ours == ["initpipeline.E007"]
+
+
+@override_settings(INITPIPELINE={"REQUIRED_ARTIFACTS": ["ghost"]})
+def test_required_artifact_nobody_produces() -> None:
+    errors = checks.run_checks()
+    assert [e.id for e in errors] == ["initpipeline.E008"]
