@@ -32,6 +32,12 @@ DEFAULTS: dict[str, Any] = {
     "QUEUE": None,
     # Seconds the warming-up responses ask clients to wait (Retry-After).
     "RETRY_AFTER": 5,
+    # URL prefix -> artifact names, for WarmingUpMiddleware.
+    "WARMUP_PATHS": {},
+    # Delete the files of generations older than KEEP_GENERATIONS after each activation.
+    "GC_AFTER_ACTIVATION": False,
+    # Gunicorn's when_ready hook (project gunicorn.conf.py) runs start_init in a child process.
+    "START_ON_GUNICORN_READY": False,
 }
 
 

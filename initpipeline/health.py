@@ -1,45 +1,107 @@
-"""Readiness: which required artifacts are active, in the application/health+json shape."""
+"""Readiness and public warm-up progress, in the application/health+json shape."""
 
 from __future__ import annotations
 
 from typing import Any
 
-from . import conf, services
-from .models import PhaseState
+from . import conf
+from .exceptions import ArtifactNotReady
+from .loading import active
+from .models import PhaseRun, PhaseState, PipelineRun
 from .registry import get_pipeline
 
 
-def readiness(artifact_name: str | None = None) -> tuple[dict[str, Any], bool]:
-    pipeline = get_pipeline()
-    required = (
-        [artifact_name]
-        if artifact_name
-        else list(conf.get("REQUIRED_ARTIFACTS") or pipeline.artifact_names())
-    )
-    active = services.active_generation()
-    have = active.artifact_map() if active is not None else {}
-    missing = [n for n in required if n not in have]
-    ready = not missing
-    data = services.status()
-    checks: dict[str, list[dict[str, Any]]] = {}
-    run = data["run"]
-    for ph in run["phases"] if run else []:
-        state = ph["state"]
-        checks[f"phase:{ph['name']}"] = [
-            {
-                "status": "pass"
-                if state in (PhaseState.SUCCEEDED, PhaseState.CACHED)
-                else "fail"
-                if state in (PhaseState.FAILED, PhaseState.UPSTREAM_FAILED)
-                else "warn",
-                "observedValue": ph["progress"],
-                "observedUnit": "ratio",
-                "output": ph["message"],
-            }
-        ]
-    body = {
-        "status": "pass" if ready else "fail",
-        "description": "artifacts ready" if ready else f"waiting for {', '.join(missing)}",
-        "checks": checks,
+def required_artifacts() -> list[str]:
+    return list(conf.get("REQUIRED_ARTIFACTS") or get_pipeline().artifact_names())
+
+
+def missing_artifacts(names: list[str]) -> list[str]:
+    """Which of ``names`` the active generation lacks, as this process sees it (throttled)."""
+    try:
+        records = active.snapshot().records
+    except ArtifactNotReady:
+        return list(names)
+    return [n for n in names if n not in records]
+
+
+def corrupt_artifacts(names: list[str]) -> dict[str, str]:
+    """Artifacts this process found corrupt when it loaded them."""
+    try:
+        records = active.snapshot().records
+    except ArtifactNotReady:
+        return {}
+    return {
+        n: active.corrupt[records[n].sha256]
+        for n in names
+        if n in records and records[n].sha256 in active.corrupt
     }
-    return body, ready
+
+
+def _phase_status(state: str) -> str:
+    if state in (PhaseState.SUCCEEDED, PhaseState.CACHED):
+        return "pass"
+    if state in (PhaseState.FAILED, PhaseState.UPSTREAM_FAILED, PhaseState.CANCELLED):
+        return "fail"
+    return "warn"
+
+
+def public_progress() -> dict[str, Any]:
+    """Progress anyone may see: phase names, states and fractions; no messages or errors."""
+    run = PipelineRun.objects.latest_first().first()
+    if run is None:
+        return {"run_state": None, "progress": 0.0, "estimate_seconds": None, "phases": []}
+    phases: list[PhaseRun] = list(run.phases.order_by("position"))
+    estimate = None
+    if run.is_in_flight:
+        from .history import estimate_remaining
+
+        estimate = estimate_remaining(run)
+    done = sum(p.progress for p in phases)
+    return {
+        "run_state": run.state,
+        "progress": round(done / len(phases), 4) if phases else 0.0,
+        "estimate_seconds": None if estimate is None else round(estimate, 1),
+        "phases": [
+            {"name": p.name, "state": p.state, "progress": round(p.progress, 4)} for p in phases
+        ],
+    }
+
+
+def readiness(artifact_name: str | None = None) -> tuple[dict[str, Any], bool]:
+    """The body of /init/readyz and whether the required artifacts are active and sound.
+
+    When ready, it answers from this process's cached view of the active generation: no
+    query, so probes stay cheap. When not, it adds a check per phase with its progress.
+    """
+    names = [artifact_name] if artifact_name else required_artifacts()
+    missing = missing_artifacts(names)
+    corrupt = corrupt_artifacts(names)
+    checks: dict[str, list[dict[str, Any]]] = {}
+    for name in names:
+        status = "fail" if name in missing or name in corrupt else "pass"
+        entry: dict[str, Any] = {"componentType": "artifact", "status": status}
+        if name in corrupt:
+            entry["output"] = "failed its checksum; run start_init to rebuild it"
+        elif name in missing:
+            entry["output"] = "not active yet"
+        checks[f"artifact:{name}"] = [entry]
+    ready = not missing and not corrupt
+    if not ready:
+        for phase in public_progress()["phases"]:
+            checks[f"phase:{phase['name']}"] = [
+                {
+                    "componentType": "phase",
+                    "status": _phase_status(phase["state"]),
+                    "observedValue": phase["progress"],
+                    "observedUnit": "ratio",
+                }
+            ]
+    if ready:
+        description = "artifacts ready"
+    elif corrupt:
+        description = f"corrupt: {', '.join(corrupt)}"
+    else:
+        description = f"warming up: waiting for {', '.join(missing)}"
+    return {"status": "pass" if ready else "fail", "description": description, "checks": checks}, (
+        ready
+    )

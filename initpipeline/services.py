@@ -453,6 +453,14 @@ def finish_run(*, run_id: int) -> Generation | None:
         run.finished_at = now
         run.save(update_fields=["state", "finished_at"])
     logger.info("run %s succeeded: generation %s is active", run_id, generation.pk)
+    if conf.get("GC_AFTER_ACTIVATION"):
+        from . import retention
+
+        try:
+            retention.collect()
+        except Exception:
+            # The new generation is active; a failed clean-up must not undo that.
+            logger.exception("deleting old artifacts after run %s failed", run_id)
     return generation
 
 

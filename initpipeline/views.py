@@ -5,7 +5,12 @@ from __future__ import annotations
 from django.http import HttpRequest, HttpResponse, JsonResponse
 from django.views.decorators.cache import never_cache
 
-from . import services
+from . import conf, services
+from .exceptions import PipelineConfigError
+from .health import readiness
+from .registry import get_pipeline
+
+HEALTH_JSON = "application/health+json"
 
 
 @never_cache
@@ -16,24 +21,30 @@ def livez(request: HttpRequest) -> HttpResponse:
 
 @never_cache
 def readyz(request: HttpRequest) -> HttpResponse:
-    from .health import readiness
-
-    body, ready = readiness(request.GET.get("artifact"))
-    response = JsonResponse(body, status=200 if ready else 503)
-    response["Content-Type"] = "application/health+json"
+    """200 once the required artifacts (or ``?artifact=NAME``) are active, else 503."""
+    name = request.GET.get("artifact") or None
+    if name is not None and name not in get_pipeline().producer:
+        return JsonResponse(
+            {"status": "fail", "description": f"no phase produces {name!r}"},
+            status=404,
+            content_type=HEALTH_JSON,
+        )
+    body, ready = readiness(name)
+    response = JsonResponse(body, status=200 if ready else 503, content_type=HEALTH_JSON)
     if not ready:
-        from . import conf
-
         response["Retry-After"] = str(conf.get("RETRY_AFTER"))
     return response
 
 
 @never_cache
 def status_json(request: HttpRequest) -> HttpResponse:
-    """Details for the admin and scripts: staff with the permission to view runs only."""
+    """Details for the admin and scripts: users with the permission to view runs only."""
     user = request.user
     if not user.is_authenticated or not user.has_perm("initpipeline.view_pipelinerun"):
         return JsonResponse({"detail": "forbidden"}, status=403)
     run_id = request.GET.get("run")
-    data = services.status(run_id=int(run_id) if run_id and run_id.isdigit() else None)
+    try:
+        data = services.status(run_id=int(run_id) if run_id and run_id.isdigit() else None)
+    except PipelineConfigError as exc:
+        return JsonResponse({"detail": str(exc)}, status=404)
     return JsonResponse(data)

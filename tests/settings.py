@@ -36,6 +36,13 @@ INITPIPELINE = {
     "REFRESH_INTERVAL": float(os.environ.get("INITPIPELINE_REFRESH_INTERVAL", "0.5")),
     "REQUIRED_ARTIFACTS": ["lsa_docs"] if PIPELINE == "demo" else ["b_out"],
     "RETRY_AFTER": 1,
+    "START_ON_GUNICORN_READY": os.environ.get("INITPIPELINE_START_ON_READY") == "1",
 }
 
+ROOT_URLCONF = "tests.urls"
+
 PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
+
+# Serve static files from the apps' folders (no collectstatic in tests).
+WHITENOISE_USE_FINDERS = True
+WHITENOISE_AUTOREFRESH = True

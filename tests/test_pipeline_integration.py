@@ -57,8 +57,8 @@ def test_bumped_version_reruns_the_phase_and_its_downstream_only(stack: Stack) -
     assert states(run) == {"a": "cached", "b": "succeeded", "c": "succeeded"}
     second = Generation.objects.get(is_active=True).artifact_map()
     assert second["a_out"].pk == first["a_out"].pk
-    # b's output bytes are the same, so content addressing gives the same file.
-    assert second["b_out"].sha256 == first["b_out"].sha256
+    # b's version is part of its output, so it published a new file.
+    assert second["b_out"].sha256 != first["b_out"].sha256
     assert second["c_out"].pk != first["c_out"].pk
     assert "cached: a" in result.stdout
 

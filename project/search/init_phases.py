@@ -63,7 +63,7 @@ def _module_name(path: Path) -> str:
     return path.stem
 
 
-@phase(produces="corpus", version="2", config=_corpus_config, timeout=3600)
+@phase(produces=["corpus", "titles"], version="3", config=_corpus_config, timeout=3600)
 def collect_docstrings(ctx: PhaseContext) -> None:
     """Parse every module and keep the docstrings of modules, classes and functions."""
     files = _source_files(ctx.config["scale"], ctx.config["max_files"])
@@ -88,6 +88,8 @@ def collect_docstrings(ctx: PhaseContext) -> None:
         ctx.progress(i + 1, len(files), f"parsed {module}")
     ctx.logger.info("collected %d docstrings from %d files", len(docs), len(files))
     ctx.save_json("corpus", docs, metadata={"documents": len(docs), "files": len(files)})
+    # What the web page shows of each hit: small, so web workers never hold the corpus.
+    ctx.save_json("titles", [[title, text.split("\n\n")[0][:240]] for title, text in docs])
 
 
 @phase(produces=["vocabulary", "idf", "tfidf"], after="collect_docstrings", version="1")

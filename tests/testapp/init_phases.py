@@ -58,7 +58,8 @@ def b(ctx: PhaseContext) -> None:
     _work(ctx)
     import numpy as np
 
-    ctx.save_array("b_out", np.asarray(numbers, dtype=np.float32) * 2)
+    # The version shows in the bytes, so a bumped b publishes a different file.
+    ctx.save_array("b_out", np.asarray(numbers, dtype=np.float32) * 2 + float(ctx.config["v"]))
 
 
 @phase(produces="c_out", inputs=["b_out"], config=_config("c"), retries=2)

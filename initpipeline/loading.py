@@ -1,0 +1,182 @@
+"""The per-process artifact cache: lazy loads, a throttled look at the active generation."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from django.db import DatabaseError
+
+from . import conf, formats, storage
+from .exceptions import ArtifactCorrupt, ArtifactNotReady
+
+logger = logging.getLogger("initpipeline")
+
+
+@dataclass(frozen=True)
+class Record:
+    """What a web process needs to know of one active artifact."""
+
+    name: str
+    pk: int
+    storage_key: str
+    sha256: str
+    size: int
+    format: str
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    generation_id: int | None
+    records: dict[str, Record]
+
+
+class ActiveGeneration:
+    """This process's view of the active generation, refreshed at most every
+    ``REFRESH_INTERVAL`` seconds so the hot path costs no query."""
+
+    def __init__(self) -> None:
+        self._snapshot = Snapshot(None, {})
+        self._checked_at = float("-inf")
+        self._lock = threading.Lock()
+        # sha256 -> reason, for files this process found corrupt (reported by /init/readyz).
+        self.corrupt: dict[str, str] = {}
+
+    def snapshot(self) -> Snapshot:
+        if time.monotonic() - self._checked_at < conf.get("REFRESH_INTERVAL"):
+            return self._snapshot
+        with self._lock:
+            if time.monotonic() - self._checked_at >= conf.get("REFRESH_INTERVAL"):
+                self._snapshot = self._query()
+                self._checked_at = time.monotonic()
+        return self._snapshot
+
+    def refresh(self) -> Snapshot:
+        """Look at the database now (tests, and after an activation in this process)."""
+        self._checked_at = float("-inf")
+        return self.snapshot()
+
+    def _query(self) -> Snapshot:
+        from .models import Artifact, Generation
+
+        try:
+            gen_id = Generation.objects.filter(is_active=True).values_list("pk", flat=True).first()
+            if gen_id is None:
+                return Snapshot(None, {})
+            if gen_id == self._snapshot.generation_id:
+                return self._snapshot
+            rows = Artifact.objects.filter(generations=gen_id).values_list(
+                "name", "pk", "storage_key", "sha256", "size", "format"
+            )
+            return Snapshot(gen_id, {r[0]: Record(*r) for r in rows})
+        except DatabaseError as exc:
+            # Keep serving what we had: a database hiccup must not take loaded
+            # artifacts away from a site that already works.
+            logger.warning("cannot read the active generation: %s", exc)
+            if self._snapshot.generation_id is None:
+                raise ArtifactNotReady(f"cannot read the active generation: {exc}") from exc
+            return self._snapshot
+
+
+active = ActiveGeneration()
+
+
+class ArtifactHandle:
+    """A lazy handle on one artifact of the active generation.
+
+    ``artifact("lsa")`` does no I/O; ``.get()`` loads the artifact on first use in this
+    process (after checking its sha256), caches it, and returns the cached object until a
+    newer generation carries different bytes. Arrays come memory-mapped read-only, so every
+    Gunicorn worker shares one copy in the page cache. A request keeps the object it got:
+    a generation switch never changes an object under a running request.
+
+    Raises ``ArtifactNotReady`` while no active generation has the artifact, and
+    ``ArtifactCorrupt`` when its file fails the checksum (it is then never used).
+    """
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self._loaded: tuple[str, Any] | None = None
+        self._lock = threading.Lock()
+
+    def __repr__(self) -> str:
+        return f"artifact({self.name!r})"
+
+    def record(self) -> Record:
+        rec = active.snapshot().records.get(self.name)
+        if rec is None:
+            raise ArtifactNotReady(f"artifact {self.name!r} is not active yet")
+        return rec
+
+    def ready(self) -> bool:
+        """True when the active generation has this artifact (no file I/O)."""
+        try:
+            return self.name in active.snapshot().records
+        except ArtifactNotReady:
+            return False
+
+    def get(self) -> Any:
+        rec = self.record()
+        loaded = self._loaded
+        if loaded is not None and loaded[0] == rec.sha256:
+            return loaded[1]
+        with self._lock:
+            loaded = self._loaded
+            if loaded is not None and loaded[0] == rec.sha256:
+                return loaded[1]
+            value = self._load(rec)
+            self._loaded = (rec.sha256, value)
+            return value
+
+    def path(self) -> Any:
+        """The verified local path of the artifact's file."""
+        return self._verified_path(self.record())
+
+    def _verified_path(self, rec: Record) -> Any:
+        from .models import Artifact
+
+        art = Artifact(
+            pk=rec.pk,
+            name=rec.name,
+            storage_key=rec.storage_key,
+            sha256=rec.sha256,
+            size=rec.size,
+            format=rec.format,
+        )
+        try:
+            path = storage.verify(art)
+        except ArtifactCorrupt as exc:
+            active.corrupt[rec.sha256] = str(exc)
+            logger.error("%s", exc)
+            raise
+        active.corrupt.pop(rec.sha256, None)
+        return path
+
+    def _load(self, rec: Record) -> Any:
+        started = time.monotonic()
+        path = self._verified_path(rec)
+        value = formats.read(path, rec.format)
+        logger.info(
+            "loaded artifact %s (%s, %d bytes) in %.3f s",
+            rec.name,
+            rec.format,
+            rec.size,
+            time.monotonic() - started,
+        )
+        return value
+
+
+_handles: dict[str, ArtifactHandle] = {}
+_handles_lock = threading.Lock()
+
+
+def artifact(name: str) -> ArtifactHandle:
+    """The process-wide handle on artifact ``name`` (no I/O until ``.get()``)."""
+    handle = _handles.get(name)
+    if handle is None:
+        with _handles_lock:
+            handle = _handles.setdefault(name, ArtifactHandle(name))
+    return handle

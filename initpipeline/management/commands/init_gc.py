@@ -1,0 +1,29 @@
+from __future__ import annotations
+
+from typing import Any
+
+from django.core.management.base import BaseCommand, CommandError, CommandParser
+
+from ... import retention
+
+
+class Command(BaseCommand):
+    help = (
+        "Delete the files of artifacts older than the last KEEP_GENERATIONS generations; "
+        "never the active one. Exit codes: 0 done; 2 bad usage."
+    )
+
+    def add_arguments(self, parser: CommandParser) -> None:
+        parser.add_argument("--keep", type=int, help="Generations to keep (KEEP_GENERATIONS).")
+        parser.add_argument("--dry-run", action="store_true", help="Only list what would go.")
+
+    def handle(self, *args: Any, keep: int | None, dry_run: bool, **options: Any) -> None:
+        try:
+            removed = retention.collect(keep=keep, dry_run=dry_run)
+        except ValueError as exc:
+            raise CommandError(str(exc), returncode=2) from exc
+        verb = "would delete" if dry_run else "deleted"
+        for art in removed:
+            self.stdout.write(f"{verb} {art.storage_key} ({art.size} bytes)")
+        total = sum(a.size for a in removed)
+        self.stdout.write(f"{verb} {len(removed)} files, {total} bytes")

@@ -1,0 +1,57 @@
+"""Deleting the files of old generations, never those a reader may still map."""
+
+from __future__ import annotations
+
+import logging
+
+from django.db.models import Q
+
+from . import conf
+from .models import IN_FLIGHT, Artifact, Generation
+from .storage import get_storage
+
+logger = logging.getLogger("initpipeline")
+
+
+def collect(*, keep: int | None = None, dry_run: bool = False) -> list[Artifact]:
+    """Delete the files of artifacts no kept generation or recent run uses; return them.
+
+    Kept: the files of the ``keep`` (KEEP_GENERATIONS) most recently activated generations
+    and of the active one, so a web process still serving an older generation for up to
+    REFRESH_INTERVAL never loses a file under it; and every artifact made since the oldest
+    kept generation (a failed run's finished phases are what the next run resumes from).
+    The records stay: history is never rewritten, and a record whose file is gone simply
+    stops counting as a cache.
+    """
+    keep = int(conf.get("KEEP_GENERATIONS") if keep is None else keep)
+    if keep < 1:
+        raise ValueError("keep must be at least 1: the active generation is never deleted")
+    kept = list(
+        Generation.objects.filter(activated_at__isnull=False).order_by("-activated_at", "-id")[
+            :keep
+        ]
+    )
+    kept += list(Generation.objects.filter(is_active=True))
+    if not kept:
+        return []
+    oldest = min(g.created_at for g in kept)
+    protected = set(
+        Artifact.objects.filter(
+            Q(generations__in=kept) | Q(created_at__gte=oldest) | Q(run__state__in=IN_FLIGHT)
+        ).values_list("storage_key", flat=True)
+    )
+    storage = get_storage()
+    removed: list[Artifact] = []
+    seen: set[str] = set()
+    for art in Artifact.objects.exclude(storage_key__in=protected).order_by("created_at"):
+        if art.storage_key in seen:
+            continue
+        seen.add(art.storage_key)
+        if not storage.exists(art.storage_key):
+            continue
+        if not dry_run:
+            storage.delete(art.storage_key)
+        removed.append(art)
+    if removed and not dry_run:
+        logger.info("deleted the files of %d old artifacts", len(removed))
+    return removed

@@ -1,0 +1,20 @@
+import os
+
+from django.http import HttpRequest, HttpResponse, JsonResponse
+
+from initpipeline import artifact, requires_artifacts
+from initpipeline.loading import active
+
+B_OUT = artifact("b_out")
+
+
+@requires_artifacts("b_out")
+def b_total(request: HttpRequest) -> HttpResponse:
+    values = B_OUT.get()
+    return JsonResponse(
+        {
+            "pid": os.getpid(),
+            "generation": active.snapshot().generation_id,
+            "total": float(values.sum()),
+        }
+    )
