@@ -23,20 +23,23 @@ logger = logging.getLogger("initpipeline")
 def start_init_when_ready(server: Any) -> subprocess.Popen[bytes] | None:
     """``when_ready`` hook: run ``start_init`` in a child process if the setting asks for it.
 
-    A child process, not a call: the master stays free of Django, database connections and
-    threads that its forked workers would inherit, and it spawns workers at once.
+    A child process, not a call: the master stays free of Django's app registry, database
+    connections and threads that its forked workers would inherit, and it spawns workers at
+    once. Nothing here may raise: an exception in a Gunicorn hook stops the whole server.
     """
-    import django
-    from django.conf import settings
+    try:
+        from . import conf
 
-    if not settings.configured:
-        django.setup(set_prefix=False)
-    from . import conf
-
-    if not conf.get("START_ON_GUNICORN_READY"):
+        # Reading a setting imports the settings module only (no django.setup()).
+        if not conf.get("START_ON_GUNICORN_READY"):
+            return None
+        server.log.info("initpipeline: starting the init (START_ON_GUNICORN_READY)")
+        return subprocess.Popen(
+            [sys.executable, "-m", "django", "start_init"], env=os.environ.copy()
+        )
+    except Exception:
+        server.log.exception("initpipeline: could not start the init from when_ready")
         return None
-    server.log.info("initpipeline: starting the init (START_ON_GUNICORN_READY)")
-    return subprocess.Popen([sys.executable, "-m", "django", "start_init"], env=os.environ.copy())
 
 
 @contextmanager

@@ -15,6 +15,9 @@ Why these values:
 
 import os
 
+# The master reads settings in when_ready; workers load project.wsgi, which sets it too.
+os.environ.setdefault("DJANGO_SETTINGS_MODULE", "project.settings")
+
 bind = os.environ.get("GUNICORN_BIND", f"127.0.0.1:{os.environ.get('PORT', '8000')}")
 workers = int(os.environ.get("WEB_CONCURRENCY", "2"))
 worker_class = "gthread"
