@@ -19,6 +19,11 @@ def missing_artifacts(names: list[str]) -> list[str]:
     """Which of ``names`` the active generation lacks, as this process sees it (throttled)."""
     try:
         records = active.snapshot().records
+        missing = [n for n in names if n not in records]
+        if missing:
+            # Not ready is the transient state worth noticing at once: look again now
+            # rather than up to REFRESH_INTERVAL later. Once ready, this costs nothing.
+            records = active.refresh().records
     except ArtifactNotReady:
         return list(names)
     return [n for n in names if n not in records]

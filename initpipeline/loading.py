@@ -112,9 +112,15 @@ class ArtifactHandle:
         return rec
 
     def ready(self) -> bool:
-        """True when the active generation has this artifact (no file I/O)."""
+        """True when the active generation has this artifact (no file I/O).
+
+        While it is missing, every call looks at the database again, so a page turns
+        ready as soon as the generation is active; once present, the check is free.
+        """
         try:
-            return self.name in active.snapshot().records
+            return (
+                self.name in active.snapshot().records or self.name in active.refresh().records
+            )
         except ArtifactNotReady:
             return False
 

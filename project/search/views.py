@@ -11,8 +11,6 @@ from django.shortcuts import render
 from initpipeline import artifact, requires_artifacts
 from initpipeline.loading import active
 
-from . import engine
-
 # Handles: no I/O at import. Each worker loads them on first use and shares the arrays'
 # pages with every other worker (memory-mapped .npy files).
 DOCS = artifact("lsa_docs")
@@ -38,6 +36,9 @@ def search(request: HttpRequest) -> HttpResponse:
     results: list[dict[str, Any]] = []
     elapsed_ms = None
     if query:
+        # Imported here: numpy would otherwise add ~40 ms to every worker's first answer.
+        from . import engine
+
         started = time.perf_counter()
         titles = TITLES.get()
         vec = engine.fold_query(query, _vocab(), IDF.get(), TERMS.get())
