@@ -64,6 +64,27 @@ class PhaseContext:
             message=message[:500],
             heartbeat_at=timezone.now(),
         )
+        self._send_event(done, total, message)
+
+    def _send_event(self, done: float, total: float | None, message: str) -> None:
+        # A task event reaches Flower and `celery events` (workers need -E); update_state()
+        # would only write to a result backend, which no monitor watches (FIELD_NOTES).
+        from celery import current_task
+
+        task = current_task
+        if task is None or not task.request.id:
+            return
+        try:
+            task.send_event(
+                "task-progress",
+                phase=self.name,
+                run_id=self.run_id,
+                done=done,
+                total=total,
+                message=message[:200],
+            )
+        except Exception:
+            self.logger.debug("could not send the task-progress event", exc_info=True)
 
     def heartbeat(self) -> None:
         """Say the phase is alive (a background thread also does it every HEARTBEAT_INTERVAL)."""
