@@ -10,7 +10,7 @@ from typing import Any, TypeVar
 from django.http import HttpRequest, HttpResponse
 
 from .exceptions import ArtifactCorrupt, ArtifactNotReady
-from .loading import artifact
+from .health import missing_artifacts
 from .responses import warming_up
 
 logger = logging.getLogger("initpipeline")
@@ -23,12 +23,12 @@ def requires_artifacts(*names: str) -> Callable[[V], V]:
     The check costs no query on the hot path (see ``REFRESH_INTERVAL``). An artifact that
     fails its checksum while the view loads it also gives a 503, and is logged.
     """
-    handles = [artifact(n) for n in names]
+    wanted = list(names)
 
     def decorator(view: V) -> V:
         @functools.wraps(view)
         def wrapped(request: HttpRequest, *args: Any, **kwargs: Any) -> HttpResponse:
-            missing = [h.name for h in handles if not h.ready()]
+            missing = missing_artifacts(wanted)
             if missing:
                 return warming_up(request, missing)
             try:

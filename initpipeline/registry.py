@@ -71,6 +71,7 @@ class Registry:
     _duplicates: list[tuple[str, str, str]] = field(default_factory=list)
     _discovered: bool = False
     _lock: threading.Lock = field(default_factory=threading.Lock)
+    _pipeline: Pipeline | None = None
 
     def phase(
         self,
@@ -104,6 +105,7 @@ class Registry:
             if old is not None and old.origin != new.origin:
                 self._duplicates.append((phase_name, old.origin, new.origin))
             self._phases[phase_name] = new
+            self._pipeline = None
             return func
 
         return decorator
@@ -126,9 +128,13 @@ class Registry:
             self._discovered = True
 
     def pipeline(self) -> Pipeline:
-        """The pipeline of every phase registered so far (after discovery)."""
+        """The pipeline of every phase registered so far (after discovery); built once."""
         self.discover()
-        return Pipeline(list(self._phases.values()), duplicates=list(self._duplicates))
+        pipeline = self._pipeline
+        if pipeline is None:
+            pipeline = Pipeline(list(self._phases.values()), duplicates=list(self._duplicates))
+            self._pipeline = pipeline
+        return pipeline
 
 
 registry = Registry()
@@ -142,6 +148,7 @@ class Pipeline:
     ) -> None:
         self.phases: dict[str, Phase] = {p.name: p for p in phases}
         self._duplicates = list(duplicates)
+        self._order: list[str] | None = None
         self.producer: dict[str, str] = {}
         for p in phases:
             for artifact_name in p.produces:
@@ -296,8 +303,21 @@ class Pipeline:
         return []
 
     def order(self) -> list[str]:
-        """Phases in running order: every phase after its dependencies, ties by registration."""
-        self.check()
+        """Phases in running order: every phase after its dependencies, ties by registration.
+
+        Raises PipelineConfigError for a cycle. Computed once: the structure of a pipeline
+        never changes (configs may, and fingerprints() reads them every time).
+        """
+        if self._order is None:
+            cycle = self._find_cycle()
+            if cycle:
+                raise PipelineConfigError(
+                    f"the phases form a cycle: {' -> '.join(cycle)}. (initpipeline.E002)"
+                )
+            self._order = self._topological()
+        return list(self._order)
+
+    def _topological(self) -> list[str]:
         done: list[str] = []
         placed: set[str] = set()
         remaining = list(self.phases)
