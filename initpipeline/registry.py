@@ -85,7 +85,25 @@ class Registry:
         config: Mapping[str, Any] | Callable[[], Mapping[str, Any]] | None = None,
         name: str | None = None,
     ) -> Callable[[F], F]:
-        """Register the decorated function as a phase; see ``initpipeline.phase``."""
+        """Register a function as an init phase.
+
+        ::
+
+            @phase(produces="lsa", after=["collect"], version="3", timeout=3600, retries=2)
+            def build_index(ctx): ...
+
+        produces   artifact name(s) the phase saves, each exactly once (required)
+        after      phase name(s) that must succeed first
+        inputs     artifact name(s) it loads; their producers become dependencies
+        version    bump it when the code changes: the phase and its dependants re-run
+        timeout    seconds: Celery soft limit (hard limit 30 s later); default DEFAULT_TIMEOUT
+        retries    extra attempts after a failure, with exponential backoff and jitter
+        config     dict (or a callable returning one) of JSON values; part of the fingerprint
+        name       the phase's name; defaults to the function's name
+
+        Phases live in an ``init_phases`` module of an installed app and must be safe to run
+        twice (a redelivered task may run one again).
+        """
 
         def decorator(func: F) -> F:
             phase_name = name or func.__name__
