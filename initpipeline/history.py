@@ -1,14 +1,28 @@
-"""What past runs say about this one: per-phase timings and the time left."""
+"""What past runs say about this one: per-phase timings, the time left, a run's timeline."""
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from datetime import datetime
+
 from django.utils import timezone
 
-from .models import PhaseRun, PhaseState, PipelineRun, RunState
+from .models import PHASE_ENDED, PhaseRun, PhaseState, PipelineRun, RunState
+
+
+@dataclass(frozen=True)
+class Span:
+    """One phase on a run's time axis, in seconds from the run's start (None: did not run)."""
+
+    name: str
+    state: str
+    offset: float | None
+    duration: float | None
 
 
 def previous_run(run: PipelineRun) -> PipelineRun | None:
-    """The latest successful run before ``run``."""
+    """The latest successful run created before ``run``."""
     return (
         PipelineRun.objects.filter(state=RunState.SUCCEEDED, created_at__lt=run.created_at)
         .exclude(pk=run.pk)
@@ -18,39 +32,90 @@ def previous_run(run: PipelineRun) -> PipelineRun | None:
 
 
 def previous_timings(run: PipelineRun) -> dict[str, float]:
-    """Seconds each phase took when it last ran for real (not cached), before ``run``."""
+    """Seconds each of ``run``'s phases took the last time it ran for real, before ``run``.
+
+    "For real" means it succeeded by doing the work: a cached phase took no time and says
+    nothing about the next one, so the phase's last real execution counts, in whichever
+    run it happened (the previous successful run may well have had it cached). A phase
+    that never ran before has no entry. Retries and their backoff are part of the time.
+    """
     timings: dict[str, float] = {}
-    for pr in (
-        PhaseRun.objects.filter(
-            state=PhaseState.SUCCEEDED,
-            run__created_at__lt=run.created_at,
-            started_at__isnull=False,
-            finished_at__isnull=False,
+    names = run.phases.values_list("name", flat=True)
+    for name in names:
+        last = (
+            PhaseRun.objects.filter(
+                name=name,
+                state=PhaseState.SUCCEEDED,
+                run__created_at__lt=run.created_at,
+                started_at__isnull=False,
+                finished_at__isnull=False,
+            )
+            .exclude(run=run)
+            .order_by("-finished_at", "-id")
+            .values_list("started_at", "finished_at")
+            .first()
         )
-        .exclude(run=run)
-        .order_by("-finished_at")
-    ):
-        if pr.name not in timings and pr.started_at and pr.finished_at:
-            timings[pr.name] = (pr.finished_at - pr.started_at).total_seconds()
+        if last is not None and last[0] is not None and last[1] is not None:
+            timings[name] = max((last[1] - last[0]).total_seconds(), 0.0)
     return timings
 
 
-def estimate_remaining(run: PipelineRun) -> float | None:
-    """Seconds left for a run in flight, from the phases' last real durations; None if unknown."""
+def estimate_remaining(
+    run: PipelineRun,
+    *,
+    timings: Mapping[str, float] | None = None,
+    now: datetime | None = None,
+) -> float | None:
+    """Seconds left for a run in flight; 0 for a run that succeeded; None when unknown.
+
+    Each phase still to do counts with its last real duration (``previous_timings``). The
+    running phase counts with what is left of that duration, blended, as its progress grows,
+    with what its own pace predicts (elapsed / progress). A phase with no history makes the
+    whole estimate unknown: a guess for it would only look precise. A failed or cancelled
+    run has nothing left to wait for, so its estimate is None too.
+    """
     if not run.is_in_flight:
         return 0.0 if run.state == RunState.SUCCEEDED else None
-    timings = previous_timings(run)
+    if timings is None:
+        timings = previous_timings(run)
+    now = now or timezone.now()
     left = 0.0
-    now = timezone.now()
     for pr in run.phases.all():
-        if pr.state in (PhaseState.SUCCEEDED, PhaseState.CACHED):
+        if pr.state in PHASE_ENDED:
             continue
-        if pr.name not in timings:
+        expected = timings.get(pr.name)
+        if expected is None:
             return None
-        expected = timings[pr.name]
-        if pr.state == PhaseState.RUNNING and pr.started_at is not None:
-            elapsed = (now - pr.started_at).total_seconds()
-            left += max(expected - elapsed, expected * (1 - pr.progress), 0.0)
-        else:
+        if pr.started_at is None:
             left += expected
+            continue
+        # Running, or waiting for a retry after a failed attempt.
+        elapsed = max((now - pr.started_at).total_seconds(), 0.0)
+        by_history = max(expected - elapsed, 0.0)
+        progress = pr.progress
+        if progress <= 0.0:
+            left += by_history
+            continue
+        by_pace = elapsed * (1.0 - progress) / progress
+        left += (1.0 - progress) * by_history + progress * by_pace
     return left
+
+
+def overall_progress(phases: Iterable[PhaseRun]) -> float:
+    """The run's progress from 0 to 1: the mean of its phases' (a cached phase counts as done)."""
+    values = [p.progress for p in phases]
+    return sum(values) / len(values) if values else 0.0
+
+
+def spans(run: PipelineRun, phases: Iterable[PhaseRun] | None = None) -> list[Span]:
+    """Where each phase of ``run`` sits on the run's time axis."""
+    if phases is None:
+        phases = run.phases.order_by("position")
+    origin = run.started_at
+    result = []
+    for p in phases:
+        offset = None
+        if origin is not None and p.started_at is not None:
+            offset = max((p.started_at - origin).total_seconds(), 0.0)
+        result.append(Span(p.name, p.state, offset, p.duration))
+    return result

@@ -522,7 +522,16 @@ def run_dict(run: PipelineRun) -> dict[str, Any]:
         "finished_at": _iso(run.finished_at),
         "error": run.error or None,
         "phases": [phase_dict(p) for p in run.phases.order_by("position")],
+        "estimate_remaining": _estimate(run),
     }
+
+
+def _estimate(run: PipelineRun) -> float | None:
+    """Seconds left, from the phases' earlier durations (history.py); None when unknown."""
+    from .history import estimate_remaining
+
+    seconds = estimate_remaining(run)
+    return None if seconds is None else round(seconds, 1)
 
 
 def status(*, run_id: int | None = None) -> dict[str, Any]:

@@ -1,0 +1,108 @@
+"""Run records with fixed times, for tests that compare exact output without a worker."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+
+from initpipeline.models import IN_FLIGHT, Artifact, Generation, PhaseRun, PipelineRun
+
+T0 = datetime(2025, 3, 4, 10, 0, 0, tzinfo=UTC)
+
+
+@dataclass
+class Phase:
+    """A phase record: ``start`` and ``took`` in seconds after the run's ``at``."""
+
+    name: str
+    state: str = "succeeded"
+    start: float | None = None
+    took: float | None = None
+    attempt: int | None = None
+    max_attempts: int = 1
+    done: float = 0
+    total: float | None = None
+    message: str = ""
+    error: str = ""
+    traceback: str = ""
+    extra: dict[str, object] = field(default_factory=dict)
+
+
+def make_run(
+    state: str,
+    phases: list[Phase],
+    *,
+    at: datetime = T0,
+    trigger: str = "start_init",
+    error: str = "",
+    finished_after: float | None = None,
+) -> PipelineRun:
+    started = [p.start for p in phases if p.start is not None]
+    ends = [p.start + p.took for p in phases if p.start is not None and p.took is not None]
+    finished_at = None
+    if state not in IN_FLIGHT:
+        finished_at = at + timedelta(seconds=finished_after or max(ends, default=0))
+    run = PipelineRun.objects.create(
+        state=state,
+        created_at=at,
+        started_at=at + timedelta(seconds=min(started)) if started else None,
+        finished_at=finished_at,
+        trigger=trigger,
+        error=error,
+    )
+    for position, p in enumerate(phases):
+        begun = at + timedelta(seconds=p.start) if p.start is not None else None
+        PhaseRun.objects.create(
+            run=run,
+            name=p.name,
+            position=position,
+            state=p.state,
+            fingerprint=f"fp-{p.name}",
+            version="1",
+            attempt=p.attempt if p.attempt is not None else (1 if begun else 0),
+            max_attempts=p.max_attempts,
+            progress_done=p.done,
+            progress_total=p.total,
+            message=p.message,
+            started_at=begun,
+            heartbeat_at=begun,
+            finished_at=begun + timedelta(seconds=p.took)
+            if begun is not None and p.took is not None
+            else None,
+            error=p.error,
+            traceback=p.traceback,
+            **p.extra,  # type: ignore[arg-type]
+        )
+    return run
+
+
+def make_generation(
+    run: PipelineRun, artifacts: list[tuple[str, str, int]], *, active: bool = True
+) -> Generation:
+    """A generation of ``run`` with artifacts (name, format, size); sha256 is derived."""
+    records = []
+    for name, fmt, size in artifacts:
+        phase_run = run.phases.filter(name=name.removesuffix("_out")).first()
+        records.append(
+            Artifact.objects.create(
+                name=name,
+                fingerprint=f"fp-{name}",
+                storage_key=f"{name}/{name}.bin",
+                sha256=(name.encode().hex() * 64)[:64],
+                size=size,
+                format=fmt,
+                run=run,
+                phase_run=phase_run,
+                created_at=run.finished_at or T0,
+            )
+        )
+    if active:
+        Generation.objects.filter(is_active=True).update(is_active=False)
+    generation = Generation.objects.create(
+        run=run,
+        fingerprints={p.name: p.fingerprint for p in run.phases.all()},
+        is_active=active,
+        activated_at=run.finished_at if active else None,
+    )
+    generation.artifacts.set(records)
+    return generation
