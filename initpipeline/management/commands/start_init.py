@@ -3,14 +3,14 @@ from __future__ import annotations
 import json
 from typing import Any, TextIO, cast
 
-from django.core.management.base import BaseCommand, CommandError, CommandParser
+from django.core.management.base import CommandError, CommandParser
 
 from ... import render, services
 from ...exceptions import EnqueueError, PipelineConfigError
-from ...models import RunState
+from ...models import PipelineRun, RunState
 
 
-class Command(BaseCommand):
+class Command(render.TerminalCommand):
     help = (
         "Start the init pipeline, or attach to the run in flight. Exit codes: 0 up to date, "
         "enqueued, or (with --wait) succeeded; 1 the run failed or was cancelled; 2 bad usage "
@@ -71,14 +71,16 @@ class Command(BaseCommand):
         if wait and run is not None and run.state != RunState.SUCCEEDED:
             raise CommandError(f"run {run.pk} {run.state}: {run.error}", returncode=1)
 
-    def _wait(self, run_id: int, *, quiet: bool) -> Any:
+    def _wait(self, run_id: int, *, quiet: bool) -> PipelineRun:
         if quiet:
             return services.wait(run_id)
         out = cast(TextIO, self.stdout._out)
         if self.stdout.isatty():
-            with render.RichProgress(out) as bars:
+            # Bars on a terminal; rich reads NO_COLOR (and TERM=dumb) from the environment.
+            with render.RichProgress(out, no_color=self.no_color) as bars:
                 run = services.wait(run_id, on_update=bars, poll=0.25)
         else:
+            # Logs and pipes get one line per event (render.py lists them).
             run = services.wait(run_id, on_update=render.PlainProgress(out), poll=0.5)
         self.stdout.write(render.summary_text(run, list(run.phases.order_by("position"))))
         return run

@@ -1,0 +1,233 @@
+"""start_init and init_status output through a real worker: plain lines, a terminal, NO_COLOR."""
+
+from __future__ import annotations
+
+import os
+import pty
+import re
+import select
+import subprocess
+import sys
+import time
+
+import pytest
+
+from initpipeline.models import Artifact, Generation, PipelineRun
+from initpipeline.render import fmt_size
+from tests.conftest import ROOT, Stack, wait_for
+
+pytestmark = [pytest.mark.slow]
+
+CLOCK = r"\d\d:\d\d:\d\d"
+DURATION = r"(\d+\.\d s|\d+m\d\ds)"
+# Progress lines depend on when the poll happens to look: they may or may not be there.
+PROGRESS = re.compile(rf"{CLOCK} [abc] \d+% step \d+ of \d+")
+
+
+def events(stdout: str) -> list[str]:
+    """The output without progress lines."""
+    return [line for line in stdout.splitlines() if not PROGRESS.fullmatch(line)]
+
+
+def assert_lines(actual: list[str], patterns: list[str]) -> None:
+    assert len(actual) == len(patterns), "\n".join(actual)
+    for line, pattern in zip(actual, patterns, strict=True):
+        assert re.fullmatch(pattern, line), f"{line!r} !~ {pattern!r}\n" + "\n".join(actual)
+
+
+def artifact_patterns(generation: Generation, run: PipelineRun) -> list[str]:
+    records = sorted(generation.artifacts.all(), key=lambda a: a.name)
+    width = max(len(fmt_size(a.size)) for a in records)
+    fmt_width = max(len(a.format) for a in records)
+    lines = []
+    for a in records:
+        origin = f"  from run {a.run_id}" if a.run_id != run.pk else ""
+        lines.append(
+            re.escape(
+                f"  {a.name}  {a.format.ljust(fmt_width)}  {fmt_size(a.size).ljust(width)}  "
+                f"sha256 {a.sha256[:12]}{origin}"
+            )
+        )
+    return lines
+
+
+def test_start_init_wait_prints_exact_lines_and_a_summary(stack: Stack) -> None:
+    stack.start_worker()
+    result = stack.manage("start_init", "--wait")
+    assert result.returncode == 0, result.stderr + stack.log()
+    run = PipelineRun.objects.get()
+    generation = Generation.objects.get(run=run)
+    assert_lines(
+        events(result.stdout),
+        [
+            f"run {run.pk} enqueued",
+            f"{CLOCK} a running",
+            f"{CLOCK} a succeeded in {DURATION}",
+            f"{CLOCK} b running",
+            f"{CLOCK} b succeeded in {DURATION}",
+            f"{CLOCK} c running",
+            f"{CLOCK} c succeeded in {DURATION}",
+            f"run {run.pk} succeeded in {DURATION}",
+            f"  a  succeeded  {DURATION}",
+            f"  b  succeeded  {DURATION}",
+            f"  c  succeeded  {DURATION}",
+            re.escape(f"artifacts of generation {generation.pk} (active):"),
+            *artifact_patterns(generation, run),
+        ],
+    )
+
+    # b's new version: a is cached, and its artifact comes from the first run.
+    stack.control(versions={"b": "2"})
+    result = stack.manage("start_init", "--wait")
+    assert result.returncode == 0, result.stderr + stack.log()
+    second = PipelineRun.objects.latest_first().first()
+    assert second is not None
+    generation = Generation.objects.get(run=second)
+    patterns = artifact_patterns(generation, second)
+    assert patterns[0].endswith(re.escape(f"  from run {run.pk}"))
+    assert_lines(
+        events(result.stdout),
+        [
+            f"run {second.pk} enqueued",
+            f"{CLOCK} a cached",
+            f"{CLOCK} b running",
+            f"{CLOCK} b succeeded in {DURATION}",
+            f"{CLOCK} c running",
+            f"{CLOCK} c succeeded in {DURATION}",
+            f"run {second.pk} succeeded in {DURATION}",
+            r"  a  cached     -",
+            f"  b  succeeded  {DURATION}",
+            f"  c  succeeded  {DURATION}",
+            "cached: a",
+            re.escape(f"artifacts of generation {generation.pk} (active):"),
+            *patterns,
+        ],
+    )
+
+
+def test_failed_run_and_init_status_watch(stack: Stack) -> None:
+    stack.start_worker()
+    # No --wait: init_status --watch follows the run instead.
+    stack.control(fail=["b"], sleep={"a": 4})
+    result = stack.manage("start_init")
+    assert result.returncode == 0, result.stderr
+    run = PipelineRun.objects.get()
+    wait_for(lambda: run.phases.filter(state="running").exists(), timeout=60)
+    watch = stack.manage("init_status", "--watch")
+    assert watch.returncode == 1, watch.stderr + stack.log()  # the latest run failed
+    published = Artifact.objects.get(run=run)
+    lines = events(watch.stdout)
+    assert_lines(
+        lines,
+        [
+            f"watching run {run.pk}",
+            f"{CLOCK} a running",
+            f"{CLOCK} a succeeded in {DURATION}",
+            f"{CLOCK} b running",
+            f"{CLOCK} b failed: RuntimeError: b was told to fail",
+            f"{CLOCK} c upstream_failed: not run: b failed",
+            "",
+            "state: failed   active generation: none",
+            rf"run {run.pk}: failed   started \d{{4}}-\d\d-\d\d \d\d:\d\d:\d\d UTC   "
+            rf"took {DURATION}   by start_init",
+            "error: phase b failed: RuntimeError: b was told to fail",
+            r"PHASE  STATE            PROGRESS  ATTEMPT  DURATION  MESSAGE",
+            rf"a      succeeded        100%      1/1      {DURATION} +step 40 of 40",
+            rf"b      failed           100%      1/1      {DURATION} +RuntimeError: b was told "
+            "to fail",
+            r"c      upstream_failed  0%        0/3      -         not run: b failed",
+        ],
+    )
+    assert published.name == "a_out"
+
+    # start_init --wait on the failed pipeline: exit 1, the reason on stderr.
+    result = stack.manage("start_init", "--wait")
+    assert result.returncode == 1
+    second = PipelineRun.objects.latest_first().first()
+    assert second is not None
+    # (Above it, the initpipeline logger's INFO lines.)
+    assert result.stderr.splitlines()[-1] == (
+        f"CommandError: run {second.pk} failed: phase b failed: RuntimeError: b was told to fail"
+    )
+    assert_lines(
+        events(result.stdout),
+        [
+            f"run {second.pk} enqueued",
+            f"{CLOCK} a cached",
+            f"{CLOCK} b running",
+            f"{CLOCK} b failed: RuntimeError: b was told to fail",
+            f"{CLOCK} c upstream_failed: not run: b failed",
+            f"run {second.pk} failed in {DURATION}",
+            r"  a  cached           -",
+            f"  b  failed           {DURATION}",
+            r"  c  upstream_failed  -",
+            "cached: a",
+            "error: phase b failed: RuntimeError: b was told to fail",
+        ],
+    )
+
+
+# -- a terminal ----------------------------------------------------------------------------
+
+SGR = re.compile(r"\x1b\[([0-9;]*)m")
+COLOUR = {*range(30, 39), *range(40, 49), *range(90, 98), *range(100, 108)}
+
+
+def colours(output: str) -> set[int]:
+    """The colour codes among the output's SGR escape sequences."""
+    found = set()
+    for params in SGR.findall(output):
+        codes = [int(c) for c in params.split(";") if c]
+        found |= {c for c in codes if c in COLOUR}
+    return found
+
+
+def in_terminal(stack: Stack, *args: str, env: dict[str, str]) -> tuple[int, str, str]:
+    """Run manage.py with stdout on a pseudo-terminal; returns (exit code, stdout, stderr)."""
+    leader, follower = pty.openpty()
+    proc = subprocess.Popen(
+        [sys.executable, str(ROOT / "manage.py"), *args],
+        cwd=ROOT,
+        env={**stack.env, "TERM": "xterm-256color", "COLUMNS": "120", **env},
+        stdin=subprocess.DEVNULL,
+        stdout=follower,
+        stderr=subprocess.PIPE,
+    )
+    os.close(follower)
+    chunks = []
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        ready, _, _ = select.select([leader], [], [], 0.5)
+        if ready:
+            try:
+                data = os.read(leader, 65536)
+            except OSError:  # EIO: the child closed the terminal
+                break
+            if not data:
+                break
+            chunks.append(data)
+        elif proc.poll() is not None:
+            break
+    os.close(leader)
+    assert proc.stderr is not None
+    stderr = proc.stderr.read().decode()
+    return proc.wait(timeout=30), b"".join(chunks).decode(errors="replace"), stderr
+
+
+def test_terminal_output_is_coloured_unless_no_color(stack: Stack) -> None:
+    stack.start_worker()
+    stack.control(sleep={"b": 1.0})
+    code, out, err = in_terminal(stack, "start_init", "--wait", env={})
+    assert code == 0, err + stack.log()
+    assert colours(out), out  # rich's bars are coloured on a terminal
+    assert "\x1b[?25l" in out  # and drawn live (cursor hidden while they move)
+    run = PipelineRun.objects.get()
+    assert f"run {run.pk} succeeded in" in out
+
+    code, out, err = in_terminal(stack, "start_init", "--wait", "--force", env={"NO_COLOR": "1"})
+    assert code == 0, err + stack.log()
+    assert colours(out) == set(), out
+    assert "\x1b[?25l" in out  # still live bars, only without colour
+    second = PipelineRun.objects.latest_first().first()
+    assert second is not None and second.pk != run.pk
+    assert f"run {second.pk} succeeded in" in out
