@@ -1,13 +1,43 @@
-"""Read-only admin for the run records (history is never edited by hand)."""
+"""Read-only admin for the run records, a live progress view, and start, resume and cancel.
+
+The records are history and are never edited by hand; the three actions go through
+``services`` like the commands do, each behind its own permission.
+"""
 
 from __future__ import annotations
 
+from dataclasses import asdict
 from typing import Any
 
-from django.contrib import admin
-from django.http import HttpRequest
+from django.contrib import admin, messages
+from django.core.exceptions import PermissionDenied
+from django.core.paginator import Paginator
+from django.db.models import Prefetch, QuerySet
+from django.http import HttpRequest, HttpResponse, HttpResponseNotAllowed, HttpResponseRedirect
+from django.shortcuts import get_object_or_404
+from django.template.response import TemplateResponse
+from django.urls import NoReverseMatch, URLPattern, path, reverse
+from django.utils.html import format_html
+from django.utils.translation import gettext, ngettext
+from django.utils.translation import gettext_lazy as _
 
-from .models import Artifact, Generation, PhaseRun, PipelineRun
+from . import history, services
+from .exceptions import EnqueueError, PipelineConfigError
+from .models import (
+    IN_FLIGHT,
+    PHASE_DONE,
+    Artifact,
+    Generation,
+    PhaseRun,
+    PhaseState,
+    PipelineRun,
+    RunState,
+    trigger_label,
+)
+from .render import fmt_duration
+
+#: Runs that "Resume from failure" accepts: their done phases are cached by fingerprint.
+RESUMABLE = (RunState.FAILED, RunState.CANCELLED)
 
 
 class ReadOnlyMixin:
@@ -29,9 +59,42 @@ class PhaseRunInline(ReadOnlyMixin, admin.TabularInline):  # type: ignore[type-a
     ordering = ["position"]
 
 
+def _status_url(run_id: int) -> str | None:
+    """/init/status.json for this run, if the project includes initpipeline.urls."""
+    try:
+        return f"{reverse('initpipeline:status')}?run={run_id}"
+    except NoReverseMatch:
+        return None
+
+
+def _labels() -> dict[str, Any]:
+    """The words the page's script shows, translated here (it carries no catalog)."""
+    return {
+        "states": {**dict(PhaseState.choices), **dict(RunState.choices)},
+        "left": gettext("about %(time)s left"),
+        "leftUnknown": gettext("unknown (no earlier run of every phase to go by)"),
+        "leftNone": gettext("none"),
+        "cached": gettext("cached"),
+        "thisRun": gettext("this run"),
+        "previousRun": gettext("previous successful run"),
+        "lost": gettext("Lost contact with the server; retrying."),
+        "stopped": gettext("Live updates stopped: %(reason)s"),
+        "traceback": gettext("Traceback"),
+    }
+
+
 @admin.register(PipelineRun)
 class PipelineRunAdmin(ReadOnlyMixin, admin.ModelAdmin):  # type: ignore[type-arg]
-    list_display = ["id", "state", "created_at", "started_at", "finished_at", "trigger"]
+    list_display = [
+        "id",
+        "state",
+        "created_at",
+        "started_at",
+        "finished_at",
+        "duration_display",
+        "trigger",
+        "progress_link",
+    ]
     list_filter = ["state"]
     readonly_fields = [
         "state",
@@ -44,6 +107,282 @@ class PipelineRunAdmin(ReadOnlyMixin, admin.ModelAdmin):  # type: ignore[type-ar
     ]
     exclude = ["pipeline"]
     inlines = [PhaseRunInline]
+    actions = ["cancel_runs"]
+
+    # -- permissions (the custom ones on PipelineRun.Meta) --------------------------------
+
+    def has_start_run_permission(self, request: HttpRequest) -> bool:
+        return request.user.has_perm(f"{self.opts.app_label}.start_run")
+
+    def has_cancel_run_permission(self, request: HttpRequest) -> bool:
+        return request.user.has_perm(f"{self.opts.app_label}.cancel_run")
+
+    # -- changelist -----------------------------------------------------------------------
+
+    @admin.display(description=_("duration"))
+    def duration_display(self, run: PipelineRun) -> str:
+        return fmt_duration(run.duration)
+
+    @admin.display(description=_("progress"))
+    def progress_link(self, run: PipelineRun) -> str:
+        return format_html('<a href="{}">{}</a>', self._url("progress_run", run.pk), _("watch"))
+
+    @admin.action(description=_("Cancel the selected runs in flight"), permissions=["cancel_run"])
+    def cancel_runs(self, request: HttpRequest, queryset: QuerySet[PipelineRun]) -> None:
+        cancelled = [
+            run.pk
+            for run in queryset.filter(state__in=IN_FLIGHT)
+            if services.cancel(run_id=run.pk) is not None
+        ]
+        if not cancelled:
+            self.message_user(
+                request, gettext("None of the selected runs was in flight."), messages.WARNING
+            )
+            return
+        self.message_user(
+            request,
+            ngettext(
+                "%(count)d run cancelled; its running phase stops at its next heartbeat.",
+                "%(count)d runs cancelled; their running phases stop at their next heartbeat.",
+                len(cancelled),
+            )
+            % {"count": len(cancelled)},
+            messages.SUCCESS,
+        )
+
+    # -- URLs -----------------------------------------------------------------------------
+
+    def _url(self, name: str, *args: Any) -> str:
+        info = self.opts.app_label, self.opts.model_name
+        return reverse(
+            f"{self.admin_site.name}:{info[0]}_{info[1]}_{name}",
+            args=args,
+            current_app=self.admin_site.name,
+        )
+
+    def get_urls(self) -> list[URLPattern]:
+        prefix = f"{self.opts.app_label}_{self.opts.model_name}"
+        wrap = self.admin_site.admin_view
+        urls = [
+            path("progress/", wrap(self.progress_list_view), name=f"{prefix}_progress"),
+            path("progress/run-again/", wrap(self.run_again_view), name=f"{prefix}_run_again"),
+            path(
+                "progress/<int:run_id>/",
+                wrap(self.progress_run_view),
+                name=f"{prefix}_progress_run",
+            ),
+            path(
+                "progress/<int:run_id>/resume/",
+                wrap(self.resume_view),
+                name=f"{prefix}_resume",
+            ),
+            path(
+                "progress/<int:run_id>/cancel/",
+                wrap(self.cancel_view),
+                name=f"{prefix}_cancel",
+            ),
+        ]
+        # Before the defaults: their "<path:object_id>/" would take "progress/" too.
+        return urls + super().get_urls()
+
+    # -- pages ----------------------------------------------------------------------------
+
+    def _context(self, request: HttpRequest, **extra: Any) -> dict[str, Any]:
+        return {
+            **self.admin_site.each_context(request),
+            "opts": self.opts,
+            "can_start": self.has_start_run_permission(request),
+            "can_cancel": self.has_cancel_run_permission(request),
+            "run_again_url": self._url("run_again"),
+            "progress_url": self._url("progress"),
+            "labels": _labels(),
+            **extra,
+        }
+
+    def progress_list_view(self, request: HttpRequest) -> HttpResponse:
+        if not self.has_view_permission(request):
+            raise PermissionDenied
+        runs = PipelineRun.objects.latest_first().prefetch_related(
+            Prefetch("phases", queryset=PhaseRun.objects.order_by("position"))
+        )
+        page = Paginator(runs, 25).get_page(request.GET.get("p"))
+        rows = []
+        for run in page:
+            phases = list(run.phases.all())
+            rows.append(
+                {
+                    "run": run,
+                    "url": self._url("progress_run", run.pk),
+                    "progress": history.overall_progress(phases),
+                    "done": sum(p.state in PHASE_DONE for p in phases),
+                    "total": len(phases),
+                    "duration": fmt_duration(run.duration),
+                    "failed": run.state == RunState.FAILED,
+                    "status_url": _status_url(run.pk) if run.is_in_flight else None,
+                }
+            )
+        context = self._context(request, title=gettext("Live progress"), rows=rows, page=page)
+        request.current_app = self.admin_site.name
+        return TemplateResponse(request, "admin/initpipeline/progress_list.html", context)
+
+    def progress_run_view(self, request: HttpRequest, run_id: int) -> HttpResponse:
+        if not self.has_view_permission(request):
+            raise PermissionDenied
+        run = get_object_or_404(PipelineRun, pk=run_id)
+        phases = list(run.phases.order_by("position"))
+        previous = history.previous_run(run)
+        data = services.run_dict(run)
+        context = self._context(
+            request,
+            title=gettext("Run %(id)s") % {"id": run.pk},
+            run=run,
+            run_data=data,
+            phases=[
+                {
+                    "phase": p,
+                    "duration": fmt_duration(p.duration),
+                    "failed": p.state == PhaseState.FAILED,
+                    "error": p.error,
+                    "traceback": p.traceback,
+                }
+                for p in phases
+            ],
+            progress=history.overall_progress(phases),
+            duration=fmt_duration(run.duration),
+            estimate=data["estimate_remaining"],
+            estimate_text=None
+            if data["estimate_remaining"] is None
+            else fmt_duration(data["estimate_remaining"]),
+            previous=previous,
+            previous_data={
+                "id": previous.pk,
+                "duration": previous.duration,
+                "spans": [asdict(s) for s in history.spans(previous)],
+            }
+            if previous is not None
+            else None,
+            previous_url=self._url("progress_run", previous.pk) if previous else None,
+            previous_took=fmt_duration(previous.duration) if previous else None,
+            status_url=_status_url(run.pk),
+            resume_url=self._url("resume", run.pk),
+            cancel_url=self._url("cancel", run.pk),
+            resumable=run.state in RESUMABLE,
+            run_failed=run.state == RunState.FAILED,
+        )
+        request.current_app = self.admin_site.name
+        return TemplateResponse(request, "admin/initpipeline/progress_run.html", context)
+
+    # -- actions --------------------------------------------------------------------------
+
+    def _post_only(self, request: HttpRequest) -> HttpResponse | None:
+        if request.method != "POST":
+            return HttpResponseNotAllowed(["POST"])
+        return None
+
+    def run_again_view(self, request: HttpRequest) -> HttpResponse:
+        """Run every phase again, cached or not (``start_init --force``)."""
+        if (refused := self._post_only(request)) is not None:
+            return refused
+        if not self.has_start_run_permission(request):
+            raise PermissionDenied
+        trigger = trigger_label(request.user, via="admin: run again")
+        return self._start(request, force=True, trigger=trigger, back=self._url("progress"))
+
+    def resume_view(self, request: HttpRequest, run_id: int) -> HttpResponse:
+        """Start again after a failure: the phases that succeeded are cached by fingerprint."""
+        if (refused := self._post_only(request)) is not None:
+            return refused
+        if not self.has_start_run_permission(request):
+            raise PermissionDenied
+        run = get_object_or_404(PipelineRun, pk=run_id)
+        back = self._url("progress_run", run.pk)
+        if run.state not in RESUMABLE:
+            self.message_user(
+                request,
+                gettext("Run %(id)s is %(state)s: only a failed or cancelled run can be resumed.")
+                % {"id": run.pk, "state": run.get_state_display()},
+                messages.WARNING,
+            )
+            return HttpResponseRedirect(back)
+        trigger = trigger_label(request.user, via=f"admin: resume run {run.pk}")
+        return self._start(request, force=False, trigger=trigger, back=back)
+
+    def _start(self, request: HttpRequest, *, force: bool, trigger: str, back: str) -> HttpResponse:
+        try:
+            result = services.start(force=force, trigger=trigger)
+        except (PipelineConfigError, EnqueueError) as exc:
+            self.message_user(
+                request,
+                gettext("The pipeline did not start: %(reason)s") % {"reason": exc},
+                messages.ERROR,
+            )
+            return HttpResponseRedirect(back)
+        if result.outcome == services.UP_TO_DATE:
+            generation = result.generation
+            self.message_user(
+                request,
+                gettext("Nothing to run: generation %(id)s is active and up to date.")
+                % {"id": generation.pk if generation else "?"},
+                messages.INFO,
+            )
+            return HttpResponseRedirect(back)
+        run = result.run
+        assert run is not None
+        if result.outcome == services.ATTACHED:
+            self.message_user(
+                request,
+                gettext("Run %(id)s is already in flight: follow it here, or cancel it first.")
+                % {"id": run.pk},
+                messages.WARNING,
+            )
+        else:
+            to_run = run.phases.exclude(state=PhaseState.CACHED).count()
+            cached = run.phases.filter(state=PhaseState.CACHED).count()
+            self.message_user(
+                request,
+                ngettext(
+                    "Run %(id)s started: %(count)d phase to run.",
+                    "Run %(id)s started: %(count)d phases to run.",
+                    to_run,
+                )
+                % {"id": run.pk, "count": to_run}
+                + (
+                    " "
+                    + ngettext("%(count)d phase is cached.", "%(count)d phases are cached.", cached)
+                    % {"count": cached}
+                    if cached
+                    else ""
+                ),
+                messages.SUCCESS,
+            )
+        return HttpResponseRedirect(self._url("progress_run", run.pk))
+
+    def cancel_view(self, request: HttpRequest, run_id: int) -> HttpResponse:
+        """Cancel a run in flight; its running phase stops at its next heartbeat."""
+        if (refused := self._post_only(request)) is not None:
+            return refused
+        if not self.has_cancel_run_permission(request):
+            raise PermissionDenied
+        run = get_object_or_404(PipelineRun, pk=run_id)
+        if services.cancel(run_id=run.pk) is None:
+            run.refresh_from_db()
+            self.message_user(
+                request,
+                gettext("Run %(id)s is %(state)s: there is nothing to cancel.")
+                % {"id": run.pk, "state": run.get_state_display()},
+                messages.WARNING,
+            )
+        else:
+            self.message_user(
+                request,
+                gettext(
+                    "Run %(id)s cancelled; its running phase stops at its next progress "
+                    "report or heartbeat."
+                )
+                % {"id": run.pk},
+                messages.SUCCESS,
+            )
+        return HttpResponseRedirect(self._url("progress_run", run.pk))
 
 
 @admin.register(PhaseRun)
