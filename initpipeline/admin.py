@@ -75,11 +75,9 @@ def _labels() -> dict[str, Any]:
         "leftUnknown": gettext("unknown (no earlier run of every phase to go by)"),
         "leftNone": gettext("none"),
         "cached": gettext("cached"),
-        "thisRun": gettext("this run"),
         "previousRun": gettext("previous successful run"),
         "lost": gettext("Lost contact with the server; retrying."),
         "stopped": gettext("Live updates stopped: %(reason)s"),
-        "traceback": gettext("Traceback"),
     }
 
 
