@@ -10,7 +10,7 @@ line a phase produces is one of (``HH:MM:SS`` in the current Django time zone)::
     HH:MM:SS NAME succeeded in 1.2 s
     HH:MM:SS NAME failed: ERROR
     HH:MM:SS NAME upstream_failed: MESSAGE
-    HH:MM:SS NAME cancelled
+    HH:MM:SS NAME cancelled                    (or the phase's message, if it says so)
 
 The "running" and end lines are printed for every phase that ran, even when a poll missed
 its running state, so they do not depend on the poll's timing; progress and "retrying"
@@ -235,8 +235,10 @@ class PlainProgress:
             return f"succeeded in {fmt_duration(p.duration)}"
         if p.state == PhaseState.FAILED:
             return f"failed: {_first_line(p.error) or p.message}"
-        detail = p.message if p.message and p.message != p.state else ""
-        return f"{p.state}: {detail}" if detail else str(p.state)
+        # "cancelled; stopped after 2.0 s" says it all; "not run: b failed" needs the state.
+        if p.message.startswith(p.state):
+            return p.message
+        return f"{p.state}: {p.message}" if p.message else str(p.state)
 
 
 class TerminalCommand(BaseCommand):

@@ -12,6 +12,7 @@ from django.contrib.messages import get_messages
 from django.http import HttpResponse
 from django.test import Client
 from django.urls import reverse
+from django.utils import timezone
 from pytest_django.asserts import assertContains, assertNotContains
 
 from initpipeline.models import PhaseRun, PipelineRun
@@ -74,7 +75,8 @@ def failed_run() -> PipelineRun:
 
 
 def running_run() -> PipelineRun:
-    return make_run(
+    """A run in flight whose worker is alive: b's heartbeat is fresh."""
+    run = make_run(
         "running",
         [
             Phase("a", "cached", message="cached: fingerprint matches a verified artifact"),
@@ -84,6 +86,10 @@ def running_run() -> PipelineRun:
         at=T0.replace(hour=11),
         trigger="admin: run again by ops",
     )
+    # Recovery (run by services.start and status) would take over a phase whose heartbeat
+    # is stale.
+    run.phases.filter(state="running").update(heartbeat_at=timezone.now())
+    return run
 
 
 # -- who may see and do what --------------------------------------------------------------

@@ -378,15 +378,15 @@ def test_plain_progress_ends_phases_that_never_ran() -> None:
                 attempt=1,
                 started_at=at(0),
                 finished_at=at(2),
-                message="cancelled",
+                message="cancelled; stopped after 2.0 s",
             ),
-            phase("b", "cancelled", finished_at=at(2)),
+            phase("b", "cancelled", finished_at=at(2), message="cancelled"),
             phase("c", "upstream_failed", message="not run: a failed"),
         ],
     )
     assert out.getvalue() == (
         "10:00:00 a running\n"
-        "10:00:02 a cancelled\n"
+        "10:00:02 a cancelled; stopped after 2.0 s\n"
         "10:00:02 b cancelled\n"
         "10:00:05 c upstream_failed: not run: a failed\n"
     )
