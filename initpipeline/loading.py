@@ -118,9 +118,7 @@ class ArtifactHandle:
         ready as soon as the generation is active; once present, the check is free.
         """
         try:
-            return (
-                self.name in active.snapshot().records or self.name in active.refresh().records
-            )
+            return self.name in active.snapshot().records or self.name in active.refresh().records
         except ArtifactNotReady:
             return False
 
