@@ -10,5 +10,6 @@ class InitPipelineConfig(AppConfig):
     default_auto_field = "django.db.models.BigAutoField"
 
     def ready(self) -> None:
-        # Registers the system checks and the settings signal; reads nothing.
-        from . import checks, conf  # noqa: F401
+        # Registers the system checks, the settings signal and the worker's recovery
+        # watchdog (started by Celery's worker_ready signal); reads nothing.
+        from . import checks, conf, signals  # noqa: F401

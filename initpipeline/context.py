@@ -29,7 +29,8 @@ class PhaseContext:
     (each name it declared in ``produces=`` exactly once) and reads upstream artifacts with
     ``load()``. Nothing is visible to readers until the phase succeeds: the artifacts of a
     phase that raises are never recorded. ``progress()`` and ``heartbeat()`` raise
-    ``PhaseCancelled`` once the run is cancelled; let it propagate.
+    ``PhaseCancelled`` once the run is cancelled (or, after this copy's heartbeat went
+    stale, another copy took the phase over); let it propagate.
     """
 
     def __init__(self, *, phase: Phase, phase_run: PhaseRun, pipeline: Pipeline) -> None:
@@ -56,14 +57,13 @@ class PhaseContext:
         if not finished and now - self._last_write < PROGRESS_WRITE_INTERVAL:
             return
         self._last_write = now
-        from .models import PhaseRun
-
-        PhaseRun.objects.filter(pk=self._phase_run_id).update(
+        owned = self._row().update(
             progress_done=done,
             progress_total=total,
             message=message[:500],
             heartbeat_at=timezone.now(),
         )
+        self._raise_unless(owned)
         self._send_event(done, total, message)
 
     def _send_event(self, done: float, total: float | None, message: str) -> None:
@@ -89,9 +89,21 @@ class PhaseContext:
     def heartbeat(self) -> None:
         """Say the phase is alive (a background thread also does it every HEARTBEAT_INTERVAL)."""
         self._raise_if_cancelled()
-        from .models import PhaseRun
+        self._raise_unless(self._row().update(heartbeat_at=timezone.now()))
 
-        PhaseRun.objects.filter(pk=self._phase_run_id).update(heartbeat_at=timezone.now())
+    def _row(self) -> Any:
+        # Only the attempt that owns the running row writes to it: once the run is cancelled
+        # or a stale phase is taken over, this copy's writes go nowhere (services._claim).
+        from .models import PhaseRun, PhaseState
+
+        return PhaseRun.objects.filter(
+            pk=self._phase_run_id, attempt=self.attempt, state=PhaseState.RUNNING
+        )
+
+    def _raise_unless(self, owned: int) -> None:
+        if not owned:
+            self.cancelled.set()
+            raise PhaseCancelled(f"run {self.run_id} was cancelled, or this copy lost the phase")
 
     def _raise_if_cancelled(self) -> None:
         if self.cancelled.is_set():

@@ -10,9 +10,11 @@ import time
 import traceback
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from datetime import datetime
+from typing import Any, NoReturn
 
 from django.db import IntegrityError, close_old_connections, connection, transaction
+from django.db.models import Q, QuerySet
 from django.utils import timezone
 
 from . import conf, storage
@@ -111,6 +113,11 @@ def start(
     fingerprints = pipeline.fingerprints()
     forced = _forced(pipeline, force=force, from_phase=from_phase, only=only)
 
+    # A run "in flight" whose worker is gone must not capture this start: its stale phase
+    # is sent again (or failed, out of attempts) before we decide to attach to it.
+    from .recovery import recover_stale
+
+    recover_stale()
     existing = PipelineRun.objects.in_flight().first()
     if existing is not None:
         return StartResult(ATTACHED, existing)
@@ -175,47 +182,72 @@ def _timeout(pipeline: Pipeline, name: str) -> int:
     return int(pipeline.phases[name].timeout or conf.get("DEFAULT_TIMEOUT"))
 
 
+#: Seconds between a phase's soft time limit (its timeout) and the hard limit that kills it.
+HARD_LIMIT_GRACE = 30
+
+
 def _enqueue(run_id: int, names: Sequence[str]) -> None:
     if not names:
         # Every phase is cached (say, a rollback to an earlier configuration): no worker
         # is needed to switch generations.
         finish_run(run_id=run_id)
         return
-    from celery import chain
-
-    from . import tasks
-
-    pipeline = get_pipeline()
-    queue = conf.get("QUEUE")
-    steps = []
-    for name in names:
-        timeout = _timeout(pipeline, name)
-        # Immutable signatures: a step never receives the previous step's return value.
-        limits: dict[str, Any] = {"soft_time_limit": timeout, "time_limit": timeout + 30}
-        sig = tasks.run_phase.si(run_id, name).set(**limits)
-        if queue:
-            sig = sig.set(queue=queue)
-        steps.append(sig)
-    finish = tasks.finish_run.si(run_id)
-    steps.append(finish.set(queue=queue) if queue else finish)
     try:
-        chain(*steps).apply_async()
+        send_chain(run_id, names)
     except Exception as exc:
         logger.exception("could not enqueue run %s", run_id)
         reason = f"could not send the run's tasks to the broker: {type(exc).__name__}: {exc}"
         _end_run(run_id, RunState.FAILED, reason, phase_state=PhaseState.CANCELLED)
 
 
+def send_chain(run_id: int, names: Sequence[str]) -> None:
+    """Send phases ``names`` of a run, in this order, then its finish step, as one chain.
+
+    start() sends every phase still to do; recovery sends the rest of a run again from a
+    stale phase (Celery cannot resume a chain, celery#3325). Raises what the broker raised.
+    """
+    from celery import chain
+
+    from . import tasks
+
+    queue = conf.get("QUEUE")
+    # The limits come from the run's records, so what a PhaseRun shows is what is enforced.
+    timeouts = dict(
+        PhaseRun.objects.filter(run_id=run_id, name__in=names).values_list("name", "timeout")
+    )
+    steps = []
+    for name in names:
+        timeout = int(timeouts.get(name) or conf.get("DEFAULT_TIMEOUT"))
+        # Immutable signatures: a step never receives the previous step's return value.
+        limits: dict[str, Any] = {
+            "soft_time_limit": timeout,
+            "time_limit": timeout + HARD_LIMIT_GRACE,
+        }
+        sig = tasks.run_phase.si(run_id, name).set(**limits)
+        if queue:
+            sig = sig.set(queue=queue)
+        steps.append(sig)
+    finish = tasks.finish_run.si(run_id)
+    steps.append(finish.set(queue=queue) if queue else finish)
+    chain(*steps).apply_async()
+
+
 # -- executing a phase (inside a Celery worker) -------------------------------------------
 
 
 class _Heartbeat(threading.Thread):
-    """Writes the phase's heartbeat every HEARTBEAT_INTERVAL and watches for cancellation."""
+    """Writes the phase's heartbeat every HEARTBEAT_INTERVAL while this copy owns the row.
 
-    def __init__(self, phase_run_id: int, run_id: int, ctx: PhaseContext) -> None:
-        super().__init__(name=f"initpipeline-heartbeat-{phase_run_id}", daemon=True)
-        self.phase_run_id = phase_run_id
-        self.run_id = run_id
+    A copy owns the row while it is ``running`` with the copy's attempt number. Once it does
+    not (the run was cancelled, or a stale phase was taken over by recovery or by another
+    delivery), the thread sets ``ctx.cancelled``: the phase stops at its next progress()
+    or heartbeat() call, and this copy records nothing.
+    """
+
+    def __init__(self, pr: PhaseRun, ctx: PhaseContext) -> None:
+        super().__init__(name=f"initpipeline-heartbeat-{pr.pk}", daemon=True)
+        self.phase_run_id = pr.pk
+        self.attempt = pr.attempt
         self.ctx = ctx
         self.stopped = threading.Event()
 
@@ -224,18 +256,15 @@ class _Heartbeat(threading.Thread):
         try:
             while not self.stopped.wait(interval):
                 try:
-                    PhaseRun.objects.filter(pk=self.phase_run_id).update(
-                        heartbeat_at=timezone.now()
-                    )
-                    state = (
-                        PipelineRun.objects.filter(pk=self.run_id)
-                        .values_list("state", flat=True)
-                        .first()
-                    )
-                    if state == RunState.CANCELLED:
-                        self.ctx.cancelled.set()
+                    owned = PhaseRun.objects.filter(
+                        pk=self.phase_run_id, attempt=self.attempt, state=PhaseState.RUNNING
+                    ).update(heartbeat_at=timezone.now())
                 except Exception:
                     logger.exception("heartbeat of phase run %s failed", self.phase_run_id)
+                    continue
+                if not owned:
+                    self.ctx.cancelled.set()
+                    return
         finally:
             # Django connections are per thread: close this thread's own.
             connection.close()
@@ -245,7 +274,31 @@ class _Heartbeat(threading.Thread):
         self.join(timeout=5)
 
 
+def heartbeat_age(pr: PhaseRun, now: datetime) -> float:
+    """Seconds since the phase's last sign of life (infinite when it never showed one)."""
+    seen = pr.heartbeat_at or pr.started_at
+    return float("inf") if seen is None else (now - seen).total_seconds()
+
+
+def worker_lost(pr: PhaseRun, age: float) -> str:
+    """Why a running phase with an old heartbeat counts as lost, for its records."""
+    since = "ever" if age == float("inf") else f"{age:.0f} s"
+    return (
+        f"worker {pr.worker or '?'} lost during attempt {pr.attempt} of {pr.max_attempts}: "
+        f"no heartbeat for {since}"
+    )
+
+
 def _claim(run_id: int, phase_name: str, task_id: str, worker: str) -> PhaseRun:
+    """Make this delivery the owner of the phase's row, or raise PhaseSkipped/PhaseFailed.
+
+    The row is the lock: a copy runs the phase only when it is pending, or running with a
+    heartbeat older than STALE_AFTER (its worker is gone). Each claim takes the next attempt
+    number; (row, attempt) identifies the owner from then on.
+    """
+    stale_after = float(conf.get("STALE_AFTER"))
+    lost = ""
+    out_of_attempts = False
     with transaction.atomic():
         pr = (
             PhaseRun.objects.select_for_update()
@@ -253,42 +306,58 @@ def _claim(run_id: int, phase_name: str, task_id: str, worker: str) -> PhaseRun:
             .get(run_id=run_id, name=phase_name)
         )
         run = pr.run
+        now = timezone.now()
         if run.state not in IN_FLIGHT:
             raise PhaseSkipped(f"run {run_id} is {run.state}")
         if pr.state in PHASE_DONE:
             raise PhaseSkipped(f"phase {phase_name} is already {pr.state} (duplicate delivery)")
         if pr.state != PhaseState.PENDING and pr.state != PhaseState.RUNNING:
             raise PhaseSkipped(f"phase {phase_name} is {pr.state}")
-        stale_after = float(conf.get("STALE_AFTER"))
-        if (
-            pr.state == PhaseState.RUNNING
-            and pr.task_id != task_id
-            and pr.heartbeat_at is not None
-            and (timezone.now() - pr.heartbeat_at).total_seconds() < stale_after
-        ):
-            # At-least-once delivery (celery#5935): another copy is alive and working.
-            raise PhaseSkipped(f"phase {phase_name} is running in task {pr.task_id}")
-        now = timezone.now()
-        pr.state = PhaseState.RUNNING
-        pr.attempt += 1
-        pr.task_id = task_id
-        pr.worker = worker[:255]
-        pr.started_at = pr.started_at or now
-        pr.heartbeat_at = now
-        pr.finished_at = None
-        pr.save()
-        if run.state == RunState.PENDING:
-            run.state = RunState.RUNNING
-            run.started_at = now
-            run.save(update_fields=["state", "started_at"])
+        if pr.state == PhaseState.RUNNING:
+            age = heartbeat_age(pr, now)
+            if age < stale_after:
+                # At-least-once delivery: Redis delivers a task again while it still runs
+                # once visibility_timeout has passed (celery#5935), under the same task id,
+                # so only the heartbeat tells a live copy from a lost one.
+                raise PhaseSkipped(
+                    f"phase {phase_name} attempt {pr.attempt} is running in task "
+                    f"{pr.task_id} on {pr.worker} (heartbeat {age:.1f} s ago)"
+                )
+            lost = worker_lost(pr, age)
+            if pr.attempt >= pr.max_attempts:
+                out_of_attempts = _fail(pr, f"{lost}; no attempts left", "")
+        if not out_of_attempts:
+            pr.state = PhaseState.RUNNING
+            pr.attempt += 1
+            pr.task_id = task_id
+            pr.worker = worker[:255]
+            pr.started_at = pr.started_at or now
+            pr.heartbeat_at = now
+            pr.finished_at = None
+            if lost:
+                pr.message = f"attempt {pr.attempt} took over: {lost}"[:500]
+            pr.save()
+            if run.state == RunState.PENDING:
+                run.state = RunState.RUNNING
+                run.started_at = now
+                run.save(update_fields=["state", "started_at"])
+    if out_of_attempts:
+        logger.error("phase %s of run %s failed: %s; no attempts left", phase_name, run_id, lost)
+        raise PhaseFailed(f"{lost}; no attempts left")
+    if lost:
+        logger.warning(
+            "phase %s of run %s: attempt %d takes over (%s)", pr.name, run_id, pr.attempt, lost
+        )
     return pr
 
 
 def execute_phase(*, run_id: int, phase_name: str, task_id: str = "", worker: str = "") -> str:
     """Run one phase of a run and record the outcome; returns the phase's final state.
 
-    Raises RetryPhase when it failed with attempts left, PhaseFailed when it failed for
-    good (the run is then failed), PhaseSkipped when this delivery must not run it.
+    Returns succeeded, or cancelled when the run was cancelled while the phase ran. Raises
+    RetryPhase when it failed with attempts left, PhaseFailed when it failed for good (the
+    run is then failed), PhaseSkipped when this delivery must not run it, or lost the phase
+    to another copy while it ran (a stale phase taken over): such a copy records nothing.
     """
     pipeline = get_pipeline()
     pr = _claim(run_id, phase_name, task_id, worker or socket.gethostname())
@@ -305,92 +374,157 @@ def execute_phase(*, run_id: int, phase_name: str, task_id: str = "", worker: st
             phase_name,
         )
     ctx = PhaseContext(phase=phase, phase_run=pr, pipeline=pipeline)
-    beat = _Heartbeat(pr.pk, run_id, ctx)
+    beat = _Heartbeat(pr, ctx)
     beat.start()
     started = time.monotonic()
     try:
         phase.func(ctx)
         published = ctx.published()
-    except PhaseCancelled:
-        beat.stop()
-        PhaseRun.objects.filter(pk=pr.pk).update(
-            state=PhaseState.CANCELLED, finished_at=timezone.now(), message="cancelled"
-        )
-        logger.info("phase %s of run %s stopped: run cancelled", phase_name, run_id)
-        return PhaseState.CANCELLED
     except Exception as exc:
         beat.stop()
-        tb = traceback.format_exc()
-        error = f"{type(exc).__name__}: {exc}"
-        if type(exc).__name__ == "SoftTimeLimitExceeded":
-            error = f"timed out after {pr.timeout} s ({error})"
-        if pr.attempt < pr.max_attempts:
-            countdown = backoff(pr.attempt)
-            logger.warning(
-                "phase %s attempt %d/%d failed (%s); retrying in %.1f s",
-                phase_name,
-                pr.attempt,
-                pr.max_attempts,
-                error,
-                countdown,
-            )
-            PhaseRun.objects.filter(pk=pr.pk).update(
-                state=PhaseState.PENDING,
-                error=error,
-                traceback=tb,
-                message=f"attempt {pr.attempt} failed; retrying in {countdown:.0f} s",
-            )
-            raise RetryPhase(countdown) from exc
-        logger.error("phase %s of run %s failed: %s\n%s", phase_name, run_id, error, tb)
-        _fail(pr, error, tb)
-        raise PhaseFailed(error) from exc
+        if isinstance(exc, PhaseCancelled) and ctx.cancelled.is_set():
+            return _stopped(pr, time.monotonic() - started)
+        _failed_attempt(pr, exc, traceback.format_exc())
     beat.stop()
-    with transaction.atomic():
-        for name, (pub, fmt, metadata) in published.items():
-            Artifact.objects.create(
-                name=name,
-                fingerprint=pr.fingerprint,
-                storage_key=pub.key,
-                sha256=pub.sha256,
-                size=pub.size,
-                format=fmt,
-                metadata=metadata,
-                run_id=run_id,
-                phase_run=pr,
-            )
-        PhaseRun.objects.filter(pk=pr.pk).update(
-            state=PhaseState.SUCCEEDED,
-            finished_at=timezone.now(),
-            progress_done=1,
-            progress_total=1,
-            error="",
-            traceback="",
-        )
-    logger.info(
-        "phase %s of run %s succeeded in %.2f s", phase_name, run_id, time.monotonic() - started
+    return _succeeded(pr, published, time.monotonic() - started)
+
+
+def _owned(pr: PhaseRun) -> QuerySet[PhaseRun]:
+    """The phase's row, if this attempt still owns it and it is running."""
+    return PhaseRun.objects.filter(pk=pr.pk, attempt=pr.attempt, state=PhaseState.RUNNING)
+
+
+def _taken_over(pr: PhaseRun) -> PhaseSkipped:
+    return PhaseSkipped(
+        f"phase {pr.name} of run {pr.run_id}: attempt {pr.attempt} no longer owns the phase "
+        "(cancelled, or taken over after its heartbeat went stale); recording nothing"
     )
+
+
+def _stopped(pr: PhaseRun, seconds: float) -> str:
+    """The phase stopped itself because it no longer owns its row."""
+    stopped = PhaseRun.objects.filter(
+        pk=pr.pk, attempt=pr.attempt, state=PhaseState.CANCELLED
+    ).update(finished_at=timezone.now(), message=f"cancelled; stopped after {seconds:.1f} s")
+    if not stopped:
+        raise _taken_over(pr)
+    logger.info("phase %s of run %s stopped: run cancelled", pr.name, pr.run_id)
+    return PhaseState.CANCELLED
+
+
+def _failed_attempt(pr: PhaseRun, exc: BaseException, tb: str) -> NoReturn:
+    error = f"{type(exc).__name__}: {exc}"
+    if type(exc).__name__ == "SoftTimeLimitExceeded":
+        # Celery's soft limit, set to the phase's timeout when the chain was sent.
+        error = f"timed out after {pr.timeout} s (Celery soft time limit)"
+    if pr.attempt < pr.max_attempts:
+        countdown = backoff(pr.attempt)
+        # heartbeat_at = now: the worker is alive and the retry is on its way; recovery
+        # allows the backoff to pass before it counts the phase as lost (recovery.py).
+        retrying = _owned(pr).update(
+            state=PhaseState.PENDING,
+            error=error,
+            traceback=tb,
+            heartbeat_at=timezone.now(),
+            message=f"attempt {pr.attempt} failed; retrying in {countdown:.0f} s",
+        )
+        if not retrying:
+            raise _taken_over(pr) from exc
+        logger.warning(
+            "phase %s attempt %d/%d failed (%s); retrying in %.1f s",
+            pr.name,
+            pr.attempt,
+            pr.max_attempts,
+            error,
+            countdown,
+        )
+        raise RetryPhase(countdown) from exc
+    if not _fail(pr, error, tb):
+        raise _taken_over(pr) from exc
+    logger.error("phase %s of run %s failed: %s\n%s", pr.name, pr.run_id, error, tb)
+    raise PhaseFailed(error) from exc
+
+
+def _succeeded(
+    pr: PhaseRun,
+    published: dict[str, tuple[storage.Published, str, dict[str, Any]]],
+    seconds: float,
+) -> str:
+    with transaction.atomic():
+        row = PhaseRun.objects.select_for_update().filter(pk=pr.pk).values("attempt", "state")
+        current = row.get()
+        mine = current["attempt"] == pr.attempt
+        state = current["state"]
+        if mine and state in (PhaseState.RUNNING, PhaseState.CANCELLED):
+            # The files are complete and verified by checksum: a phase that finished as its
+            # run was cancelled still records them, so the next run finds them cached.
+            for name, (pub, fmt, metadata) in published.items():
+                Artifact.objects.create(
+                    name=name,
+                    fingerprint=pr.fingerprint,
+                    storage_key=pub.key,
+                    sha256=pub.sha256,
+                    size=pub.size,
+                    format=fmt,
+                    metadata=metadata,
+                    run_id=pr.run_id,
+                    phase_run=pr,
+                )
+        if mine and state == PhaseState.RUNNING:
+            PhaseRun.objects.filter(pk=pr.pk).update(
+                state=PhaseState.SUCCEEDED,
+                finished_at=timezone.now(),
+                progress_done=1,
+                progress_total=1,
+                error="",
+                traceback="",
+            )
+    if not mine or state not in (PhaseState.RUNNING, PhaseState.CANCELLED):
+        raise _taken_over(pr)
+    if state == PhaseState.CANCELLED:
+        PhaseRun.objects.filter(pk=pr.pk).update(
+            finished_at=timezone.now(),
+            message="cancelled as it finished; its artifacts are kept for the next run",
+        )
+        logger.info("phase %s of run %s finished after its run was cancelled", pr.name, pr.run_id)
+        return PhaseState.CANCELLED
+    logger.info("phase %s of run %s succeeded in %.2f s", pr.name, pr.run_id, seconds)
     return PhaseState.SUCCEEDED
 
 
 def backoff(attempt: int) -> float:
     """Exponential backoff with full jitter: a delay in [base*2^(n-1)/2, base*2^(n-1)]."""
+    return backoff_ceiling(attempt) / 2 + random.uniform(0, backoff_ceiling(attempt) / 2)
+
+
+def backoff_ceiling(attempt: int) -> float:
+    """The longest delay backoff(attempt) may choose."""
     base = float(conf.get("RETRY_BACKOFF"))
-    ceiling = min(float(conf.get("RETRY_BACKOFF_MAX")), base * float(2 ** max(attempt - 1, 0)))
-    return ceiling / 2 + random.uniform(0, ceiling / 2)
+    return min(float(conf.get("RETRY_BACKOFF_MAX")), base * float(2 ** max(attempt - 1, 0)))
 
 
-def _fail(pr: PhaseRun, error: str, tb: str) -> None:
+def _fail(pr: PhaseRun, error: str, tb: str, *, stale_before: datetime | None = None) -> bool:
+    """Fail this attempt of the phase, the phases after it and the run.
+
+    Returns False, changing nothing, when the attempt no longer holds the row (another copy
+    claimed it, or it ended) or, with ``stale_before``, when it showed a sign of life since.
+    """
     now = timezone.now()
     with transaction.atomic():
-        PhaseRun.objects.filter(pk=pr.pk).update(
-            state=PhaseState.FAILED, error=error, traceback=tb, finished_at=now
+        mine = PhaseRun.objects.filter(
+            pk=pr.pk, attempt=pr.attempt, state__in=[PhaseState.PENDING, PhaseState.RUNNING]
         )
+        if stale_before is not None:
+            mine = mine.filter(Q(heartbeat_at__isnull=True) | Q(heartbeat_at__lt=stale_before))
+        if not mine.update(state=PhaseState.FAILED, error=error, traceback=tb, finished_at=now):
+            return False
         PhaseRun.objects.filter(
             run_id=pr.run_id, position__gt=pr.position, state=PhaseState.PENDING
         ).update(state=PhaseState.UPSTREAM_FAILED, message=f"not run: {pr.name} failed")
         PipelineRun.objects.filter(pk=pr.run_id, state__in=IN_FLIGHT).update(
             state=RunState.FAILED, finished_at=now, error=f"phase {pr.name} failed: {error}"
         )
+    return True
 
 
 def _end_run(run_id: int, state: str, error: str, *, phase_state: str) -> None:
@@ -465,18 +599,34 @@ def finish_run(*, run_id: int) -> Generation | None:
 
 
 def cancel(*, run_id: int | None = None) -> PipelineRun | None:
-    """Cancel a run in flight (the latest one when no id is given); returns it, or None."""
+    """Cancel a run in flight (the latest one when no id is given); returns it, or None.
+
+    None means there was nothing to cancel: no run in flight, or the run ended (say, its
+    last phase finished and activated its generation) before the cancel landed. The running
+    phase stops at its next heartbeat or progress call; one that finishes anyway keeps its
+    artifacts for the next run, but a cancelled run never activates a generation.
+    """
     qs = PipelineRun.objects.in_flight()
     run = qs.filter(pk=run_id).first() if run_id is not None else qs.first()
     if run is None:
         return None
-    task_ids = list(
-        run.phases.filter(state=PhaseState.RUNNING)
-        .exclude(task_id="")
-        .values_list("task_id", flat=True)
-    )
-    # The running phase sees the cancelled state at its next heartbeat or progress call.
-    _end_run(run.pk, RunState.CANCELLED, "cancelled", phase_state=PhaseState.CANCELLED)
+    now = timezone.now()
+    with transaction.atomic():
+        # The run row decides the race with finish_run(), which activates a generation
+        # only for a run still in flight, under the same row lock: exactly one of them wins.
+        cancelled = PipelineRun.objects.filter(pk=run.pk, state__in=IN_FLIGHT).update(
+            state=RunState.CANCELLED, finished_at=now, error="cancelled"
+        )
+        if not cancelled:
+            return None
+        task_ids = list(
+            run.phases.filter(state=PhaseState.RUNNING)
+            .exclude(task_id="")
+            .values_list("task_id", flat=True)
+        )
+        run.phases.filter(state__in=[PhaseState.PENDING, PhaseState.RUNNING]).update(
+            state=PhaseState.CANCELLED, finished_at=now, message="cancelled"
+        )
     if task_ids:
         # Revoked ids are refused by every worker, so a redelivered copy never starts.
         # A running copy is not killed: it stops itself at its next heartbeat.
@@ -505,6 +655,7 @@ def phase_dict(pr: PhaseRun) -> dict[str, Any]:
         "message": pr.message,
         "attempt": pr.attempt,
         "max_attempts": pr.max_attempts,
+        "timeout": pr.timeout,
         "started_at": _iso(pr.started_at),
         "finished_at": _iso(pr.finished_at),
         "duration": pr.duration,
@@ -535,7 +686,14 @@ def _estimate(run: PipelineRun) -> float | None:
 
 
 def status(*, run_id: int | None = None) -> dict[str, Any]:
-    """The state of the init as one JSON-ready dict (see README: init_status --json)."""
+    """The state of the init as one JSON-ready dict (see README: init_status --json).
+
+    A run left in flight by a lost worker is recovered first (recovery.py), so whoever looks
+    at the state never waits on a run nothing works on.
+    """
+    from .recovery import recover_stale
+
+    recover_stale()
     active = active_generation()
     latest = PipelineRun.objects.latest_first().first()
     run = PipelineRun.objects.filter(pk=run_id).first() if run_id is not None else latest

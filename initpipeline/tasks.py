@@ -9,25 +9,29 @@ from celery import shared_task
 from celery.exceptions import Ignore
 
 from . import services
+from .models import PhaseState
 
 logger = logging.getLogger("initpipeline")
 
+#: How phase tasks are acknowledged; checks.py reads it (initpipeline.W003).
+#: acks_late + reject_on_worker_lost: a worker that dies mid-phase does not lose the
+#: message on brokers that redeliver (FIELD_NOTES, Celery). Our own heartbeat and
+#: recovery.py cover the filesystem broker, which does not, and Redis, which redelivers
+#: only after visibility_timeout.
+PHASE_TASK_OPTIONS: dict[str, Any] = {"acks_late": True, "reject_on_worker_lost": True}
 
-# acks_late + reject_on_worker_lost: a worker that dies mid-phase does not lose the
-# message on brokers that redeliver (FIELD_NOTES, Celery). Our own heartbeat covers
-# the filesystem broker, which does not.
+
 @shared_task(
     bind=True,
     name="initpipeline.run_phase",
-    acks_late=True,
-    reject_on_worker_lost=True,
     ignore_result=True,
     max_retries=None,
+    **PHASE_TASK_OPTIONS,
 )
 def run_phase(self: Any, run_id: int, phase_name: str) -> str:
     """Run one phase of a run."""
     try:
-        return services.execute_phase(
+        state = services.execute_phase(
             run_id=run_id,
             phase_name=phase_name,
             task_id=self.request.id or "",
@@ -43,6 +47,10 @@ def run_phase(self: Any, run_id: int, phase_name: str) -> str:
     except services.PhaseFailed:
         # Recorded by the service; raising stops the chain (no later phase runs).
         raise
+    if state == PhaseState.CANCELLED:
+        # The run is cancelled: send no next step.
+        raise Ignore()
+    return state
 
 
 @shared_task(name="initpipeline.finish_run", acks_late=True, ignore_result=True)

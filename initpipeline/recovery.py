@@ -1,0 +1,226 @@
+"""Finding runs nothing works on any more, from the pipeline's own records, and resuming them.
+
+Brokers lose messages: kombu's filesystem transport drops the message a killed worker held,
+Redis gives an unacknowledged one back only after ``visibility_timeout`` (hours), and a
+worker killed between two phases may never send the next one (celery#7924). The records
+do not lose anything: a running phase writes its heartbeat every HEARTBEAT_INTERVAL, so
+
+1. a **running** phase whose heartbeat is older than STALE_AFTER has lost its worker. It is
+   sent again with the rest of its run (the next claim counts as a new attempt), or, out of
+   attempts, failed with the reason. The row is the lock: one conditional UPDATE decides
+   between several recoverers and a redelivered copy, so one copy runs the phase again.
+2. a run whose phases are all done but which is still in flight lost its finish step: it
+   is finished here (finish_run is idempotent).
+3. a **pending** phase of a run that showed no sign of life for STALE_AFTER lost its message,
+   or its message waits in the queue for a worker. Only a worker that has been idle for
+   STALE_AFTER while consuming the pipeline's queue can tell the two apart (it would have
+   received the message), so this rule needs ``idle_since`` from such a worker (signals.py).
+
+Workers run recover_stale() when they start and every STALE_AFTER/2 (signals.py);
+services.start() and services.status() run it too, without ``idle_since``.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+
+from django.db.models import Q
+from django.utils import timezone
+
+from . import conf, services
+from .models import PHASE_DONE, PhaseRun, PhaseState, PipelineRun
+
+logger = logging.getLogger("initpipeline")
+
+RESENT = "resent"
+FAILED = "failed"
+FINISHED = "finished"
+SEND_FAILED = "send_failed"
+
+
+@dataclass(frozen=True)
+class Recovered:
+    """One thing recover_stale() did: ``action`` is resent, failed, finished or send_failed."""
+
+    run_id: int
+    phase: str | None
+    action: str
+    reason: str
+
+
+def recover_stale(
+    *, now: datetime | None = None, idle_since: datetime | None = None
+) -> list[Recovered]:
+    """Resume or fail the runs in flight that nothing works on; returns what it did.
+
+    ``idle_since``: since when the calling worker has held no task at all while consuming
+    the pipeline's queue (None when the caller is not such a worker). Safe to call from any
+    number of processes at once.
+    """
+    now = now or timezone.now()
+    stale_after = float(conf.get("STALE_AFTER"))
+    cutoff = now - timedelta(seconds=stale_after)
+    done: list[Recovered] = []
+    for run in PipelineRun.objects.in_flight().order_by("pk"):
+        phases = list(run.phases.order_by("position"))
+        running = [p for p in phases if p.state == PhaseState.RUNNING]
+        if running:
+            for pr in running:
+                if services.heartbeat_age(pr, now) >= stale_after:
+                    found = _recover_running(run, pr, phases, now, cutoff)
+                    if found is not None:
+                        done.append(found)
+            continue
+        last = _last_activity(run, phases)
+        if last >= cutoff:
+            continue
+        todo = [p for p in phases if p.state not in PHASE_DONE]
+        if not todo:
+            found = _finish(run)
+        else:
+            found = _recover_pending(run, todo[0], [p.name for p in todo], now, last, idle_since)
+        if found is not None:
+            done.append(found)
+    for item in done:
+        log = logger.error if item.action in (FAILED, SEND_FAILED) else logger.warning
+        log("recovery: run %s, %s %s: %s", item.run_id, item.phase, item.action, item.reason)
+    return done
+
+
+def _last_activity(run: PipelineRun, phases: list[PhaseRun]) -> datetime:
+    stamps = [run.created_at, run.started_at]
+    for p in phases:
+        stamps += [p.started_at, p.heartbeat_at, p.finished_at]
+    return max(s for s in stamps if s is not None)
+
+
+def _stale(cutoff: datetime) -> Q:
+    return Q(heartbeat_at__isnull=True) | Q(heartbeat_at__lt=cutoff)
+
+
+def _recover_running(
+    run: PipelineRun, pr: PhaseRun, phases: list[PhaseRun], now: datetime, cutoff: datetime
+) -> Recovered | None:
+    reason = services.worker_lost(pr, services.heartbeat_age(pr, now))
+    if pr.attempt >= pr.max_attempts:
+        reason = f"{reason}; no attempts left"
+        if services._fail(pr, reason, "", stale_before=cutoff):
+            return Recovered(run.pk, pr.name, FAILED, reason)
+        return None
+    # The conditional UPDATE is the lock: it matches only while nobody claimed the phase
+    # (the attempt number would have changed) and no copy heartbeated since we looked.
+    taken = (
+        PhaseRun.objects.filter(pk=pr.pk, state=PhaseState.RUNNING, attempt=pr.attempt)
+        .filter(_stale(cutoff))
+        .update(
+            state=PhaseState.PENDING,
+            heartbeat_at=now,
+            message=f"{reason}; sent again"[:500],
+        )
+    )
+    if not taken:
+        return None
+    names = [p.name for p in phases if p.position >= pr.position and p.state not in PHASE_DONE]
+    return _send(run, pr, names, reason)
+
+
+def _recover_pending(
+    run: PipelineRun,
+    pr: PhaseRun,
+    names: list[str],
+    now: datetime,
+    last: datetime,
+    idle_since: datetime | None,
+) -> Recovered | None:
+    cutoff = now - timedelta(seconds=float(conf.get("STALE_AFTER")))
+    if pr.state != PhaseState.PENDING:
+        return None
+    if idle_since is None or idle_since > cutoff:
+        return None
+    if pr.attempt and pr.heartbeat_at is not None:
+        # A failed attempt waits for its retry, which the worker holds until its countdown
+        # ends: allow the longest backoff before calling the retry lost.
+        due = pr.heartbeat_at + timedelta(seconds=services.backoff_ceiling(pr.attempt))
+        if due >= cutoff:
+            return None
+    reason = (
+        f"no worker took phase {pr.name} for {(now - last).total_seconds():.0f} s while a worker "
+        "was idle: its message was lost"
+    )
+    taken = (
+        PhaseRun.objects.filter(pk=pr.pk, state=PhaseState.PENDING, attempt=pr.attempt)
+        .filter(_stale(cutoff))
+        .update(heartbeat_at=now, message=f"{reason}; sent again"[:500])
+    )
+    if not taken:
+        return None
+    return _send(run, pr, names, reason)
+
+
+def _send(run: PipelineRun, pr: PhaseRun, names: list[str], reason: str) -> Recovered:
+    try:
+        services.send_chain(run.pk, names)
+    except Exception as exc:
+        # The phase stays pending: an idle worker sends it once the broker is back.
+        logger.exception("recovery: could not send run %s again from %s", run.pk, pr.name)
+        PhaseRun.objects.filter(pk=pr.pk, state=PhaseState.PENDING).update(
+            message=f"{reason}; could not send it again: {type(exc).__name__}: {exc}"[:500]
+        )
+        return Recovered(run.pk, pr.name, SEND_FAILED, f"{reason}; {type(exc).__name__}: {exc}")
+    return Recovered(run.pk, pr.name, RESENT, f"{reason}; sent {', '.join(names)} again")
+
+
+def _finish(run: PipelineRun) -> Recovered | None:
+    generation = services.finish_run(run_id=run.pk)
+    run.refresh_from_db()
+    if run.is_in_flight:
+        return None
+    what = f"generation {generation.pk} active" if generation is not None else run.state
+    return Recovered(
+        run.pk, None, FINISHED, f"every phase was done but the run never ended: {what}"
+    )
+
+
+def hard_timeout(*, run_id: int, phase_name: str, task_id: str) -> Recovered | None:
+    """The hard time limit killed a phase that ignored its soft limit: retry or fail it now.
+
+    Without this the phase would count as lost once its heartbeat went stale; this says why.
+    """
+    pr = (
+        PhaseRun.objects.filter(
+            run_id=run_id, name=phase_name, state=PhaseState.RUNNING, task_id=task_id
+        )
+        .select_related("run")
+        .first()
+    )
+    if pr is None or not pr.run.is_in_flight:
+        return None
+    reason = (
+        f"timed out after {pr.timeout} s (hard time limit {services.HARD_LIMIT_GRACE} s "
+        "later: the phase did not stop at its soft limit)"
+    )
+    if pr.attempt >= pr.max_attempts:
+        found = None
+        if services._fail(pr, reason, ""):
+            found = Recovered(run_id, phase_name, FAILED, reason)
+    else:
+        taken = PhaseRun.objects.filter(
+            pk=pr.pk, state=PhaseState.RUNNING, attempt=pr.attempt
+        ).update(
+            state=PhaseState.PENDING,
+            error=reason,
+            heartbeat_at=timezone.now(),
+            message=f"attempt {pr.attempt} {reason}; sent again"[:500],
+        )
+        found = None
+        if taken:
+            phases = list(pr.run.phases.order_by("position"))
+            names = [
+                p.name for p in phases if p.position >= pr.position and p.state not in PHASE_DONE
+            ]
+            found = _send(pr.run, pr, names, reason)
+    if found is not None:
+        logger.error("run %s, %s %s: %s", run_id, phase_name, found.action, found.reason)
+    return found
