@@ -1,0 +1,121 @@
+"""The deployment warnings initpipeline.W001... (Celery settings come from current_app.conf)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from celery import current_app
+from django.db import connection
+from django.test import override_settings
+
+from initpipeline import checks
+
+CELERY_KEYS = (
+    "broker_url",
+    "broker_transport_options",
+    "task_always_eager",
+    "task_acks_late",
+    "task_annotations",
+)
+
+
+@pytest.fixture
+def celery_conf() -> Iterator[Any]:
+    """current_app.conf, put back as it was after the test."""
+    conf = current_app.conf
+    saved = {key: conf[key] for key in CELERY_KEYS}
+    yield conf
+    conf.update(saved)
+
+
+def ids(found: list[Any]) -> list[str]:
+    return [w.id for w in found]
+
+
+def test_the_test_settings_raise_no_warning(celery_conf: Any) -> None:
+    assert checks.check_celery() == []
+
+
+def test_redis_visibility_timeout_shorter_than_a_phase_warns(celery_conf: Any) -> None:
+    celery_conf.broker_url = "redis://127.0.0.1:6379/0"
+    celery_conf.broker_transport_options = {"visibility_timeout": 600}
+    [warning] = checks.check_celery()
+    # The test phases have no timeout of their own: DEFAULT_TIMEOUT 3600 s + 30 s grace.
+    assert warning.id == "initpipeline.W001"
+    assert warning.msg == (
+        "Redis visibility_timeout (600 s) is not longer than the longest a phase task stays "
+        "unacknowledged (3630 s: its timeout plus the hard limit's grace, or a retry's "
+        "countdown)."
+    )
+    assert '{"visibility_timeout": 7260}' in warning.hint
+    celery_conf.broker_transport_options = {"visibility_timeout": 6 * 3600}
+    assert checks.check_celery() == []
+
+
+def test_redis_default_visibility_timeout_is_an_hour(celery_conf: Any) -> None:
+    celery_conf.broker_url = "rediss://cache.example:6380/1"
+    celery_conf.broker_transport_options = {}
+    assert ids(checks.check_celery()) == ["initpipeline.W001"]
+    with override_settings(INITPIPELINE={"DEFAULT_TIMEOUT": 600}):
+        assert checks.check_celery() == []
+
+
+def test_visibility_timeout_is_ignored_for_other_brokers(celery_conf: Any) -> None:
+    celery_conf.broker_url = "amqp://guest@localhost//"
+    celery_conf.broker_transport_options = {"visibility_timeout": 1}
+    assert checks.check_celery() == []
+
+
+def test_memory_broker_warns_unless_tasks_run_eagerly(celery_conf: Any) -> None:
+    celery_conf.broker_url = "memory://"
+    [warning] = checks.check_celery()
+    assert warning.id == "initpipeline.W002"
+    assert warning.msg.startswith("The Celery broker is memory://, which only reaches workers")
+    celery_conf.task_always_eager = True
+    assert checks.check_celery() == []
+
+
+def test_early_acks_for_long_phases_warn(celery_conf: Any) -> None:
+    celery_conf.task_annotations = {"initpipeline.run_phase": {"acks_late": False}}
+    [warning] = checks.check_celery()
+    assert warning.id == "initpipeline.W003"
+    assert warning.msg.startswith("Phase tasks are acknowledged early, and a phase may run 3630 s")
+    # Short phases may ack early: a lost one is resent after STALE_AFTER anyway.
+    with override_settings(INITPIPELINE={"DEFAULT_TIMEOUT": 120}):
+        assert checks.check_celery() == []
+
+
+def test_task_acks_late_false_does_not_reach_phase_tasks(celery_conf: Any) -> None:
+    # run_phase sets acks_late=True itself, which wins over the project-wide default.
+    celery_conf.task_acks_late = False
+    assert checks.check_celery() == []
+    celery_conf.task_annotations = [{"*": {"acks_late": False}}]
+    assert ids(checks.check_celery()) == ["initpipeline.W003"]
+
+
+def test_stale_after_shorter_than_three_heartbeats_warns() -> None:
+    with override_settings(INITPIPELINE={"HEARTBEAT_INTERVAL": 5.0, "STALE_AFTER": 12.0}):
+        [warning] = checks.check_celery()
+    assert warning.id == "initpipeline.W005"
+    assert warning.msg.startswith(
+        "INITPIPELINE['STALE_AFTER'] (12 s) is less than three heartbeats (5 s each)"
+    )
+
+
+@pytest.mark.usefixtures("transactional_db")
+def test_sqlite_database_outside_wal_mode_warns() -> None:
+    assert checks.check_sqlite_wal(databases=["default"]) == []
+    assert checks.check_sqlite_wal() == []  # a database check: only when asked for
+    with connection.cursor() as cursor:
+        cursor.execute("PRAGMA journal_mode=DELETE")
+    try:
+        [warning] = checks.check_sqlite_wal(databases=["default"])
+    finally:
+        with connection.cursor() as cursor:
+            cursor.execute("PRAGMA journal_mode=WAL")
+    assert warning.id == "initpipeline.W004"
+    assert warning.msg.startswith(
+        "The SQLite database 'default' is in 'delete' journal mode, not WAL"
+    )
