@@ -7,6 +7,20 @@ The control file (``$INITPIPELINE_VAR_DIR/control.json``) may hold:
   fail:     [phase, ...]   the phase raises
   sleep:    {phase: s}     the phase works this long, reporting progress
   fail_attempts: {phase: n}  the phase raises on its first n attempts
+  pickle:   [phase, ...]   a (or c) saves its artifact as a signed pickle instead of JSON
+  slow_write: {phase: {"bytes": n, "seconds": s}}
+                           c writes its artifact as an n-byte file (JSON padded with spaces)
+                           over s seconds, then publishes it with save_file (format "file",
+                           so only for c, which nothing loads); its progress message says
+                           "writing ..." meanwhile
+
+Every start of a phase appends "<phase> <run> <attempt> <pid>" to
+``$INITPIPELINE_VAR_DIR/executions.log``, so tests can count how often a phase really ran.
+
+``retries=`` and ``timeout=`` are fixed when this module is imported. The environment
+variable ``TESTAPP_PHASE_OPTIONS`` (JSON, ``{phase: {"retries": n, "timeout": s}}``) changes
+them for the process that imports it: given to ``start_init``, it ends up in the run's
+records, which is where workers and recovery read them.
 """
 
 from __future__ import annotations
@@ -20,12 +34,20 @@ from typing import Any
 from initpipeline import PhaseContext, phase
 
 
+def _var() -> Path:
+    return Path(os.environ["INITPIPELINE_VAR_DIR"])
+
+
 def control() -> dict[str, Any]:
-    path = Path(os.environ["INITPIPELINE_VAR_DIR"]) / "control.json"
     try:
-        return dict(json.loads(path.read_text()))
+        return dict(json.loads((_var() / "control.json").read_text()))
     except FileNotFoundError:
         return {}
+
+
+def _options(name: str, **defaults: Any) -> dict[str, Any]:
+    given = json.loads(os.environ.get("TESTAPP_PHASE_OPTIONS") or "{}").get(name, {})
+    return {**defaults, **given}
 
 
 def _config(name: str) -> Any:
@@ -34,6 +56,8 @@ def _config(name: str) -> Any:
 
 def _work(ctx: PhaseContext) -> None:
     ctl = control()
+    with open(_var() / "executions.log", "a") as log:
+        log.write(f"{ctx.name} {ctx.run_id} {ctx.attempt} {os.getpid()}\n")
     seconds = float(ctl.get("sleep", {}).get(ctx.name, 0))
     steps = max(1, int(seconds / 0.1))
     for i in range(steps):
@@ -46,13 +70,35 @@ def _work(ctx: PhaseContext) -> None:
         raise RuntimeError(f"{ctx.name} fails attempt {ctx.attempt}")
 
 
-@phase(produces="a_out", config=_config("a"))
+def _save(ctx: PhaseContext, name: str, value: Any) -> None:
+    ctl = control()
+    slow = ctl.get("slow_write", {}).get(ctx.name)
+    if slow:
+        data = json.dumps(value).encode()
+        data += b" " * max(0, int(slow["bytes"]) - len(data))
+        chunks = 50
+        size = -(-len(data) // chunks)
+        path = ctx.scratch_path(".json")
+        with open(path, "wb") as fh:
+            for i in range(chunks):
+                fh.write(data[i * size : (i + 1) * size])
+                fh.flush()
+                ctx.progress(i + 1, chunks + 1, f"writing {name}: chunk {i + 1} of {chunks}")
+                time.sleep(float(slow["seconds"]) / chunks)
+        ctx.save_file(name, path)
+    elif ctx.name in ctl.get("pickle", []):
+        ctx.save_pickle(name, value)
+    else:
+        ctx.save_json(name, value)
+
+
+@phase(produces="a_out", config=_config("a"), **_options("a"))
 def a(ctx: PhaseContext) -> None:
     _work(ctx)
-    ctx.save_json("a_out", {"numbers": list(range(10)), "v": ctx.config["v"]})
+    _save(ctx, "a_out", {"numbers": list(range(10)), "v": ctx.config["v"]})
 
 
-@phase(produces="b_out", after="a", config=_config("b"))
+@phase(produces="b_out", after="a", config=_config("b"), **_options("b"))
 def b(ctx: PhaseContext) -> None:
     numbers = ctx.load("a_out")["numbers"]
     _work(ctx)
@@ -62,8 +108,8 @@ def b(ctx: PhaseContext) -> None:
     ctx.save_array("b_out", np.asarray(numbers, dtype=np.float32) * 2 + float(ctx.config["v"]))
 
 
-@phase(produces="c_out", inputs=["b_out"], config=_config("c"), retries=2)
+@phase(produces="c_out", inputs=["b_out"], config=_config("c"), **_options("c", retries=2))
 def c(ctx: PhaseContext) -> None:
     total = float(ctx.load("b_out").sum())
     _work(ctx)
-    ctx.save_json("c_out", {"total": total, "attempt": ctx.attempt})
+    _save(ctx, "c_out", {"total": total, "attempt": ctx.attempt})
