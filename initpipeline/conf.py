@@ -38,6 +38,9 @@ DEFAULTS: dict[str, Any] = {
     "GC_AFTER_ACTIVATION": False,
     # Gunicorn's when_ready hook (project gunicorn.conf.py) runs start_init in a child process.
     "START_ON_GUNICORN_READY": False,
+    # Where a host keeps verified copies of artifacts from a remote storage (S3 and the
+    # like), to memory-map them; None = "initpipeline-cache" in the system temp folder.
+    "LOCAL_CACHE_DIR": None,
 }
 
 

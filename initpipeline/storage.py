@@ -122,19 +122,79 @@ def publish(path: Path, *, name: str, suffix: str) -> Published:
         _fsync_dir(dest.parent)
         return Published(key, sha, size)
     try:
-        if storage.exists(key):
-            path.unlink(missing_ok=True)
-            return Published(key, sha, size)
+        existing = _remote_size(storage, key)
+        if existing == size:
+            return Published(key, sha, size)  # Same bytes published before: idempotent.
+        if existing is not None:
+            # A short or foreign object under our key: replace it, or save() would
+            # put the same content under a second name.
+            storage.delete(key)
         with open(path, "rb") as fh:
             saved = storage.save(key, File(fh, name=key))
     finally:
         path.unlink(missing_ok=True)
+    if saved != key and _remote_size(storage, key) == size:
+        # Another worker saved the same bytes between our look and our save, and the
+        # storage does not overwrite (django-storages' file_overwrite=False, Django's
+        # get_available_name): it gave ours a suffixed name. The key names the content:
+        # keep one object.
+        storage.delete(saved)
+        return Published(key, sha, size)
     # Storage.save() may pick another name; the record keeps the one it returns.
     return Published(saved, sha, size)
 
 
-def local_path(artifact: Artifact) -> Path:
-    """A local path of the artifact's file (remote storages are downloaded once per host)."""
+def _remote_size(storage: Storage, key: str) -> int | None:
+    if not storage.exists(key):
+        return None
+    try:
+        return storage.size(key)
+    except FileNotFoundError:  # Deleted between the two calls.
+        return None
+
+
+def cache_dir() -> Path:
+    """Where this host keeps verified copies of remote artifacts (``LOCAL_CACHE_DIR``)."""
+    configured = conf.get("LOCAL_CACHE_DIR")
+    path = Path(configured) if configured else Path(tempfile.gettempdir()) / "initpipeline-cache"
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def _download(storage: Storage, artifact: Artifact, target: Path) -> None:
+    """Copy the artifact's object to ``target``, checking its sha256 and size on the way."""
+    tmp = target.parent / f".{uuid.uuid4().hex}.part"
+    digest = hashlib.sha256()
+    size = 0
+    try:
+        try:
+            src = storage.open(artifact.storage_key, "rb")
+        except FileNotFoundError as exc:
+            raise ArtifactNotReady(
+                f"artifact {artifact.name!r} is recorded but its object "
+                f"{artifact.storage_key!r} is missing from storage"
+            ) from exc
+        with src, open(tmp, "wb") as dst:
+            while chunk := src.read(CHUNK):
+                digest.update(chunk)
+                size += len(chunk)
+                dst.write(chunk)
+        if (digest.hexdigest(), size) != (artifact.sha256, artifact.size):
+            raise ArtifactCorrupt(
+                f"artifact {artifact.name!r} ({artifact.storage_key}) fails its checksum "
+                f"in storage: expected sha256 {artifact.sha256[:12]}… and {artifact.size} "
+                f"bytes, found {digest.hexdigest()[:12]}… and {size} bytes"
+            )
+        # Processes of one host may download the same artifact at once: each writes its
+        # own temporary name, then renames it into place atomically. The last rename
+        # wins; a process that already mapped an earlier copy keeps its (equal) pages.
+        os.replace(tmp, target)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _local_path(artifact: Artifact) -> tuple[Path, bool]:
+    """The local path of the artifact's file, and whether it was checked just now."""
     storage = get_storage()
     root = _local_root(storage)
     if root is not None:
@@ -144,33 +204,40 @@ def local_path(artifact: Artifact) -> Path:
                 f"artifact {artifact.name!r} is recorded but its file {artifact.storage_key!r} "
                 "is missing from storage"
             )
-        return path
-    cache = Path(tempfile.gettempdir()) / "initpipeline-cache"
-    cache.mkdir(parents=True, exist_ok=True)
-    target = cache / f"{artifact.sha256}{Path(artifact.storage_key).suffix}"
+        return path, False
+    # Named by content, so one download serves every process, generation and artifact
+    # with these bytes on this host.
+    target = cache_dir() / f"{artifact.sha256}{Path(artifact.storage_key).suffix}"
     if target.exists():
-        return target
-    tmp = cache / f".{uuid.uuid4().hex}.part"
-    with storage.open(artifact.storage_key, "rb") as src, open(tmp, "wb") as dst:
-        shutil.copyfileobj(src, dst, CHUNK)
-    if file_sha256(tmp) != (artifact.sha256, artifact.size):
-        tmp.unlink(missing_ok=True)
-        raise ArtifactCorrupt(f"artifact {artifact.name!r} downloaded with a wrong checksum")
-    os.replace(tmp, target)
-    return target
+        return target, False
+    _download(storage, artifact, target)
+    return target, True
+
+
+def local_path(artifact: Artifact) -> Path:
+    """A local path of the artifact's file (remote storages are downloaded once per host,
+    into ``LOCAL_CACHE_DIR``, and checked on the way)."""
+    return _local_path(artifact)[0]
 
 
 def verify(artifact: Artifact) -> Path:
     """Return the artifact's local path after checking its size and sha256."""
-    path = local_path(artifact)
+    path, checked = _local_path(artifact)
+    if checked:
+        return path
     sha, size = file_sha256(path)
-    if (sha, size) != (artifact.sha256, artifact.size):
-        raise ArtifactCorrupt(
-            f"artifact {artifact.name!r} ({artifact.storage_key}) fails its checksum: "
-            f"expected sha256 {artifact.sha256[:12]}… and {artifact.size} bytes, "
-            f"found {sha[:12]}… and {size} bytes"
-        )
-    return path
+    if (sha, size) == (artifact.sha256, artifact.size):
+        return path
+    if _local_root(get_storage()) is None:
+        # A bad copy in the local cache (a crash before its data reached the disk, a
+        # stray write) is this host's fault, not the artifact's: download it again.
+        path.unlink(missing_ok=True)
+        return _local_path(artifact)[0]
+    raise ArtifactCorrupt(
+        f"artifact {artifact.name!r} ({artifact.storage_key}) fails its checksum: "
+        f"expected sha256 {artifact.sha256[:12]}… and {artifact.size} bytes, "
+        f"found {sha[:12]}… and {size} bytes"
+    )
 
 
 def is_valid(artifact: Artifact) -> bool:
