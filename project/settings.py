@@ -2,7 +2,7 @@
 
 The embedded default needs no server: SQLite in WAL mode, kombu's filesystem broker and
 artifacts on the local disk, all under var/. DATABASE_URL and CELERY_BROKER_URL switch to
-PostgreSQL and Redis (or RabbitMQ).
+PostgreSQL and Redis (or RabbitMQ); INITPIPELINE_S3_BUCKET puts the artifacts on S3.
 """
 
 import os
@@ -90,6 +90,18 @@ STORAGES = {
         "OPTIONS": {"location": str(VAR_DIR / "artifacts")},
     },
 }
+if os.environ.get("INITPIPELINE_S3_BUCKET"):
+    # Several hosts share the artifacts through S3 (or any S3-compatible store; boto3
+    # reads AWS_ACCESS_KEY_ID and friends from the environment). Each host keeps
+    # verified copies in INITPIPELINE["LOCAL_CACHE_DIR"] to memory-map them.
+    STORAGES["initpipeline"] = {
+        "BACKEND": "storages.backends.s3.S3Storage",
+        "OPTIONS": {
+            "bucket_name": os.environ["INITPIPELINE_S3_BUCKET"],
+            "location": os.environ.get("INITPIPELINE_S3_PREFIX", "artifacts"),
+            "endpoint_url": os.environ.get("AWS_S3_ENDPOINT_URL") or None,
+        },
+    }
 
 LANGUAGE_CODE = "en-us"
 TIME_ZONE = "UTC"
@@ -112,7 +124,9 @@ if CELERY_BROKER_URL.startswith("filesystem://"):
     }
 else:
     # Redis redelivers a task still unacked after visibility_timeout even while it runs
-    # (celery#5935): keep it above the longest phase timeout.
+    # (celery#5935): keep it above the longest phase timeout. RabbitMQ ignores it; there
+    # the server's consumer_timeout (30 min by default) must exceed the longest phase,
+    # or it closes the worker's channel mid-phase (docs/deploy.md).
     CELERY_BROKER_TRANSPORT_OPTIONS = {"visibility_timeout": 6 * 3600}
 CELERY_TASK_ACKS_LATE = True
 CELERY_TASK_REJECT_ON_WORKER_LOST = True

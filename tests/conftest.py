@@ -1,4 +1,5 @@
-"""Fixtures that run the real parts: celery worker and CLI subprocesses, redis-server."""
+"""Fixtures that run the real parts: celery worker and CLI subprocesses, redis-server,
+PostgreSQL, RabbitMQ and an S3 server (moto)."""
 
 from __future__ import annotations
 
@@ -16,6 +17,8 @@ from typing import Any
 
 import pytest
 from django.conf import settings
+
+from tests.servers import MotoServer, PostgresServer, RabbitMQServer, ServiceUnavailable
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -202,13 +205,23 @@ class Stack:
             proc.wait()
 
 
-@pytest.fixture(params=["filesystem"])
+# The broker of tests that do not name one; a CI leg sets it to run them all on Redis or
+# RabbitMQ too.
+DEFAULT_BROKER = os.environ.get("INITPIPELINE_TEST_BROKER", "filesystem")
+
+
+@pytest.fixture(params=[DEFAULT_BROKER])
 def stack(
     request: pytest.FixtureRequest, transactional_db: None, tmp_path: Path
 ) -> Iterator[Stack]:
-    """A deployment on the broker named by the parameter ("filesystem" or "redis")."""
+    """A deployment on the broker named by the parameter ("filesystem", "redis" or
+    "rabbitmq")."""
     redis = request.getfixturevalue("redis_server") if request.param == "redis" else None
     s = Stack(request.param, tmp_path, redis)
+    if request.param == "rabbitmq":
+        rabbitmq = request.getfixturevalue("rabbitmq_server")
+        rabbitmq.purge()
+        s.env["CELERY_BROKER_URL"] = rabbitmq.url
     s.control()
     yield s
     s.stop_workers()
@@ -218,3 +231,48 @@ def stack(
 @pytest.fixture
 def artifacts_dir() -> Path:
     return Path(settings.STORAGES["initpipeline"]["OPTIONS"]["location"])
+
+
+# -- PostgreSQL, RabbitMQ and S3 (tests/servers.py) ---------------------------------------
+
+
+@pytest.fixture(scope="session")
+def postgres_server() -> Iterator[PostgresServer]:
+    """A PostgreSQL server of this session (initdb in a temp folder, a free loopback port)."""
+    try:
+        server = PostgresServer()
+    except ServiceUnavailable as exc:
+        missing_service(f"PostgreSQL: {exc} (apt-get install postgresql)")
+    try:
+        server.start()
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="session")
+def rabbitmq_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RabbitMQServer]:
+    """A RabbitMQ node of this session, with a consumer_timeout fit for long phases."""
+    try:
+        server = RabbitMQServer(tmp_path_factory.mktemp("rabbitmq"))
+    except ServiceUnavailable as exc:
+        missing_service(f"RabbitMQ: {exc} (apt-get install rabbitmq-server)")
+    try:
+        server.start()
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="session")
+def moto_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MotoServer]:
+    """moto's S3 in server mode, reachable from worker subprocesses."""
+    try:
+        server = MotoServer(tmp_path_factory.mktemp("moto"))
+    except ServiceUnavailable as exc:
+        missing_service(f"S3: {exc}")
+    try:
+        server.start()
+        yield server
+    finally:
+        server.stop()

@@ -1,7 +1,8 @@
 """Settings for the test suite and for the worker and CLI processes the tests start.
 
-Every process of a test reads the same SQLite file (the test database) and the same
-artifact folder, so a worker subprocess sees what the test wrote and the other way round.
+Every process of a test reads the same database (an SQLite file, or a PostgreSQL database
+with DATABASE_URL) and the same artifact storage, so a worker subprocess sees what the
+test wrote and the other way round.
 """
 
 import os
@@ -11,7 +12,7 @@ _BASE = Path(__file__).resolve().parent.parent
 os.environ.setdefault("INITPIPELINE_VAR_DIR", str(_BASE / "var" / "test"))
 
 from project.settings import *  # noqa: E402,F403
-from project.settings import DATABASES, INITPIPELINE, INSTALLED_APPS  # noqa: E402
+from project.settings import DATABASES, INITPIPELINE, INSTALLED_APPS, STORAGES  # noqa: E402
 
 if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
     # A file, not :memory:: worker subprocesses must open the same database.
@@ -21,6 +22,14 @@ if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
     _DB = str(_VAR.parent / f"{_VAR.name}-db.sqlite3")
     DATABASES["default"]["NAME"] = _DB
     DATABASES["default"]["TEST"] = {"NAME": _DB}
+elif DATABASES["default"]["ENGINE"] == "django.db.backends.postgresql":
+    # DATABASE_URL=postgres://...: the test database is the database itself, so that
+    # pytest-django creates it and the worker and CLI subprocesses (which read these
+    # settings, not pytest-django's) open the same one. One per INITPIPELINE_VAR_DIR.
+    _VAR = Path(os.environ["INITPIPELINE_VAR_DIR"])
+    _NAME = "test_initpipeline_" + "".join(c if c.isalnum() else "_" for c in _VAR.name)
+    DATABASES["default"]["NAME"] = _NAME
+    DATABASES["default"]["TEST"] = {"NAME": _NAME}
 
 # "small": tests/testapp's fast, controllable pipeline; "demo": the real demo workload.
 PIPELINE = os.environ.get("INITPIPELINE_TEST_PIPELINE", "small")
@@ -37,7 +46,37 @@ INITPIPELINE = {
     "REQUIRED_ARTIFACTS": ["lsa_docs"] if PIPELINE == "demo" else ["b_out"],
     "RETRY_AFTER": 1,
     "START_ON_GUNICORN_READY": os.environ.get("INITPIPELINE_START_ON_READY") == "1",
+    # Downloads of remote artifacts stay in this session's folder, not the shared temp one.
+    "LOCAL_CACHE_DIR": os.environ.get(
+        "INITPIPELINE_TEST_CACHE_DIR", str(Path(os.environ["INITPIPELINE_VAR_DIR"]) / "cache")
+    ),
 }
+
+
+def s3_storage(endpoint: str, bucket: str, **options: object) -> dict[str, object]:
+    """A STORAGES entry for the artifacts on an S3 server at ``endpoint`` (moto in the tests)."""
+    return {
+        "BACKEND": "storages.backends.s3.S3Storage",
+        "OPTIONS": {
+            "endpoint_url": endpoint,
+            "bucket_name": bucket,
+            "access_key": "testing",
+            "secret_key": "testing",
+            "region_name": "us-east-1",
+            "addressing_style": "path",
+            **options,
+        },
+    }
+
+
+# Artifacts on S3 for the worker subprocesses of tests/test_backends_s3.py.
+if os.environ.get("INITPIPELINE_TEST_S3_ENDPOINT"):
+    STORAGES = {
+        **STORAGES,
+        "initpipeline": s3_storage(
+            os.environ["INITPIPELINE_TEST_S3_ENDPOINT"], os.environ["INITPIPELINE_TEST_S3_BUCKET"]
+        ),
+    }
 
 ROOT_URLCONF = "tests.urls"
 

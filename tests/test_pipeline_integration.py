@@ -1,4 +1,5 @@
-"""The pipeline through real `celery worker` subprocesses, on the filesystem broker and Redis."""
+"""The pipeline through real `celery worker` subprocesses, on the filesystem broker, Redis
+and RabbitMQ."""
 
 from __future__ import annotations
 
@@ -15,13 +16,14 @@ from tests.conftest import ROOT, Stack
 
 pytestmark = [pytest.mark.slow]
 BOTH = pytest.mark.parametrize("stack", ["filesystem", "redis"], indirect=True)
+EVERY_BROKER = pytest.mark.parametrize("stack", ["filesystem", "redis", "rabbitmq"], indirect=True)
 
 
 def states(run: PipelineRun) -> dict[str, str]:
     return dict(run.phases.order_by("position").values_list("name", "state"))
 
 
-@BOTH
+@EVERY_BROKER
 def test_pipeline_runs_every_phase_and_artifacts_verify(stack: Stack) -> None:
     stack.start_worker()
     result = stack.manage("start_init", "--wait")
@@ -69,7 +71,7 @@ def test_bumped_version_reruns_the_phase_and_its_downstream_only(stack: Stack) -
     assert states(run) == {"a": "cached", "b": "cached", "c": "succeeded"}
 
 
-@BOTH
+@EVERY_BROKER
 def test_failing_phase_fails_the_run_and_keeps_the_previous_generation(stack: Stack) -> None:
     stack.start_worker()
     assert stack.manage("start_init", "--wait").returncode == 0

@@ -1,0 +1,279 @@
+"""Artifacts on S3 (django-storages' S3Storage, boto3) against moto's server: publishing
+under content-addressed keys, a real worker, and web processes reading through a local,
+verified cache."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import subprocess
+import sys
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from django.conf import settings
+from django.test import override_settings
+
+from initpipeline import formats, loading, storage
+from initpipeline.exceptions import ArtifactCorrupt
+from initpipeline.models import Artifact, Generation, PipelineRun
+from tests.conftest import ROOT, Stack
+from tests.servers import MotoServer
+from tests.settings import s3_storage
+
+pytestmark = [pytest.mark.slow]
+
+
+@dataclass
+class Bucket:
+    client: Any
+    name: str
+    endpoint: str
+    cache: Path
+
+    def keys(self) -> list[str]:
+        listing = self.client.list_objects_v2(Bucket=self.name)
+        return sorted(obj["Key"] for obj in listing.get("Contents", []))
+
+    def read(self, key: str) -> bytes:
+        return bytes(self.client.get_object(Bucket=self.name, Key=key)["Body"].read())
+
+    def write(self, key: str, data: bytes) -> None:
+        self.client.put_object(Bucket=self.name, Key=key, Body=data)
+
+    def env(self) -> dict[str, str]:
+        """What a worker subprocess needs to use this bucket (tests/settings.py)."""
+        return {
+            "INITPIPELINE_TEST_S3_ENDPOINT": self.endpoint,
+            "INITPIPELINE_TEST_S3_BUCKET": self.name,
+        }
+
+
+def s3_settings(bucket: Bucket, **options: Any) -> override_settings:
+    return override_settings(
+        STORAGES={
+            **settings.STORAGES,
+            "initpipeline": s3_storage(bucket.endpoint, bucket.name, **options),
+        },
+        # Each test is a fresh host: nothing downloaded yet.
+        INITPIPELINE={**settings.INITPIPELINE, "LOCAL_CACHE_DIR": str(bucket.cache)},
+    )
+
+
+@pytest.fixture
+def bucket(moto_server: MotoServer, tmp_path: Path) -> Iterator[Bucket]:
+    client = moto_server.client()
+    name = f"initpipeline-{uuid.uuid4().hex[:12]}"
+    client.create_bucket(Bucket=name)
+    b = Bucket(client, name, moto_server.url, tmp_path / "web-cache")
+    with s3_settings(b):
+        yield b
+
+
+def publish_bytes(data: bytes, name: str = "thing") -> storage.Published:
+    path = storage.new_scratch_path(".bin")
+    formats.write_bytes(path, data)
+    return storage.publish(path, name=name, suffix=".bin")
+
+
+def record(pub: storage.Published, name: str = "thing") -> Artifact:
+    return Artifact(
+        name=name,
+        fingerprint="f" * 64,
+        storage_key=pub.key,
+        sha256=pub.sha256,
+        size=pub.size,
+        format="bytes",
+    )
+
+
+def test_publish_puts_one_object_under_the_content_addressed_key(bucket: Bucket) -> None:
+    data = b"hello s3"
+    sha = hashlib.sha256(data).hexdigest()
+    path = storage.new_scratch_path(".bin")
+    formats.write_bytes(path, data)
+    first = storage.publish(path, name="greeting", suffix=".bin")
+    assert first == storage.Published(f"greeting/{sha}.bin", sha, len(data))
+    assert not path.exists()
+    assert publish_bytes(data, name="greeting") == first
+    assert bucket.keys() == [f"greeting/{sha}.bin"]
+    assert bucket.read(first.key) == data
+
+
+@pytest.mark.parametrize("file_overwrite", [True, False])
+def test_a_publish_racing_another_worker_keeps_one_key(
+    bucket: Bucket, monkeypatch: pytest.MonkeyPatch, file_overwrite: bool
+) -> None:
+    # file_overwrite=False makes django-storages (like Django's FileSystemStorage) save
+    # under a suffixed name when the key exists: a second key for the same content.
+    with s3_settings(bucket, file_overwrite=file_overwrite):
+        first = publish_bytes(b"same bytes")
+        s3 = storage.get_storage()
+        looks: list[str] = []
+        real_exists = s3.exists
+
+        def exists_late(name: str) -> bool:
+            # The other worker's object appears between our look and our save.
+            looks.append(name)
+            return len(looks) > 1 and bool(real_exists(name))
+
+        monkeypatch.setattr(s3, "exists", exists_late)
+        second = publish_bytes(b"same bytes")
+    assert second == first
+    assert bucket.keys() == [first.key]
+
+
+def test_a_short_object_under_the_key_is_replaced(bucket: Bucket) -> None:
+    data = b"the whole content"
+    sha = hashlib.sha256(data).hexdigest()
+    key = f"thing/{sha}.bin"
+    bucket.write(key, data[:5])
+    with s3_settings(bucket, file_overwrite=False):
+        pub = publish_bytes(data)
+    assert pub.key == key
+    assert bucket.keys() == [key]
+    assert bucket.read(key) == data
+
+
+def test_a_corrupted_object_is_refused_and_nothing_is_cached(bucket: Bucket) -> None:
+    pub = publish_bytes(b"x" * 1000 + b"payload")
+    flipped = bytearray(bucket.read(pub.key))
+    flipped[500] ^= 0x01
+    bucket.write(pub.key, bytes(flipped))
+    with pytest.raises(ArtifactCorrupt, match=r"fails its checksum in storage"):
+        storage.verify(record(pub))
+    assert storage.is_valid(record(pub)) is False
+    assert list(bucket.cache.iterdir()) == []
+
+
+def test_a_bad_copy_in_the_local_cache_is_downloaded_again(bucket: Bucket) -> None:
+    pub = publish_bytes(b"y" * 5000)
+    art = record(pub)
+    path = storage.verify(art)
+    assert path == bucket.cache / f"{pub.sha256}.bin"
+    path.write_bytes(b"y" * 10)  # A copy cut short, say by a crash.
+    assert storage.verify(art) == path
+    assert path.read_bytes() == b"y" * 5000
+    assert sorted(p.name for p in bucket.cache.iterdir()) == [path.name]
+
+
+DOWNLOAD = """
+import sys, time
+from pathlib import Path
+import django
+django.setup()
+from initpipeline import storage
+from initpipeline.models import Artifact
+key, sha, size, go = sys.argv[1:]
+art = Artifact(name="big", storage_key=key, sha256=sha, size=int(size), format="bytes")
+while not Path(go).exists():
+    time.sleep(0.01)
+print(storage.verify(art))
+"""
+
+
+def test_concurrent_downloads_by_several_processes_leave_one_good_copy(
+    bucket: Bucket, tmp_path: Path
+) -> None:
+    data = np.random.default_rng(7).bytes(16 * 1024 * 1024)
+    pub = publish_bytes(data, name="big")
+    go = tmp_path / "go"
+    env = {
+        **bucket.env(),
+        "DJANGO_SETTINGS_MODULE": "tests.settings",
+        "INITPIPELINE_TEST_CACHE_DIR": str(bucket.cache),
+    }
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", DOWNLOAD, pub.key, pub.sha256, str(pub.size), str(go)],
+            cwd=ROOT,
+            env={**os.environ, **env},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(4)
+    ]
+    go.touch()
+    outputs = [p.communicate(timeout=120) for p in procs]
+    assert [p.returncode for p in procs] == [0] * 4, [err for _, err in outputs]
+    target = bucket.cache / f"{pub.sha256}.bin"
+    assert {out.strip() for out, _ in outputs} == {str(target)}
+    assert storage.file_sha256(target) == (pub.sha256, pub.size)
+    assert sorted(p.name for p in bucket.cache.iterdir()) == [target.name]
+
+
+def test_pipeline_on_s3_through_a_worker_and_a_web_load_from_the_cache(
+    stack: Stack, bucket: Bucket
+) -> None:
+    stack.env.update(bucket.env())
+    stack.start_worker()
+    result = stack.manage("start_init", "--wait")
+    assert result.returncode == 0, result.stderr + stack.log()
+    run = PipelineRun.objects.get()
+    assert run.state == "succeeded"
+    generation = Generation.objects.get(is_active=True)
+    records = generation.artifact_map()
+    # The database points at content-addressed keys, one object each, nothing else.
+    assert {name: r.storage_key for name, r in records.items()} == {
+        name: f"{name}/{r.sha256}{formats.SUFFIX[r.format]}" for name, r in records.items()
+    }
+    assert bucket.keys() == sorted(r.storage_key for r in records.values())
+
+    # The web side: a fresh handle, as in a newly started process.
+    b_out = records["b_out"]
+    loading.active.refresh()
+    handle = loading.ArtifactHandle("b_out")
+    array = handle.get()
+    assert isinstance(array, np.memmap)
+    assert array.tolist() == [2 * i + 1.0 for i in range(10)]
+    cached = bucket.cache / f"{b_out.sha256}.npy"
+    assert Path(array.filename) == cached
+    assert sorted(p.name for p in bucket.cache.iterdir()) == [cached.name]
+    # A second process on the same host reuses the copy (the same file, not a download).
+    inode = cached.stat().st_ino
+    assert loading.ArtifactHandle("b_out").get().tolist() == array.tolist()
+    assert cached.stat().st_ino == inode
+
+    again = stack.manage("start_init")
+    assert again.returncode == 0, again.stderr
+    assert again.stdout.strip() == f"up to date: generation {generation.pk} is active"
+
+
+PUBLISH = """
+import django
+django.setup()
+from initpipeline import formats, storage
+path = storage.new_scratch_path(".bin")
+formats.write_bytes(path, b"from the demo settings")
+print(storage.publish(path, name="thing", suffix=".bin").key)
+"""
+
+
+def test_demo_settings_put_artifacts_on_s3_when_a_bucket_is_named(
+    bucket: Bucket, tmp_path: Path
+) -> None:
+    env = {
+        **os.environ,
+        "DJANGO_SETTINGS_MODULE": "project.settings",
+        "INITPIPELINE_VAR_DIR": str(tmp_path / "var"),
+        "INITPIPELINE_S3_BUCKET": bucket.name,
+        "AWS_S3_ENDPOINT_URL": bucket.endpoint,
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_DEFAULT_REGION": "us-east-1",
+    }
+    result = subprocess.run(
+        [sys.executable, "-c", PUBLISH], cwd=ROOT, env=env, capture_output=True, text=True
+    )
+    assert result.returncode == 0, result.stderr
+    key = result.stdout.strip()
+    sha = hashlib.sha256(b"from the demo settings").hexdigest()
+    assert key == f"thing/{sha}.bin"
+    # Under the demo's "artifacts" prefix of the bucket.
+    assert bucket.keys() == [f"artifacts/{key}"]
