@@ -1,13 +1,14 @@
 # make demo  - create .venv, install, migrate and run web + worker + start_init (embedded default)
 # make test  - the whole suite: lint, type checks, unit and integration tests
 # make bench - benchmarks against the alternatives (bench/results/)
+# make test-postgres, test-rabbitmq, test-py312 - the other legs of the CI matrix (.ci/run)
 PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 PORT   ?= 8000
 export PATH := $(abspath $(BIN)):$(PATH)
 
-.PHONY: venv demo demo-setup test lint format bench clean
+.PHONY: venv demo demo-setup test lint format bench clean test-postgres test-rabbitmq test-py312
 
 $(BIN)/.installed: requirements.txt requirements-dev.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -45,6 +46,45 @@ format: venv
 
 test: lint
 	$(BIN)/pytest
+
+# -- The rest of the CI matrix ------------------------------------------------------------
+# Tests that need neither a browser nor the minutes of the Gunicorn and benchmark runs.
+CORE_TESTS := -m "not browser" --ignore=tests/test_admin_browser.py \
+	--ignore=tests/test_gunicorn.py --ignore=tests/test_bench.py
+# pytest-django reads DATABASES before any fixture runs, so a suite on PostgreSQL gets a
+# throwaway server (tests/servers.py) around pytest, and DATABASE_URL pointing at it.
+ON_POSTGRES := $(BIN)/python -m tests.servers postgres --
+
+# PostgreSQL, with Redis as the broker of every test that names none.
+test-postgres: venv
+	INITPIPELINE_TEST_BROKER=redis $(ON_POSTGRES) $(BIN)/pytest $(CORE_TESTS) -k "not rabbitmq"
+
+# PostgreSQL and RabbitMQ: every test with worker processes, killed ones included.
+test-rabbitmq: venv
+	INITPIPELINE_TEST_BROKER=rabbitmq $(ON_POSTGRES) $(BIN)/pytest -k rabbitmq \
+		tests/test_pipeline_integration.py tests/test_commands_integration.py tests/test_recovery.py
+
+# Django 6 on Python 3.12, in a venv of its own: requirements-dev.txt's test tools and
+# requirements.txt with requirements-django6.txt's Django.
+PY312   ?= $(shell PYENV_VERSION=3.12.1 pyenv which python 2>/dev/null || command -v python3.12)
+VENV312 ?= .venv312
+LINT_ONLY := ^(-r |mypy|django-stubs|celery-types|ruff|matplotlib|playwright)
+
+$(VENV312)/.installed: requirements.txt requirements-dev.txt requirements-django6.txt pyproject.toml
+	@test -n "$(PY312)" || { echo "no Python 3.12 (pyenv install 3.12, or PY312=...)"; exit 1; }
+	$(PY312) -m venv $(VENV312)
+	$(VENV312)/bin/pip install -q --upgrade pip
+	sed '/^Django==/d' requirements.txt > $(VENV312)/requirements.txt
+	grep -v -E '$(LINT_ONLY)' requirements-dev.txt > $(VENV312)/requirements-dev.txt
+	$(VENV312)/bin/pip install -q -r $(VENV312)/requirements.txt \
+		-r $(VENV312)/requirements-dev.txt -r requirements-django6.txt -e .
+	touch $@
+
+# The unit tests, then the integration suite (every broker).
+test-py312: $(VENV312)/.installed
+	$(VENV312)/bin/python -c "import django, sys; print('Django', django.__version__, 'on Python', sys.version.split()[0])"
+	$(VENV312)/bin/pytest -m "not slow"
+	$(VENV312)/bin/pytest tests/test_pipeline_integration.py
 
 bench: venv
 	$(BIN)/python -m bench
