@@ -75,8 +75,11 @@ class PhaseContext:
         if task is None or not task.request.id:
             return
         try:
+            # retry=False: with the broker down, progress() must not block the phase
+            # for the publish retry policy's seconds; an event is worth losing.
             task.send_event(
                 "task-progress",
+                retry=False,
                 phase=self.name,
                 run_id=self.run_id,
                 done=done,

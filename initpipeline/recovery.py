@@ -17,7 +17,7 @@ do not lose anything: a running phase writes its heartbeat every HEARTBEAT_INTER
    received the message), so this rule needs ``idle_since`` from such a worker (signals.py).
 
 Workers run recover_stale() when they start and every STALE_AFTER/2 (signals.py);
-services.start() and services.status() run it too, without ``idle_since``.
+services.start() and the init_status command run it too, without ``idle_since``.
 """
 
 from __future__ import annotations

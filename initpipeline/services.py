@@ -685,15 +685,17 @@ def _estimate(run: PipelineRun) -> float | None:
     return None if seconds is None else round(seconds, 1)
 
 
-def status(*, run_id: int | None = None) -> dict[str, Any]:
+def status(*, run_id: int | None = None, recover: bool = False) -> dict[str, Any]:
     """The state of the init as one JSON-ready dict (see README: init_status --json).
 
-    A run left in flight by a lost worker is recovered first (recovery.py), so whoever looks
-    at the state never waits on a run nothing works on.
+    ``recover=True`` (init_status does it) first recovers a run left in flight by a lost
+    worker (recovery.py), so the operator never waits on a run nothing works on. Web reads
+    (/init/status.json, polled every second by each admin page) never write or send.
     """
-    from .recovery import recover_stale
+    if recover:
+        from .recovery import recover_stale
 
-    recover_stale()
+        recover_stale()
     active = active_generation()
     latest = PipelineRun.objects.latest_first().first()
     run = PipelineRun.objects.filter(pk=run_id).first() if run_id is not None else latest

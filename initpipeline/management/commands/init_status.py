@@ -46,7 +46,7 @@ class Command(render.TerminalCommand):
             raise SystemExit(code)
 
     def _status(self, run_id: int | None) -> dict[str, Any]:
-        return services.status(run_id=run_id)
+        return services.status(run_id=run_id, recover=True)
 
     def _phases(self, data: dict[str, Any]) -> list[PhaseRun]:
         if data["run"] is None:
