@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import logging
+import time
 
 from django.db.models import Q
 
 from . import conf
 from .models import IN_FLIGHT, Artifact, Generation
-from .storage import get_storage
+from .storage import get_storage, scratch_dir
 
 logger = logging.getLogger("initpipeline")
 
@@ -40,6 +41,8 @@ def collect(*, keep: int | None = None, dry_run: bool = False) -> list[Artifact]
             Q(generations__in=kept) | Q(created_at__gte=oldest) | Q(run__state__in=IN_FLIGHT)
         ).values_list("storage_key", flat=True)
     )
+    if not dry_run:
+        _remove_stale_scratch()
     storage = get_storage()
     removed: list[Artifact] = []
     seen: set[str] = set()
@@ -55,3 +58,17 @@ def collect(*, keep: int | None = None, dry_run: bool = False) -> list[Artifact]
     if removed and not dry_run:
         logger.info("deleted the files of %d old artifacts", len(removed))
     return removed
+
+
+def _remove_stale_scratch() -> None:
+    """Delete scratch files a killed worker left, once no phase can still be writing them."""
+    # A phase writes its scratch files within its hard time limit; twice the longest
+    # default limit, and at least a day, is well past any writer.
+    max_age = max(2 * float(conf.get("DEFAULT_TIMEOUT")), 86400.0)
+    cutoff = time.time() - max_age
+    for path in scratch_dir().glob("*.part*"):
+        try:
+            if path.stat().st_mtime < cutoff:
+                path.unlink()
+        except FileNotFoundError:
+            pass

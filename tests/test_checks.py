@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
+import sqlite3
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
 from celery import current_app
-from django.db import connection
 from django.test import override_settings
 
 from initpipeline import checks
@@ -104,18 +106,39 @@ def test_stale_after_shorter_than_three_heartbeats_warns() -> None:
     )
 
 
-@pytest.mark.usefixtures("transactional_db")
-def test_sqlite_database_outside_wal_mode_warns() -> None:
-    assert checks.check_sqlite_wal(databases=["default"]) == []
+class _SqliteFile:
+    """A connection-like object on an SQLite file of the test's own: switching the journal
+    mode of the shared test database would need every other connection to it closed."""
+
+    vendor = "sqlite"
+
+    def __init__(self, path: Path, mode: str) -> None:
+        self.db = sqlite3.connect(path)
+        self.db.execute(f"PRAGMA journal_mode={mode}")
+
+    @contextlib.contextmanager
+    def cursor(self) -> Iterator[sqlite3.Cursor]:
+        cur = self.db.cursor()
+        try:
+            yield cur
+        finally:
+            cur.close()
+
+
+def test_sqlite_database_outside_wal_mode_warns(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import django.db
+
+    fake = {
+        "wal": _SqliteFile(tmp_path / "wal.sqlite3", "WAL"),
+        "plain": _SqliteFile(tmp_path / "plain.sqlite3", "DELETE"),
+    }
+    monkeypatch.setattr(django.db, "connections", fake)
     assert checks.check_sqlite_wal() == []  # a database check: only when asked for
-    with connection.cursor() as cursor:
-        cursor.execute("PRAGMA journal_mode=DELETE")
-    try:
-        [warning] = checks.check_sqlite_wal(databases=["default"])
-    finally:
-        with connection.cursor() as cursor:
-            cursor.execute("PRAGMA journal_mode=WAL")
+    assert checks.check_sqlite_wal(databases=["wal"]) == []
+    [warning] = checks.check_sqlite_wal(databases=["wal", "plain"])
     assert warning.id == "initpipeline.W004"
     assert warning.msg.startswith(
-        "The SQLite database 'default' is in 'delete' journal mode, not WAL"
+        "The SQLite database 'plain' is in 'delete' journal mode, not WAL"
     )

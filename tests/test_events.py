@@ -15,7 +15,8 @@ pytestmark = [pytest.mark.slow]
 
 @pytest.mark.parametrize("stack", ["redis"], indirect=True)
 def test_progress_is_sent_as_task_progress_events(stack: Stack) -> None:
-    monitor = Celery(broker=stack.env["CELERY_BROKER_URL"])
+    # set_as_current=False: the project's app must stay Celery's current app for later tests.
+    monitor = Celery(broker=stack.env["CELERY_BROKER_URL"], set_as_current=False)
     events: list[dict[str, Any]] = []
     listening = threading.Event()
 

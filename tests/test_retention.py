@@ -76,3 +76,19 @@ def test_init_gc_command_dry_run_lists_without_deleting(artifacts_dir: Path) -> 
         f"would delete {key} ({size} bytes)\nwould delete 1 files, {size} bytes\n"
     )
     assert (artifacts_dir / key).exists()
+
+
+def test_old_scratch_files_of_killed_workers_are_removed() -> None:
+    import os
+    import time
+
+    old = storage.new_scratch_path(".npy")
+    old.write_bytes(b"half written")
+    os.utime(old, (time.time() - 3 * 86400, time.time() - 3 * 86400))
+    fresh = storage.new_scratch_path(".npy")
+    fresh.write_bytes(b"being written now")
+    generation(1, age=1, active=True)
+    retention.collect(keep=1)
+    assert not old.exists()
+    assert fresh.exists()
+    fresh.unlink()
