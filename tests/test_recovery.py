@@ -239,9 +239,9 @@ def test_redis_restart_in_the_middle_of_a_run(
     print(f"Redis back: run ended {time.monotonic() - back:.1f} s later")
     assert run.state == "succeeded", run.error + stack.log()
     assert_active_generation_verifies(run)
+    # c ran exactly once, whoever delivered it: Celery's own publish retry when Redis came
+    # back in time, else an idle worker's recovery, which saw c pending and sent it again.
     assert sorted(executions(stack, run)) == [("a", 1), ("b", 1), ("c", 1)]
-    # Nothing was left to deliver c: an idle worker saw it pending and sent it again.
-    assert f"recovery: run {run.pk}, c resent: no worker took phase c for" in stack.log()
 
 
 # -- web server, worker and watcher on one SQLite file ------------------------------------
