@@ -9,7 +9,7 @@ import tempfile
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, TYPE_CHECKING
+from typing import TYPE_CHECKING
 
 from django.core.exceptions import ImproperlyConfigured
 from django.core.files import File
@@ -70,15 +70,6 @@ def file_sha256(path: Path | str) -> tuple[str, int]:
         while chunk := fh.read(CHUNK):
             digest.update(chunk)
             size += len(chunk)
-    return digest.hexdigest(), size
-
-
-def stream_sha256(fh: IO[bytes]) -> tuple[str, int]:
-    digest = hashlib.sha256()
-    size = 0
-    while chunk := fh.read(CHUNK):
-        digest.update(chunk)
-        size += len(chunk)
     return digest.hexdigest(), size
 
 

@@ -236,43 +236,35 @@ def artifacts_dir() -> Path:
 # -- PostgreSQL, RabbitMQ and S3 (tests/servers.py) ---------------------------------------
 
 
-@pytest.fixture(scope="session")
-def postgres_server() -> Iterator[PostgresServer]:
-    """A PostgreSQL server of this session (initdb in a temp folder, a free loopback port)."""
+def _serve(make: Callable[[], Any], what: str) -> Iterator[Any]:
+    """Start a server of tests/servers.py for the session; skip (or fail) when unavailable."""
     try:
-        server = PostgresServer()
+        server = make()
     except ServiceUnavailable as exc:
-        missing_service(f"PostgreSQL: {exc} (apt-get install postgresql)")
+        missing_service(f"{what}: {exc}")
     try:
         server.start()
         yield server
     finally:
         server.stop()
+
+
+@pytest.fixture(scope="session")
+def postgres_server() -> Iterator[PostgresServer]:
+    """A PostgreSQL server of this session (initdb in a temp folder, a free loopback port)."""
+    yield from _serve(PostgresServer, "PostgreSQL (apt-get install postgresql)")
 
 
 @pytest.fixture(scope="session")
 def rabbitmq_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RabbitMQServer]:
     """A RabbitMQ node of this session, with a consumer_timeout fit for long phases."""
-    try:
-        server = RabbitMQServer(tmp_path_factory.mktemp("rabbitmq"))
-    except ServiceUnavailable as exc:
-        missing_service(f"RabbitMQ: {exc} (apt-get install rabbitmq-server)")
-    try:
-        server.start()
-        yield server
-    finally:
-        server.stop()
+    yield from _serve(
+        lambda: RabbitMQServer(tmp_path_factory.mktemp("rabbitmq")),
+        "RabbitMQ (apt-get install rabbitmq-server)",
+    )
 
 
 @pytest.fixture(scope="session")
 def moto_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MotoServer]:
     """moto's S3 in server mode, reachable from worker subprocesses."""
-    try:
-        server = MotoServer(tmp_path_factory.mktemp("moto"))
-    except ServiceUnavailable as exc:
-        missing_service(f"S3: {exc}")
-    try:
-        server.start()
-        yield server
-    finally:
-        server.stop()
+    yield from _serve(lambda: MotoServer(tmp_path_factory.mktemp("moto")), "S3")
