@@ -72,33 +72,42 @@ def estimate_remaining(
     running phase counts with what is left of that duration, blended, as its progress grows,
     with what its own pace predicts (elapsed / progress). A phase with no history makes the
     whole estimate unknown: a guess for it would only look precise. A failed or cancelled
-    run has nothing left to wait for, so its estimate is None too.
+    run has nothing left to wait for, so its estimate is None too. Independent phases
+    overlap: the estimate is the run's longest path, assuming a worker for each.
     """
     if not run.is_in_flight:
         return 0.0 if run.state == RunState.SUCCEEDED else None
     if timings is None:
         timings = previous_timings(run)
     now = now or timezone.now()
-    left = 0.0
-    for pr in run.phases.all():
+    own: dict[str, float] = {}
+    phases = sorted(run.phases.all(), key=lambda p: p.position)
+    for pr in phases:
         if pr.state in PHASE_ENDED:
+            own[pr.name] = 0.0
             continue
         expected = timings.get(pr.name)
         if expected is None:
             return None
         if pr.started_at is None:
-            left += expected
+            own[pr.name] = expected
             continue
         # Running, or waiting for a retry after a failed attempt.
         elapsed = max((now - pr.started_at).total_seconds(), 0.0)
         by_history = max(expected - elapsed, 0.0)
         progress = pr.progress
         if progress <= 0.0:
-            left += by_history
+            own[pr.name] = by_history
             continue
         by_pace = elapsed * (1.0 - progress) / progress
-        left += (1.0 - progress) * by_history + progress * by_pace
-    return left
+        own[pr.name] = (1.0 - progress) * by_history + progress * by_pace
+    # Phases with no dependency between them run side by side: the run takes as long as its
+    # longest path (a phase comes after its dependencies in position order).
+    ends: dict[str, float] = {}
+    for pr in phases:
+        begins = max((ends.get(d, 0.0) for d in pr.depends_on), default=0.0)
+        ends[pr.name] = begins + own[pr.name]
+    return max(ends.values(), default=0.0)
 
 
 def overall_progress(phases: Iterable[PhaseRun]) -> float:

@@ -109,6 +109,8 @@ class PhaseRun(models.Model):
     )
     fingerprint = models.CharField(_("fingerprint"), max_length=64)
     version = models.CharField(_("version"), max_length=100)
+    #: The phases this one waits for, as planned when the run started.
+    depends_on = models.JSONField(_("depends on"), default=list, blank=True)
     forced = models.BooleanField(_("forced"), default=False)
     attempt = models.PositiveIntegerField(_("attempt"), default=0)
     max_attempts = models.PositiveIntegerField(_("attempts allowed"), default=1)

@@ -6,15 +6,16 @@ worker killed between two phases may never send the next one (celery#7924). The 
 do not lose anything: a running phase writes its heartbeat every HEARTBEAT_INTERVAL, so
 
 1. a **running** phase whose heartbeat is older than STALE_AFTER has lost its worker. It is
-   sent again with the rest of its run (the next claim counts as a new attempt), or, out of
-   attempts, failed with the reason. The row is the lock: one conditional UPDATE decides
+   sent again with the rest of its chain (the next claim counts as a new attempt), or, out
+   of attempts, failed with the reason. The row is the lock: one conditional UPDATE decides
    between several recoverers and a redelivered copy, so one copy runs the phase again.
 2. a run whose phases are all done but which is still in flight lost its finish step: it
    is finished here (finish_run is idempotent).
-3. a **pending** phase of a run that showed no sign of life for STALE_AFTER lost its message,
-   or its message waits in the queue for a worker. Only a worker that has been idle for
-   STALE_AFTER while consuming the pipeline's queue can tell the two apart (it would have
-   received the message), so this rule needs ``idle_since`` from such a worker (signals.py).
+3. a **pending** phase whose dependencies are done, of a run that showed no sign of life for
+   STALE_AFTER, lost its message, or its message waits in the queue for a worker. Only a
+   worker that has been idle for STALE_AFTER while consuming the pipeline's queue can tell
+   the two apart (it would have received the message), so this rule needs ``idle_since``
+   from such a worker (signals.py).
 
 Workers run recover_stale() when they start and every STALE_AFTER/2 (signals.py);
 services.start() and the init_status command run it too, without ``idle_since``.
@@ -76,13 +77,16 @@ def recover_stale(
         last = _last_activity(run, phases)
         if last >= cutoff:
             continue
-        todo = [p for p in phases if p.state not in PHASE_DONE]
-        if not todo:
+        if all(p.state in PHASE_DONE for p in phases):
             found = _finish(run)
-        else:
-            found = _recover_pending(run, todo[0], [p.name for p in todo], now, last, idle_since)
-        if found is not None:
-            done.append(found)
+            if found is not None:
+                done.append(found)
+            continue
+        by_name = {p.name: p for p in phases}
+        for names in services.plan_chains(phases):
+            found = _recover_pending(run, by_name[names[0]], names, now, last, idle_since)
+            if found is not None:
+                done.append(found)
     for item in done:
         log = logger.error if item.action in (FAILED, SEND_FAILED) else logger.warning
         log("recovery: run %s, %s %s: %s", item.run_id, item.phase, item.action, item.reason)
@@ -122,8 +126,16 @@ def _recover_running(
     )
     if not taken:
         return None
-    names = [p.name for p in phases if p.position >= pr.position and p.state not in PHASE_DONE]
-    return _send(run, pr, names, reason)
+    return _send(run, pr, _chain_from(pr, phases), reason)
+
+
+def _chain_from(pr: PhaseRun, phases: list[PhaseRun]) -> list[str]:
+    """The chain to send again from ``pr``, just put back to pending."""
+    for p in phases:
+        if p.pk == pr.pk:
+            p.state = PhaseState.PENDING
+    chains = services.plan_chains(phases, start=[pr.name])
+    return chains[0] if chains else [pr.name]
 
 
 def _recover_pending(
@@ -217,10 +229,7 @@ def hard_timeout(*, run_id: int, phase_name: str, task_id: str) -> Recovered | N
         found = None
         if taken:
             phases = list(pr.run.phases.order_by("position"))
-            names = [
-                p.name for p in phases if p.position >= pr.position and p.state not in PHASE_DONE
-            ]
-            found = _send(pr.run, pr, names, reason)
+            found = _send(pr.run, pr, _chain_from(pr, phases), reason)
     if found is not None:
         logger.error("run %s, %s %s: %s", run_id, phase_name, found.action, found.reason)
     return found

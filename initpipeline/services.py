@@ -152,6 +152,7 @@ def start(
                     position=position,
                     fingerprint=fingerprints[name],
                     version=pipeline.phases[name].version,
+                    depends_on=pipeline.dependencies(name),
                     forced=name in forced,
                     state=PhaseState.CACHED if name in cached else PhaseState.PENDING,
                     max_attempts=pipeline.phases[name].retries + 1,
@@ -192,19 +193,57 @@ def _enqueue(run_id: int, names: Sequence[str]) -> None:
         # is needed to switch generations.
         finish_run(run_id=run_id)
         return
+    phases = list(PhaseRun.objects.filter(run_id=run_id).order_by("position"))
     try:
-        send_chain(run_id, names)
+        # Phases with no dependency between them start side by side, one chain each.
+        for chain_names in plan_chains(phases):
+            send_chain(run_id, chain_names)
     except Exception as exc:
         logger.exception("could not enqueue run %s", run_id)
         reason = f"could not send the run's tasks to the broker: {type(exc).__name__}: {exc}"
         _end_run(run_id, RunState.FAILED, reason, phase_state=PhaseState.CANCELLED)
 
 
-def send_chain(run_id: int, names: Sequence[str]) -> None:
-    """Send phases ``names`` of a run, in this order, then its finish step, as one chain.
+def plan_chains(
+    phases: Sequence[PhaseRun], *, start: Sequence[str] | None = None
+) -> list[list[str]]:
+    """The chains to send now: one per pending phase whose dependencies are all done.
 
-    start() sends every phase still to do; recovery sends the rest of a run again from a
-    stale phase (Celery cannot resume a chain, celery#3325). Raises what the broker raised.
+    Each chain carries on through the phases that only its last phase unblocks (a linear
+    pipeline is one chain, as before). ``start`` limits the chains to those that begin at
+    these phases. The phases of a run come from its records (``depends_on``), so workers
+    running other code than the deploy step still follow the run's plan.
+    """
+    todo = {p.name: p for p in phases if p.state not in PHASE_DONE}
+    deps = {name: [d for d in p.depends_on if d in todo] for name, p in todo.items()}
+    dependants: dict[str, list[str]] = {name: [] for name in todo}
+    for name in sorted(todo, key=lambda n: todo[n].position):
+        for dep in deps[name]:
+            dependants[dep].append(name)
+    chains = []
+    for name in sorted(todo, key=lambda n: todo[n].position):
+        if todo[name].state != PhaseState.PENDING or deps[name]:
+            continue
+        if start is not None and name not in start:
+            continue
+        chain = [name]
+        while len(dependants[chain[-1]]) == 1:
+            following = dependants[chain[-1]][0]
+            if deps[following] != [chain[-1]]:
+                break
+            chain.append(following)
+        chains.append(chain)
+    return chains
+
+
+def send_chain(run_id: int, names: Sequence[str]) -> None:
+    """Send phases ``names`` of a run, in this order, as one Celery chain.
+
+    ``names`` is one of plan_chains(): start() sends every chain ready at the start, the
+    last phase of a chain sends the chains it unblocks (_succeeded), and recovery sends
+    again from a lost phase (Celery cannot resume a chain, celery#3325). A chain that holds
+    every phase left of its run ends with the run's finish step; any other chain's last
+    phase advances the run when it succeeds. Raises what the broker raised.
     """
     from celery import chain
 
@@ -212,24 +251,56 @@ def send_chain(run_id: int, names: Sequence[str]) -> None:
 
     queue = conf.get("QUEUE")
     # The limits come from the run's records, so what a PhaseRun shows is what is enforced.
-    timeouts = dict(
-        PhaseRun.objects.filter(run_id=run_id, name__in=names).values_list("name", "timeout")
-    )
+    rows = PhaseRun.objects.filter(run_id=run_id).values_list("name", "timeout", "state")
+    timeouts = {name: timeout for name, timeout, _ in rows}
+    left = {name for name, _, state in rows if state not in PHASE_DONE}
+    finishes = left <= set(names)
     steps = []
-    for name in names:
+    for i, name in enumerate(names):
         timeout = int(timeouts.get(name) or conf.get("DEFAULT_TIMEOUT"))
         # Immutable signatures: a step never receives the previous step's return value.
         limits: dict[str, Any] = {
             "soft_time_limit": timeout,
             "time_limit": timeout + HARD_LIMIT_GRACE,
         }
-        sig = tasks.run_phase.si(run_id, name).set(**limits)
+        kwargs = {"advance": True} if i == len(names) - 1 and not finishes else {}
+        sig = tasks.run_phase.si(run_id, name, **kwargs).set(**limits)
         if queue:
             sig = sig.set(queue=queue)
         steps.append(sig)
-    finish = tasks.finish_run.si(run_id)
-    steps.append(finish.set(queue=queue) if queue else finish)
+    if finishes:
+        finish = tasks.finish_run.si(run_id)
+        steps.append(finish.set(queue=queue) if queue else finish)
     chain(*steps).apply_async()
+
+
+def send_finish(run_id: int) -> None:
+    """Send the run's finish step on its own (its last phases ran in parallel chains)."""
+    from . import tasks
+
+    queue = conf.get("QUEUE")
+    tasks.finish_run.apply_async((run_id,), **({"queue": queue} if queue else {}))
+
+
+def _send_next(run_id: int, after: str, chains: list[list[str]], finish: bool) -> None:
+    """Send what the phase ``after`` unblocked; a failed send is left to recovery."""
+    try:
+        for names in chains:
+            send_chain(run_id, names)
+        if finish:
+            send_finish(run_id)
+    except Exception:
+        # The phases stay pending (or the run stays in flight with every phase done):
+        # recovery.py sends them again once the broker is back.
+        logger.exception("run %s: could not send what %s unblocked", run_id, after)
+        return
+    if chains:
+        logger.info(
+            "run %s: %s unblocked %s",
+            run_id,
+            after,
+            "; ".join(" -> ".join(names) for names in chains),
+        )
 
 
 # -- executing a phase (inside a Celery worker) -------------------------------------------
@@ -298,6 +369,7 @@ def _claim(run_id: int, phase_name: str, task_id: str, worker: str) -> PhaseRun:
     """
     stale_after = float(conf.get("STALE_AFTER"))
     lost = ""
+    ended = ""
     out_of_attempts = False
     with transaction.atomic():
         pr = (
@@ -308,39 +380,48 @@ def _claim(run_id: int, phase_name: str, task_id: str, worker: str) -> PhaseRun:
         run = pr.run
         now = timezone.now()
         if run.state not in IN_FLIGHT:
-            raise PhaseSkipped(f"run {run_id} is {run.state}")
-        if pr.state in PHASE_DONE:
+            ended = run.state
+            if pr.state == PhaseState.PENDING:
+                # Say, the retry of a phase that ran beside the one that failed the run.
+                pr.state = PhaseState.CANCELLED
+                pr.finished_at = now
+                pr.message = f"not run: the run is {run.state}"
+                pr.save(update_fields=["state", "finished_at", "message"])
+        elif pr.state in PHASE_DONE:
             raise PhaseSkipped(f"phase {phase_name} is already {pr.state} (duplicate delivery)")
-        if pr.state != PhaseState.PENDING and pr.state != PhaseState.RUNNING:
+        elif pr.state != PhaseState.PENDING and pr.state != PhaseState.RUNNING:
             raise PhaseSkipped(f"phase {phase_name} is {pr.state}")
-        if pr.state == PhaseState.RUNNING:
-            age = heartbeat_age(pr, now)
-            if age < stale_after:
-                # At-least-once delivery: Redis delivers a task again while it still runs
-                # once visibility_timeout has passed (celery#5935), under the same task id,
-                # so only the heartbeat tells a live copy from a lost one.
-                raise PhaseSkipped(
-                    f"phase {phase_name} attempt {pr.attempt} is running in task "
-                    f"{pr.task_id} on {pr.worker} (heartbeat {age:.1f} s ago)"
-                )
-            lost = worker_lost(pr, age)
-            if pr.attempt >= pr.max_attempts:
-                out_of_attempts = _fail(pr, f"{lost}; no attempts left", "")
-        if not out_of_attempts:
-            pr.state = PhaseState.RUNNING
-            pr.attempt += 1
-            pr.task_id = task_id
-            pr.worker = worker[:255]
-            pr.started_at = pr.started_at or now
-            pr.heartbeat_at = now
-            pr.finished_at = None
-            if lost:
-                pr.message = f"attempt {pr.attempt} took over: {lost}"[:500]
-            pr.save()
-            if run.state == RunState.PENDING:
-                run.state = RunState.RUNNING
-                run.started_at = now
-                run.save(update_fields=["state", "started_at"])
+        else:
+            if pr.state == PhaseState.RUNNING:
+                age = heartbeat_age(pr, now)
+                if age < stale_after:
+                    # At-least-once delivery: Redis delivers a task again while it still
+                    # runs once visibility_timeout has passed (celery#5935), under the same
+                    # task id, so only the heartbeat tells a live copy from a lost one.
+                    raise PhaseSkipped(
+                        f"phase {phase_name} attempt {pr.attempt} is running in task "
+                        f"{pr.task_id} on {pr.worker} (heartbeat {age:.1f} s ago)"
+                    )
+                lost = worker_lost(pr, age)
+                if pr.attempt >= pr.max_attempts:
+                    out_of_attempts = _fail(pr, f"{lost}; no attempts left", "")
+            if not out_of_attempts:
+                pr.state = PhaseState.RUNNING
+                pr.attempt += 1
+                pr.task_id = task_id
+                pr.worker = worker[:255]
+                pr.started_at = pr.started_at or now
+                pr.heartbeat_at = now
+                pr.finished_at = None
+                if lost:
+                    pr.message = f"attempt {pr.attempt} took over: {lost}"[:500]
+                pr.save()
+                if run.state == RunState.PENDING:
+                    run.state = RunState.RUNNING
+                    run.started_at = now
+                    run.save(update_fields=["state", "started_at"])
+    if ended:
+        raise PhaseSkipped(f"run {run_id} is {ended}")
     if out_of_attempts:
         logger.error("phase %s of run %s failed: %s; no attempts left", phase_name, run_id, lost)
         raise PhaseFailed(f"{lost}; no attempts left")
@@ -351,8 +432,13 @@ def _claim(run_id: int, phase_name: str, task_id: str, worker: str) -> PhaseRun:
     return pr
 
 
-def execute_phase(*, run_id: int, phase_name: str, task_id: str = "", worker: str = "") -> str:
+def execute_phase(
+    *, run_id: int, phase_name: str, task_id: str = "", worker: str = "", advance: bool = False
+) -> str:
     """Run one phase of a run and record the outcome; returns the phase's final state.
+
+    ``advance``: this phase ends its chain, so once it succeeds it sends the phases it
+    unblocks (or the run's finish step, when no phase is left).
 
     Returns succeeded, or cancelled when the run was cancelled while the phase ran. Raises
     RetryPhase when it failed with attempts left, PhaseFailed when it failed for good (the
@@ -386,7 +472,7 @@ def execute_phase(*, run_id: int, phase_name: str, task_id: str = "", worker: st
             return _stopped(pr, time.monotonic() - started)
         _failed_attempt(pr, exc, traceback.format_exc())
     beat.stop()
-    return _succeeded(pr, published, time.monotonic() - started)
+    return _succeeded(pr, published, time.monotonic() - started, advance=advance)
 
 
 def _owned(pr: PhaseRun) -> QuerySet[PhaseRun]:
@@ -449,15 +535,27 @@ def _succeeded(
     pr: PhaseRun,
     published: dict[str, tuple[storage.Published, str, dict[str, Any]]],
     seconds: float,
+    *,
+    advance: bool = False,
 ) -> str:
     with transaction.atomic():
+        if advance:
+            # The run's row serialises the ends of parallel chains: of two phases that a
+            # third waits for, exactly one sees the other done and sends the third.
+            run_state = (
+                PipelineRun.objects.select_for_update()
+                .filter(pk=pr.run_id)
+                .values_list("state", flat=True)
+                .get()
+            )
         row = PhaseRun.objects.select_for_update().filter(pk=pr.pk).values("attempt", "state")
         current = row.get()
         mine = current["attempt"] == pr.attempt
         state = current["state"]
         if mine and state in (PhaseState.RUNNING, PhaseState.CANCELLED):
             # The files are complete and verified by checksum: a phase that finished as its
-            # run was cancelled still records them, so the next run finds them cached.
+            # run was cancelled (or failed elsewhere) still records them, so the next run
+            # finds them cached.
             for name, (pub, fmt, metadata) in published.items():
                 Artifact.objects.create(
                     name=name,
@@ -479,6 +577,8 @@ def _succeeded(
                 error="",
                 traceback="",
             )
+            if advance and run_state in IN_FLIGHT:
+                _advance(pr)
     if not mine or state not in (PhaseState.RUNNING, PhaseState.CANCELLED):
         raise _taken_over(pr)
     if state == PhaseState.CANCELLED:
@@ -490,6 +590,30 @@ def _succeeded(
         return PhaseState.CANCELLED
     logger.info("phase %s of run %s succeeded in %.2f s", pr.name, pr.run_id, seconds)
     return PhaseState.SUCCEEDED
+
+
+def _advance(pr: PhaseRun) -> None:
+    """Inside _succeeded's transaction: send, once it commits, what ``pr`` unblocked."""
+    phases = list(PhaseRun.objects.filter(run_id=pr.run_id).order_by("position"))
+    waits_for = {p.name: p.depends_on for p in phases}
+    chains = [names for names in plan_chains(phases) if pr.name in waits_for[names[0]]]
+    finish = all(p.state in PHASE_DONE for p in phases)
+    if chains or finish:
+        run_id, name = pr.run_id, pr.name
+        transaction.on_commit(lambda: _send_next(run_id, name, chains, finish))
+
+
+def descendants(phases: Sequence[PhaseRun], name: str) -> set[str]:
+    """The phases of a run that wait for ``name``, directly or not, from its records."""
+    found: set[str] = set()
+    frontier = [name]
+    while frontier:
+        current = frontier.pop()
+        for p in phases:
+            if current in p.depends_on and p.name not in found:
+                found.add(p.name)
+                frontier.append(p.name)
+    return found
 
 
 def backoff(attempt: int) -> float:
@@ -504,7 +628,7 @@ def backoff_ceiling(attempt: int) -> float:
 
 
 def _fail(pr: PhaseRun, error: str, tb: str, *, stale_before: datetime | None = None) -> bool:
-    """Fail this attempt of the phase, the phases after it and the run.
+    """Fail this attempt of the phase, the phases that depend on it, and the run.
 
     Returns False, changing nothing, when the attempt no longer holds the row (another copy
     claimed it, or it ended) or, with ``stale_before``, when it showed a sign of life since.
@@ -518,9 +642,19 @@ def _fail(pr: PhaseRun, error: str, tb: str, *, stale_before: datetime | None = 
             mine = mine.filter(Q(heartbeat_at__isnull=True) | Q(heartbeat_at__lt=stale_before))
         if not mine.update(state=PhaseState.FAILED, error=error, traceback=tb, finished_at=now):
             return False
-        PhaseRun.objects.filter(
-            run_id=pr.run_id, position__gt=pr.position, state=PhaseState.PENDING
-        ).update(state=PhaseState.UPSTREAM_FAILED, message=f"not run: {pr.name} failed")
+        phases = list(PhaseRun.objects.filter(run_id=pr.run_id).only("name", "depends_on"))
+        waiting = PhaseRun.objects.filter(run_id=pr.run_id, state=PhaseState.PENDING)
+        below = descendants(phases, pr.name)
+        waiting.filter(name__in=below).update(
+            state=PhaseState.UPSTREAM_FAILED, message=f"not run: {pr.name} failed"
+        )
+        # Phases that do not depend on it: a running one finishes and keeps its artifacts
+        # for the next run; a pending one never starts in a failed run.
+        waiting.exclude(name__in=below).update(
+            state=PhaseState.CANCELLED,
+            finished_at=now,
+            message=f"not run: the run failed at {pr.name}",
+        )
         PipelineRun.objects.filter(pk=pr.run_id, state__in=IN_FLIGHT).update(
             state=RunState.FAILED, finished_at=now, error=f"phase {pr.name} failed: {error}"
         )

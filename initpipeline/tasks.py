@@ -28,14 +28,15 @@ PHASE_TASK_OPTIONS: dict[str, Any] = {"acks_late": True, "reject_on_worker_lost"
     max_retries=None,
     **PHASE_TASK_OPTIONS,
 )
-def run_phase(self: Any, run_id: int, phase_name: str) -> str:
-    """Run one phase of a run."""
+def run_phase(self: Any, run_id: int, phase_name: str, advance: bool = False) -> str:
+    """Run one phase of a run; ``advance``: it ends its chain (services.send_chain)."""
     try:
         state = services.execute_phase(
             run_id=run_id,
             phase_name=phase_name,
             task_id=self.request.id or "",
             worker=self.request.hostname or "",
+            advance=advance,
         )
     except services.RetryPhase as retry:
         # self.retry keeps the rest of the chain in the new message.

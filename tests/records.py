@@ -52,6 +52,8 @@ def make_run(
     )
     for position, p in enumerate(phases):
         begun = at + timedelta(seconds=p.start) if p.start is not None else None
+        # One after the other, unless ``extra`` says what the phase waits for.
+        extra = {"depends_on": [phases[position - 1].name] if position else [], **p.extra}
         PhaseRun.objects.create(
             run=run,
             name=p.name,
@@ -71,7 +73,7 @@ def make_run(
             else None,
             error=p.error,
             traceback=p.traceback,
-            **p.extra,  # type: ignore[arg-type]
+            **extra,  # type: ignore[arg-type]
         )
     return run
 

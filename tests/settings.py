@@ -31,10 +31,14 @@ elif DATABASES["default"]["ENGINE"] == "django.db.backends.postgresql":
     DATABASES["default"]["NAME"] = _NAME
     DATABASES["default"]["TEST"] = {"NAME": _NAME}
 
-# "small": tests/testapp's fast, controllable pipeline; "demo": the real demo workload.
+# "small": tests/testapp's fast, controllable pipeline a -> b -> c; "parallel":
+# tests/parallelapp's two independent branches and their join; "demo": the real demo workload.
 PIPELINE = os.environ.get("INITPIPELINE_TEST_PIPELINE", "small")
-if PIPELINE == "small":
-    INSTALLED_APPS = [a for a in INSTALLED_APPS if a != "project.search"] + ["tests.testapp"]
+if PIPELINE in ("small", "parallel"):
+    INSTALLED_APPS = [a for a in INSTALLED_APPS if a != "project.search"] + [
+        "tests.testapp" if PIPELINE == "small" else "tests.parallelapp"
+    ]
+_REQUIRED = {"demo": ["lsa_docs"], "parallel": ["join_out"]}
 
 INITPIPELINE = {
     **INITPIPELINE,
@@ -43,7 +47,7 @@ INITPIPELINE = {
     "RETRY_BACKOFF": 0.2,
     "RETRY_BACKOFF_MAX": 1.0,
     "REFRESH_INTERVAL": float(os.environ.get("INITPIPELINE_REFRESH_INTERVAL", "0.5")),
-    "REQUIRED_ARTIFACTS": ["lsa_docs"] if PIPELINE == "demo" else ["b_out"],
+    "REQUIRED_ARTIFACTS": _REQUIRED.get(PIPELINE, ["b_out"]),
     "RETRY_AFTER": 1,
     "START_ON_GUNICORN_READY": os.environ.get("INITPIPELINE_START_ON_READY") == "1",
     # Downloads of remote artifacts stay in this session's folder, not the shared temp one.

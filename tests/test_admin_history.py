@@ -80,6 +80,23 @@ def test_estimate_of_the_running_phase_blends_history_and_pace() -> None:
     assert history.estimate_remaining(run, now=later) == pytest.approx(15.0 + 5.0)
 
 
+def test_estimate_of_independent_phases_is_the_longest_path() -> None:
+    shape = [Phase("left", start=0, took=10), Phase("right", start=0, took=4)]
+    make_run("succeeded", [*shape, Phase("join", start=10, took=2)], at=T0)
+    independent = {"depends_on": []}
+    run = make_run(
+        "pending",
+        [
+            Phase("left", "pending"),
+            Phase("right", "pending", extra=independent),
+            Phase("join", "pending", extra={"depends_on": ["left", "right"]}),
+        ],
+        at=T0 + HOUR,
+    )
+    # left and right side by side (10 s, not 14 s), then join.
+    assert history.estimate_remaining(run) == 12.0
+
+
 def test_estimate_is_unknown_when_a_phase_never_ran() -> None:
     make_run("succeeded", [Phase("a", start=0, took=10)], at=T0)
     run = make_run("pending", [Phase("a", "pending"), Phase("b", "pending")], at=T0 + HOUR)

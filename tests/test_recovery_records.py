@@ -47,7 +47,12 @@ def make_run(run_state: str = "running", **phases: dict[str, Any]) -> PipelineRu
         fields: dict[str, Any] = {"state": "pending", "max_attempts": 3, "timeout": 60}
         fields.update(phases.get(name, {}))
         PhaseRun.objects.create(
-            run=run, name=name, position=position, fingerprint=fingerprints[name], **fields
+            run=run,
+            name=name,
+            position=position,
+            fingerprint=fingerprints[name],
+            depends_on=pipeline.dependencies(name),
+            **fields,
         )
     return run
 

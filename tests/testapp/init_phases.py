@@ -28,21 +28,10 @@ from __future__ import annotations
 import json
 import os
 import time
-from pathlib import Path
 from typing import Any
 
 from initpipeline import PhaseContext, phase
-
-
-def _var() -> Path:
-    return Path(os.environ["INITPIPELINE_VAR_DIR"])
-
-
-def control() -> dict[str, Any]:
-    try:
-        return dict(json.loads((_var() / "control.json").read_text()))
-    except FileNotFoundError:
-        return {}
+from tests.testapp.work import control, do_work
 
 
 def _options(name: str, **defaults: Any) -> dict[str, Any]:
@@ -52,22 +41,6 @@ def _options(name: str, **defaults: Any) -> dict[str, Any]:
 
 def _config(name: str) -> Any:
     return lambda: {"v": control().get("versions", {}).get(name, "1")}
-
-
-def _work(ctx: PhaseContext) -> None:
-    ctl = control()
-    with open(_var() / "executions.log", "a") as log:
-        log.write(f"{ctx.name} {ctx.run_id} {ctx.attempt} {os.getpid()}\n")
-    seconds = float(ctl.get("sleep", {}).get(ctx.name, 0))
-    steps = max(1, int(seconds / 0.1))
-    for i in range(steps):
-        if seconds:
-            time.sleep(seconds / steps)
-        ctx.progress(i + 1, steps, f"step {i + 1} of {steps}")
-    if ctx.name in ctl.get("fail", []):
-        raise RuntimeError(f"{ctx.name} was told to fail")
-    if ctx.attempt <= int(ctl.get("fail_attempts", {}).get(ctx.name, 0)):
-        raise RuntimeError(f"{ctx.name} fails attempt {ctx.attempt}")
 
 
 def _save(ctx: PhaseContext, name: str, value: Any) -> None:
@@ -94,14 +67,14 @@ def _save(ctx: PhaseContext, name: str, value: Any) -> None:
 
 @phase(produces="a_out", config=_config("a"), **_options("a"))
 def a(ctx: PhaseContext) -> None:
-    _work(ctx)
+    do_work(ctx)
     _save(ctx, "a_out", {"numbers": list(range(10)), "v": ctx.config["v"]})
 
 
 @phase(produces="b_out", after="a", config=_config("b"), **_options("b"))
 def b(ctx: PhaseContext) -> None:
     numbers = ctx.load("a_out")["numbers"]
-    _work(ctx)
+    do_work(ctx)
     import numpy as np
 
     # The version shows in the bytes, so a bumped b publishes a different file.
@@ -111,5 +84,5 @@ def b(ctx: PhaseContext) -> None:
 @phase(produces="c_out", inputs=["b_out"], config=_config("c"), **_options("c", retries=2))
 def c(ctx: PhaseContext) -> None:
     total = float(ctx.load("b_out").sum())
-    _work(ctx)
+    do_work(ctx)
     _save(ctx, "c_out", {"total": total, "attempt": ctx.attempt})

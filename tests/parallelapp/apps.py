@@ -1,0 +1,6 @@
+from django.apps import AppConfig
+
+
+class ParallelAppConfig(AppConfig):
+    name = "tests.parallelapp"
+    label = "parallelapp"
