@@ -47,9 +47,9 @@ def _wait(predicate: Callable[[], Any], timeout: float, what: str, log: Path | N
         time.sleep(0.1)
 
 
-def _listening(port: int) -> bool:
+def _listening(port: int, host: str = "127.0.0.1") -> bool:
     try:
-        with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+        with socket.create_connection((host, port), timeout=0.5):
             return True
     except OSError:
         return False
@@ -65,13 +65,14 @@ def _binary(name: str, *patterns: str) -> str:
 
 
 class PostgresServer:
-    """A PostgreSQL cluster made by initdb in a temp folder, serving 127.0.0.1:PORT.
+    """A PostgreSQL cluster made by initdb in a temp folder, serving HOST:PORT (loopback).
 
     PostgreSQL refuses to run as root: as root, the cluster belongs to the ``postgres``
     user (the Debian package creates it) and its commands run through ``runuser``.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, host: str = "127.0.0.1") -> None:
+        self.host = host
         self.initdb = _binary("initdb", "/usr/lib/postgresql/*/bin/initdb")
         self.pg_ctl = str(Path(self.initdb).with_name("pg_ctl"))
         self.as_user: list[str] = []
@@ -92,7 +93,7 @@ class PostgresServer:
         self.started = False
 
     def url(self, database: str = "initpipeline") -> str:
-        return f"postgres://{self.user}@127.0.0.1:{self.port}/{database}"
+        return f"postgres://{self.user}@{self.host}:{self.port}/{database}"
 
     def _run(self, *args: str) -> None:
         result = subprocess.run(
@@ -106,8 +107,12 @@ class PostgresServer:
             os.chown(self.dir, self.owner.pw_uid, self.owner.pw_gid)
         # trust on loopback only: a throwaway cluster for the tests, nothing to protect.
         self._run(self.initdb, "-D", str(self.data), "-A", "trust", "-E", "UTF8", "--no-sync")
+        if self.host != "127.0.0.1":
+            # The test's own private network (tests/test_hosts.py), nothing else on it.
+            with open(self.data / "pg_hba.conf", "a") as hba:
+                hba.write(f"host all all {self.host}/24 trust\n")
         options = (
-            f"-h 127.0.0.1 -p {self.port} -k {self.dir} "
+            f"-h {self.host} -p {self.port} -k {self.dir} "
             # Durability buys nothing in a test cluster and costs fsyncs on every commit.
             "-c fsync=off -c synchronous_commit=off -c full_page_writes=off"
         )
@@ -227,9 +232,10 @@ class RabbitMQServer:
 
 
 class MotoServer:
-    """moto's S3 (and friends) in server mode: ``moto_server -H 127.0.0.1 -p PORT``."""
+    """moto's S3 (and friends) in server mode: ``moto_server -H HOST -p PORT``."""
 
-    def __init__(self, workdir: Path) -> None:
+    def __init__(self, workdir: Path, host: str = "127.0.0.1") -> None:
+        self.host = host
         binary = Path(sys.executable).with_name("moto_server")
         if not binary.exists():
             raise ServiceUnavailable("moto_server is not installed (pip install 'moto[server]')")
@@ -240,15 +246,15 @@ class MotoServer:
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        return f"http://{self.host}:{self.port}"
 
     def start(self) -> None:
         self.proc = subprocess.Popen(
-            [self.binary, "-H", "127.0.0.1", "-p", str(self.port)],
+            [self.binary, "-H", self.host, "-p", str(self.port)],
             stdout=open(self.log, "wb"),  # noqa: SIM115 - closed with the process
             stderr=subprocess.STDOUT,
         )
-        _wait(lambda: _listening(self.port), 30, "moto_server", self.log)
+        _wait(lambda: _listening(self.port, self.host), 30, "moto_server", self.log)
 
     def client(self) -> Any:
         import boto3

@@ -18,3 +18,14 @@ def b_total(request: HttpRequest) -> HttpResponse:
             "total": float(values.sum()),
         }
     )
+
+
+JOIN_OUT = artifact("join_out")
+
+
+@requires_artifacts("join_out")
+def join_sides(request: HttpRequest) -> HttpResponse:
+    """tests/parallelapp's join artifact, as the web host serves it."""
+    return JsonResponse(
+        {"generation": active.snapshot().generation_id, "sides": JOIN_OUT.get()["sides"]}
+    )
