@@ -269,17 +269,21 @@ def send_chain(run_id: int, names: Sequence[str]) -> None:
             sig = sig.set(queue=queue)
         steps.append(sig)
     if finishes:
-        finish = tasks.finish_run.si(run_id)
-        steps.append(finish.set(queue=queue) if queue else finish)
+        steps.append(_finish_step(run_id))
     chain(*steps).apply_async()
+
+
+def _finish_step(run_id: int) -> Any:
+    from . import tasks
+
+    queue = conf.get("QUEUE")
+    finish = tasks.finish_run.si(run_id)
+    return finish.set(queue=queue) if queue else finish
 
 
 def send_finish(run_id: int) -> None:
     """Send the run's finish step on its own (its last phases ran in parallel chains)."""
-    from . import tasks
-
-    queue = conf.get("QUEUE")
-    tasks.finish_run.apply_async((run_id,), **({"queue": queue} if queue else {}))
+    _finish_step(run_id).apply_async()
 
 
 def _send_next(run_id: int, after: str, chains: list[list[str]], finish: bool) -> None:
@@ -369,7 +373,6 @@ def _claim(run_id: int, phase_name: str, task_id: str, worker: str) -> PhaseRun:
     """
     stale_after = float(conf.get("STALE_AFTER"))
     lost = ""
-    ended = ""
     out_of_attempts = False
     with transaction.atomic():
         pr = (
@@ -380,48 +383,39 @@ def _claim(run_id: int, phase_name: str, task_id: str, worker: str) -> PhaseRun:
         run = pr.run
         now = timezone.now()
         if run.state not in IN_FLIGHT:
-            ended = run.state
-            if pr.state == PhaseState.PENDING:
-                # Say, the retry of a phase that ran beside the one that failed the run.
-                pr.state = PhaseState.CANCELLED
-                pr.finished_at = now
-                pr.message = f"not run: the run is {run.state}"
-                pr.save(update_fields=["state", "finished_at", "message"])
-        elif pr.state in PHASE_DONE:
+            raise PhaseSkipped(f"run {run_id} is {run.state}")
+        if pr.state in PHASE_DONE:
             raise PhaseSkipped(f"phase {phase_name} is already {pr.state} (duplicate delivery)")
-        elif pr.state != PhaseState.PENDING and pr.state != PhaseState.RUNNING:
+        if pr.state != PhaseState.PENDING and pr.state != PhaseState.RUNNING:
             raise PhaseSkipped(f"phase {phase_name} is {pr.state}")
-        else:
-            if pr.state == PhaseState.RUNNING:
-                age = heartbeat_age(pr, now)
-                if age < stale_after:
-                    # At-least-once delivery: Redis delivers a task again while it still
-                    # runs once visibility_timeout has passed (celery#5935), under the same
-                    # task id, so only the heartbeat tells a live copy from a lost one.
-                    raise PhaseSkipped(
-                        f"phase {phase_name} attempt {pr.attempt} is running in task "
-                        f"{pr.task_id} on {pr.worker} (heartbeat {age:.1f} s ago)"
-                    )
-                lost = worker_lost(pr, age)
-                if pr.attempt >= pr.max_attempts:
-                    out_of_attempts = _fail(pr, f"{lost}; no attempts left", "")
-            if not out_of_attempts:
-                pr.state = PhaseState.RUNNING
-                pr.attempt += 1
-                pr.task_id = task_id
-                pr.worker = worker[:255]
-                pr.started_at = pr.started_at or now
-                pr.heartbeat_at = now
-                pr.finished_at = None
-                if lost:
-                    pr.message = f"attempt {pr.attempt} took over: {lost}"[:500]
-                pr.save()
-                if run.state == RunState.PENDING:
-                    run.state = RunState.RUNNING
-                    run.started_at = now
-                    run.save(update_fields=["state", "started_at"])
-    if ended:
-        raise PhaseSkipped(f"run {run_id} is {ended}")
+        if pr.state == PhaseState.RUNNING:
+            age = heartbeat_age(pr, now)
+            if age < stale_after:
+                # At-least-once delivery: Redis delivers a task again while it still runs
+                # once visibility_timeout has passed (celery#5935), under the same task id,
+                # so only the heartbeat tells a live copy from a lost one.
+                raise PhaseSkipped(
+                    f"phase {phase_name} attempt {pr.attempt} is running in task "
+                    f"{pr.task_id} on {pr.worker} (heartbeat {age:.1f} s ago)"
+                )
+            lost = worker_lost(pr, age)
+            if pr.attempt >= pr.max_attempts:
+                out_of_attempts = _fail(pr, f"{lost}; no attempts left", "")
+        if not out_of_attempts:
+            pr.state = PhaseState.RUNNING
+            pr.attempt += 1
+            pr.task_id = task_id
+            pr.worker = worker[:255]
+            pr.started_at = pr.started_at or now
+            pr.heartbeat_at = now
+            pr.finished_at = None
+            if lost:
+                pr.message = f"attempt {pr.attempt} took over: {lost}"[:500]
+            pr.save()
+            if run.state == RunState.PENDING:
+                run.state = RunState.RUNNING
+                run.started_at = now
+                run.save(update_fields=["state", "started_at"])
     if out_of_attempts:
         logger.error("phase %s of run %s failed: %s; no attempts left", phase_name, run_id, lost)
         raise PhaseFailed(f"{lost}; no attempts left")
@@ -507,24 +501,30 @@ def _failed_attempt(pr: PhaseRun, exc: BaseException, tb: str) -> NoReturn:
         countdown = backoff(pr.attempt)
         # heartbeat_at = now: the worker is alive and the retry is on its way; recovery
         # allows the backoff to pass before it counts the phase as lost (recovery.py).
-        retrying = _owned(pr).update(
-            state=PhaseState.PENDING,
-            error=error,
-            traceback=tb,
-            heartbeat_at=timezone.now(),
-            message=f"attempt {pr.attempt} failed; retrying in {countdown:.0f} s",
+        # Only while the run is in flight: a phase that fails after one beside it failed
+        # the run has nothing to retry for, and fails below.
+        retrying = (
+            _owned(pr)
+            .filter(run__state__in=IN_FLIGHT)
+            .update(
+                state=PhaseState.PENDING,
+                error=error,
+                traceback=tb,
+                heartbeat_at=timezone.now(),
+                message=f"attempt {pr.attempt} failed; retrying in {countdown:.0f} s",
+            )
         )
-        if not retrying:
-            raise _taken_over(pr) from exc
-        logger.warning(
-            "phase %s attempt %d/%d failed (%s); retrying in %.1f s",
-            pr.name,
-            pr.attempt,
-            pr.max_attempts,
-            error,
-            countdown,
-        )
-        raise RetryPhase(countdown) from exc
+        if retrying:
+            logger.warning(
+                "phase %s attempt %d/%d failed (%s); retrying in %.1f s",
+                pr.name,
+                pr.attempt,
+                pr.max_attempts,
+                error,
+                countdown,
+            )
+            raise RetryPhase(countdown) from exc
+    # _fail changes nothing when this attempt no longer owns the phase.
     if not _fail(pr, error, tb):
         raise _taken_over(pr) from exc
     logger.error("phase %s of run %s failed: %s\n%s", pr.name, pr.run_id, error, tb)

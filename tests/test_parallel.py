@@ -121,6 +121,23 @@ def test_a_failure_fails_its_dependants_and_cancels_what_has_not_started(
     assert sent == []
 
 
+@pytest.mark.django_db(transaction=True)
+def test_a_phase_failing_after_the_run_failed_is_not_retried(sent: list[Any]) -> None:
+    run = saved_run(TWO_BRANCHES, x1="running", y1="running")
+    PhaseRun.objects.filter(run=run, name="y1").update(max_attempts=3)
+    assert services._fail(PhaseRun.objects.get(run=run, name="x1"), "RuntimeError: boom", "")
+    y1 = PhaseRun.objects.get(run=run, name="y1")
+    # y1 has attempts left, but its run is over: it fails instead of waiting for a retry
+    # that would never run.
+    with pytest.raises(services.PhaseFailed):
+        services._failed_attempt(y1, RuntimeError("late"), "")
+    y1.refresh_from_db()
+    assert (y1.state, y1.error) == ("failed", "RuntimeError: late")
+    run.refresh_from_db()
+    assert (run.state, run.error) == ("failed", "phase x1 failed: RuntimeError: boom")
+    assert sent == []
+
+
 # -- through real workers -----------------------------------------------------------------
 
 
