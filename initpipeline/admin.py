@@ -23,9 +23,9 @@ from django.utils.translation import gettext_lazy as _
 
 from . import history, services
 from .exceptions import EnqueueError, PipelineConfigError
+from .formatters import fmt_duration
 from .models import (
     IN_FLIGHT,
-    PHASE_DONE,
     Artifact,
     Generation,
     PhaseRun,
@@ -34,7 +34,7 @@ from .models import (
     RunState,
     trigger_label,
 )
-from .render import fmt_duration
+from .reporting import run_report
 
 #: Runs that "Resume from failure" accepts: their done phases are cached by fingerprint.
 RESUMABLE = (RunState.FAILED, RunState.CANCELLED)
@@ -206,17 +206,17 @@ class PipelineRunAdmin(ReadOnlyMixin, admin.ModelAdmin):  # type: ignore[type-ar
         page = Paginator(runs, 25).get_page(request.GET.get("p"))
         rows = []
         for run in page:
-            phases = list(run.phases.all())
+            report = run_report(run, list(run.phases.all()), estimate=False)
             rows.append(
                 {
                     "run": run,
                     "url": self._url("progress_run", run.pk),
-                    "progress": history.overall_progress(phases),
-                    "done": sum(p.state in PHASE_DONE for p in phases),
-                    "total": len(phases),
-                    "duration": fmt_duration(run.duration),
-                    "failed": run.state == RunState.FAILED,
-                    "status_url": _status_url(run.pk) if run.is_in_flight else None,
+                    "progress": report.progress,
+                    "done": report.done_count,
+                    "total": len(report.phases),
+                    "duration": fmt_duration(report.duration),
+                    "failed": report.state == RunState.FAILED,
+                    "status_url": _status_url(run.pk) if report.in_flight else None,
                 }
             )
         context = self._context(request, title=gettext("Live progress"), rows=rows, page=page)
@@ -227,30 +227,26 @@ class PipelineRunAdmin(ReadOnlyMixin, admin.ModelAdmin):  # type: ignore[type-ar
         if not self.has_view_permission(request):
             raise PermissionDenied
         run = get_object_or_404(PipelineRun, pk=run_id)
-        phases = list(run.phases.order_by("position"))
+        report = run_report(run)
         previous = history.previous_run(run)
-        data = services.run_dict(run)
+        estimate = report.estimate_remaining
         context = self._context(
             request,
             title=gettext("Run %(id)s") % {"id": run.pk},
             run=run,
-            run_data=data,
+            run_data=report.as_dict(),
             phases=[
                 {
                     "phase": p,
                     "duration": fmt_duration(p.duration),
                     "failed": p.state == PhaseState.FAILED,
-                    "error": p.error,
-                    "traceback": p.traceback,
                 }
-                for p in phases
+                for p in report.phases
             ],
-            progress=history.overall_progress(phases),
-            duration=fmt_duration(run.duration),
-            estimate=data["estimate_remaining"],
-            estimate_text=None
-            if data["estimate_remaining"] is None
-            else fmt_duration(data["estimate_remaining"]),
+            progress=report.progress,
+            duration=fmt_duration(report.duration),
+            estimate=estimate,
+            estimate_text=None if estimate is None else fmt_duration(estimate),
             previous=previous,
             previous_data={
                 "id": previous.pk,

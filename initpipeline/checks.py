@@ -1,18 +1,25 @@
-"""System checks: settings and pipeline errors (E001...), deployment warnings (W001...)."""
+"""System checks, each fault with its own id: settings and pipeline errors (E001...),
+deployment warnings (W001...). README "Settings" lists them all."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import PurePath
 from typing import Any
 
 from django.apps import AppConfig
-from django.conf import settings
+from django.conf import settings as django_settings
 from django.core import checks
 
-from . import conf
+from .conf import DEFAULTS
+from .conf import settings as conf
+from .dispatch import HARD_LIMIT_GRACE, PHASE_TASK_OPTIONS
 from .exceptions import PipelineConfigError
+from .registry import MAX_TIMEOUT, Fault, Pipeline, get_pipeline
 
-_NUMBERS = (
+# -- settings (initpipeline.E001, E007, E008, E013...) ------------------------------------
+
+_POSITIVE = (
     "REFRESH_INTERVAL",
     "HEARTBEAT_INTERVAL",
     "STALE_AFTER",
@@ -21,12 +28,20 @@ _NUMBERS = (
     "RETRY_BACKOFF_MAX",
     "RETRY_AFTER",
 )
+_BOOLEANS = ("GC_AFTER_ACTIVATION", "START_ON_GUNICORN_READY")
+
+
+def _positive(value: Any) -> bool:
+    return not isinstance(value, bool) and isinstance(value, int | float) and value > 0
+
+
+def _strings(value: Any) -> bool:
+    return isinstance(value, list | tuple) and all(isinstance(v, str) for v in value)
 
 
 @checks.register()
 def check_settings(app_configs: Sequence[AppConfig] | None = None, **kwargs: Any) -> list[Any]:
-    errors: list[Any] = []
-    user = getattr(settings, "INITPIPELINE", {})
+    user = getattr(django_settings, "INITPIPELINE", {})
     if not isinstance(user, dict):
         return [
             checks.Error(
@@ -34,34 +49,89 @@ def check_settings(app_configs: Sequence[AppConfig] | None = None, **kwargs: Any
                 id="initpipeline.E001",
             )
         ]
-    unknown = sorted(set(user) - set(conf.DEFAULTS))
+    errors: list[Any] = []
+    unknown = sorted(set(user) - set(DEFAULTS))
     if unknown:
         errors.append(
             checks.Error(
-                f"settings.INITPIPELINE has unknown keys: {', '.join(unknown)}.",
-                hint=f"Known keys: {', '.join(sorted(conf.DEFAULTS))}.",
-                id="initpipeline.E001",
+                f"settings.INITPIPELINE has unknown keys: {', '.join(map(str, unknown))}.",
+                hint=f"Known keys: {', '.join(sorted(DEFAULTS))}.",
+                id="initpipeline.E013",
             )
         )
-    for key in _NUMBERS:
-        value = conf.get(key)
-        if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
+    for key in _POSITIVE:
+        value = conf.raw(key)
+        if not _positive(value):
             errors.append(
                 checks.Error(
                     f"INITPIPELINE[{key!r}] must be a positive number, not {value!r}.",
-                    id="initpipeline.E001",
+                    id="initpipeline.E014",
                 )
             )
-    keep = conf.get("KEEP_GENERATIONS")
+    timeout = conf.raw("DEFAULT_TIMEOUT")
+    if _positive(timeout) and timeout > MAX_TIMEOUT:
+        errors.append(
+            checks.Error(
+                f"INITPIPELINE['DEFAULT_TIMEOUT'] is {timeout!r} s, more than a week.",
+                hint=f"Give a phase at most {MAX_TIMEOUT} s; split a longer one.",
+                id="initpipeline.E019",
+            )
+        )
+    keep = conf.raw("KEEP_GENERATIONS")
     if isinstance(keep, bool) or not isinstance(keep, int) or keep < 1:
         errors.append(
             checks.Error(
                 f"INITPIPELINE['KEEP_GENERATIONS'] must be an integer >= 1, not {keep!r}.",
-                id="initpipeline.E001",
+                id="initpipeline.E015",
             )
         )
-    alias = conf.get("STORAGE")
-    if alias not in getattr(settings, "STORAGES", {}):
+    for key in _BOOLEANS:
+        if not isinstance(conf.raw(key), bool):
+            errors.append(
+                checks.Error(
+                    f"INITPIPELINE[{key!r}] must be True or False, not {conf.raw(key)!r}.",
+                    id="initpipeline.E021",
+                )
+            )
+    queue = conf.raw("QUEUE")
+    if queue is not None and (not isinstance(queue, str) or not queue):
+        errors.append(
+            checks.Error(
+                f"INITPIPELINE['QUEUE'] must be the name of a Celery queue or None, not {queue!r}.",
+                id="initpipeline.E018",
+            )
+        )
+    if not _strings(conf.raw("REQUIRED_ARTIFACTS")):
+        errors.append(
+            checks.Error(
+                "INITPIPELINE['REQUIRED_ARTIFACTS'] must be a list of artifact names, not "
+                f"{conf.raw('REQUIRED_ARTIFACTS')!r}.",
+                id="initpipeline.E020",
+            )
+        )
+    paths = conf.raw("WARMUP_PATHS")
+    if not isinstance(paths, dict) or not all(
+        isinstance(prefix, str) and prefix.startswith("/") and _strings(names)
+        for prefix, names in paths.items()
+    ):
+        errors.append(
+            checks.Error(
+                f"INITPIPELINE['WARMUP_PATHS'] must map URL prefixes to lists of artifact "
+                f"names, not {paths!r}.",
+                hint='For example {"/search/": ["lsa"]}.',
+                id="initpipeline.E016",
+            )
+        )
+    cache_dir = conf.raw("LOCAL_CACHE_DIR")
+    if cache_dir is not None and not isinstance(cache_dir, str | PurePath):
+        errors.append(
+            checks.Error(
+                f"INITPIPELINE['LOCAL_CACHE_DIR'] must be a path or None, not {cache_dir!r}.",
+                id="initpipeline.E022",
+            )
+        )
+    alias = conf.raw("STORAGE")
+    if alias not in getattr(django_settings, "STORAGES", {}):
         errors.append(
             checks.Error(
                 f"settings.STORAGES has no {alias!r} entry for the artifacts.",
@@ -73,19 +143,46 @@ def check_settings(app_configs: Sequence[AppConfig] | None = None, **kwargs: Any
     return errors
 
 
+# -- the pipeline (initpipeline.E002...E012) ----------------------------------------------
+
+#: The check id of each kind of pipeline defect (registry.Fault).
+PIPELINE_IDS: dict[Fault, str] = {
+    Fault.CYCLE: "initpipeline.E002",
+    Fault.UNKNOWN_DEPENDENCY: "initpipeline.E003",
+    Fault.PRODUCED_TWICE: "initpipeline.E004",
+    Fault.UNKNOWN_INPUT: "initpipeline.E005",
+    Fault.BAD_CONFIG: "initpipeline.E006",
+    Fault.DUPLICATE_NAME: "initpipeline.E010",
+    Fault.PRODUCES_NOTHING: "initpipeline.E011",
+    Fault.BAD_LIMITS: "initpipeline.E012",
+}
+IMPORT_FAILED = "initpipeline.E009"
+
+
+def pipeline_errors(pipeline: Pipeline) -> list[checks.Error]:
+    """The pipeline's defects as system-check errors."""
+    return [
+        checks.Error(p.msg, hint=p.hint, obj=p.obj, id=PIPELINE_IDS[p.fault])
+        for p in pipeline.problems()
+    ]
+
+
+def validate_pipeline(pipeline: Pipeline) -> None:
+    """Raise PipelineConfigError naming the pipeline's first defect and its check id."""
+    errors = pipeline_errors(pipeline)
+    if errors:
+        raise PipelineConfigError(f"{errors[0].msg} ({errors[0].id})")
+
+
 @checks.register()
 def check_pipeline(app_configs: Sequence[AppConfig] | None = None, **kwargs: Any) -> list[Any]:
-    from .registry import get_pipeline
-
     try:
         pipeline = get_pipeline()
     except PipelineConfigError as exc:
-        return [checks.Error(str(exc), id="initpipeline.E009")]
-    required = conf.get("REQUIRED_ARTIFACTS") or []
-    errors: list[Any] = [
-        checks.Error(p.msg, hint=p.hint, obj=p.obj, id=p.id) for p in pipeline.problems()
-    ]
-    for name in required:
+        return [checks.Error(str(exc), id=IMPORT_FAILED)]
+    errors: list[Any] = pipeline_errors(pipeline)
+    required = conf.raw("REQUIRED_ARTIFACTS")
+    for name in required if _strings(required) else []:
         if name not in pipeline.producer:
             errors.append(
                 checks.Error(
@@ -93,6 +190,18 @@ def check_pipeline(app_configs: Sequence[AppConfig] | None = None, **kwargs: Any
                     id="initpipeline.E008",
                 )
             )
+    paths = conf.raw("WARMUP_PATHS")
+    for prefix, names in paths.items() if isinstance(paths, dict) else ():
+        for name in names if _strings(names) else []:
+            if name not in pipeline.producer:
+                errors.append(
+                    checks.Error(
+                        f"INITPIPELINE['WARMUP_PATHS'][{prefix!r}] names {name!r}, which no "
+                        "phase produces.",
+                        hint="Its pages would answer 503 for ever.",
+                        id="initpipeline.E017",
+                    )
+                )
     return errors
 
 
@@ -105,16 +214,15 @@ _REDIS_SCHEMES = ("redis", "rediss", "redis+socket", "sentinel")
 
 def _longest_limit() -> int | None:
     """The longest a phase task may run: the largest timeout plus the hard limit's grace."""
-    from .registry import get_pipeline
-    from .services import HARD_LIMIT_GRACE
-
     try:
         phases = get_pipeline().phases.values()
     except PipelineConfigError:
         return None  # initpipeline.E009 reports it.
     if not phases:
         return None
-    default = int(conf.get("DEFAULT_TIMEOUT"))
+    default = conf.raw("DEFAULT_TIMEOUT")
+    if not _positive(default):
+        return None  # initpipeline.E014 reports it.
     return max(int(p.timeout or default) for p in phases) + HARD_LIMIT_GRACE
 
 
@@ -124,8 +232,6 @@ def _phase_acks_late(celery_conf: Any) -> bool:
     run_phase sets acks_late itself, which wins over task_acks_late; only task_annotations
     can change it for the task.
     """
-    from .tasks import PHASE_TASK_OPTIONS
-
     value = PHASE_TASK_OPTIONS.get("acks_late")
     annotations = celery_conf.task_annotations or []
     if isinstance(annotations, dict):
@@ -155,7 +261,8 @@ def check_celery(app_configs: Sequence[AppConfig] | None = None, **kwargs: Any) 
     if scheme in _REDIS_SCHEMES and longest is not None:
         options = celery_conf.broker_transport_options or {}
         visibility = float(options.get("visibility_timeout", 3600))
-        retry_wait = float(conf.get("RETRY_BACKOFF_MAX"))
+        retry_wait = conf.raw("RETRY_BACKOFF_MAX")
+        retry_wait = float(retry_wait) if _positive(retry_wait) else 0.0
         needed = max(longest, retry_wait)
         if visibility <= needed:
             warnings.append(
@@ -192,8 +299,8 @@ def check_celery(app_configs: Sequence[AppConfig] | None = None, **kwargs: Any) 
             )
         )
 
-    stale_after = conf.get("STALE_AFTER")
-    heartbeat = conf.get("HEARTBEAT_INTERVAL")
+    stale_after = conf.raw("STALE_AFTER")
+    heartbeat = conf.raw("HEARTBEAT_INTERVAL")
     if (
         isinstance(stale_after, int | float)
         and isinstance(heartbeat, int | float)

@@ -1,11 +1,17 @@
-"""The INITPIPELINE settings dict, merged over documented defaults and read lazily."""
+"""The INITPIPELINE settings dict, merged over documented defaults, read through one typed object.
+
+``from initpipeline.conf import settings``; ``settings.STALE_AFTER`` is a float. The merged
+dict is cached and dropped on ``setting_changed``, so ``override_settings(INITPIPELINE=...)``
+takes effect at once. Values are converted, not validated: checks.py reports bad ones
+(``manage.py check``), before any command or worker runs.
+"""
 
 from __future__ import annotations
 
 import functools
 from typing import Any
 
-from django.conf import settings
+from django.conf import settings as django_settings
 from django.core.signals import setting_changed
 from django.dispatch import receiver
 
@@ -45,18 +51,89 @@ DEFAULTS: dict[str, Any] = {
 
 
 @functools.cache
-def get(name: str) -> Any:
-    """Return one setting: the project's value if set, else the default."""
-    if name not in DEFAULTS:
-        raise KeyError(f"unknown INITPIPELINE setting {name!r}")
-    user = getattr(settings, "INITPIPELINE", None) or {}
-    if not isinstance(user, dict):
-        return DEFAULTS[name]
-    return user.get(name, DEFAULTS[name])
+def _merged() -> dict[str, Any]:
+    user = getattr(django_settings, "INITPIPELINE", None)
+    # Not a dict: initpipeline.E001 says so; meanwhile the defaults apply.
+    return {**DEFAULTS, **(user if isinstance(user, dict) else {})}
 
 
 @receiver(setting_changed)
 def _clear(*, setting: str, **kwargs: Any) -> None:
     # override_settings(INITPIPELINE=...) in tests must take effect at once.
     if setting == "INITPIPELINE":
-        get.cache_clear()
+        _merged.cache_clear()
+
+
+class Settings:
+    """One typed attribute per setting (README "Settings" says what each one does)."""
+
+    def raw(self, name: str) -> Any:
+        """The value as given (or the default), unconverted: for the system checks."""
+        if name not in DEFAULTS:
+            raise KeyError(f"unknown INITPIPELINE setting {name!r}")
+        return _merged()[name]
+
+    @property
+    def STORAGE(self) -> str:
+        return str(self.raw("STORAGE"))
+
+    @property
+    def REFRESH_INTERVAL(self) -> float:
+        return float(self.raw("REFRESH_INTERVAL"))
+
+    @property
+    def KEEP_GENERATIONS(self) -> int:
+        return int(self.raw("KEEP_GENERATIONS"))
+
+    @property
+    def REQUIRED_ARTIFACTS(self) -> list[str]:
+        return list(self.raw("REQUIRED_ARTIFACTS") or [])
+
+    @property
+    def HEARTBEAT_INTERVAL(self) -> float:
+        return float(self.raw("HEARTBEAT_INTERVAL"))
+
+    @property
+    def STALE_AFTER(self) -> float:
+        return float(self.raw("STALE_AFTER"))
+
+    @property
+    def DEFAULT_TIMEOUT(self) -> int:
+        return int(self.raw("DEFAULT_TIMEOUT"))
+
+    @property
+    def RETRY_BACKOFF(self) -> float:
+        return float(self.raw("RETRY_BACKOFF"))
+
+    @property
+    def RETRY_BACKOFF_MAX(self) -> float:
+        return float(self.raw("RETRY_BACKOFF_MAX"))
+
+    @property
+    def QUEUE(self) -> str | None:
+        value = self.raw("QUEUE")
+        return str(value) if value else None
+
+    @property
+    def RETRY_AFTER(self) -> int:
+        return int(self.raw("RETRY_AFTER"))
+
+    @property
+    def WARMUP_PATHS(self) -> dict[str, list[str]]:
+        return {str(k): list(v) for k, v in (self.raw("WARMUP_PATHS") or {}).items()}
+
+    @property
+    def GC_AFTER_ACTIVATION(self) -> bool:
+        return bool(self.raw("GC_AFTER_ACTIVATION"))
+
+    @property
+    def START_ON_GUNICORN_READY(self) -> bool:
+        return bool(self.raw("START_ON_GUNICORN_READY"))
+
+    @property
+    def LOCAL_CACHE_DIR(self) -> str | None:
+        value = self.raw("LOCAL_CACHE_DIR")
+        return str(value) if value else None
+
+
+settings = Settings()

@@ -96,12 +96,10 @@ class PhaseContext:
 
     def _row(self) -> Any:
         # Only the attempt that owns the running row writes to it: once the run is cancelled
-        # or a stale phase is taken over, this copy's writes go nowhere (services._claim).
-        from .models import PhaseRun, PhaseState
+        # or a stale phase is taken over, this copy's writes go nowhere (execution.claim).
+        from .models import PhaseRun
 
-        return PhaseRun.objects.filter(
-            pk=self._phase_run_id, attempt=self.attempt, state=PhaseState.RUNNING
-        )
+        return PhaseRun.objects.owned(self._phase_run_id, self.attempt)
 
     def _raise_unless(self, owned: int) -> None:
         if not owned:
@@ -202,7 +200,7 @@ class PhaseContext:
         path = storage.verify(record)
         return formats.read(path, record.format)
 
-    # -- used by services -----------------------------------------------------------------
+    # -- used by execution ----------------------------------------------------------------
 
     def published(self) -> dict[str, tuple[storage.Published, str, dict[str, Any]]]:
         missing = [n for n in self.phase.produces if n not in self._published]

@@ -29,3 +29,22 @@ class PhaseCancelled(InitPipelineError):
 
 class EnqueueError(InitPipelineError):
     """The broker refused the run's tasks; the run is marked failed."""
+
+
+# -- control flow between a phase task and the code that runs it (execution.py) -----------
+
+
+class RetryPhase(InitPipelineError):
+    """The phase failed and has attempts left: the task re-sends itself after ``countdown``."""
+
+    def __init__(self, countdown: float) -> None:
+        super().__init__(countdown)
+        self.countdown = countdown
+
+
+class PhaseFailed(InitPipelineError):
+    """The phase failed for good: the chain stops here (the failure is already recorded)."""
+
+
+class PhaseSkipped(InitPipelineError):
+    """This copy of the task must not run (duplicate delivery, run no longer in flight)."""

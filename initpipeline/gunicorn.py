@@ -13,7 +13,7 @@ import os
 import subprocess
 import sys
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
@@ -28,10 +28,10 @@ def start_init_when_ready(server: Any) -> subprocess.Popen[bytes] | None:
     once. Nothing here may raise: an exception in a Gunicorn hook stops the whole server.
     """
     try:
-        from . import conf
+        from .conf import settings
 
         # Reading a setting imports the settings module only (no django.setup()).
-        if not conf.get("START_ON_GUNICORN_READY"):
+        if not settings.START_ON_GUNICORN_READY:
             return None
         server.log.info("initpipeline: starting the init (START_ON_GUNICORN_READY)")
         return subprocess.Popen(
@@ -72,12 +72,3 @@ def keep_alive(worker: Any, interval: float | None = None) -> Iterator[None]:
         stop.set()
         thread.join()
         worker.notify()
-
-
-def in_worker_init(worker: Any, *steps: Callable[[], Any]) -> None:
-    """Run ``steps`` in order inside a worker, keeping it alive and logging each step."""
-    with keep_alive(worker):
-        for n, step in enumerate(steps, 1):
-            name = getattr(step, "__name__", repr(step))
-            worker.log.info("in-worker init %d/%d: %s", n, len(steps), name)
-            step()

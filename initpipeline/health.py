@@ -4,15 +4,16 @@ from __future__ import annotations
 
 from typing import Any
 
-from . import conf
+from .conf import settings
 from .exceptions import ArtifactNotReady
 from .loading import active
-from .models import PhaseRun, PhaseState, PipelineRun
+from .models import PhaseState
 from .registry import get_pipeline
+from .reporting import NO_RUN_PUBLIC, latest_run_report
 
 
 def required_artifacts() -> list[str]:
-    return list(conf.get("REQUIRED_ARTIFACTS") or get_pipeline().artifact_names())
+    return list(settings.REQUIRED_ARTIFACTS or get_pipeline().artifact_names())
 
 
 def missing_artifacts(names: list[str]) -> list[str]:
@@ -52,24 +53,8 @@ def _phase_status(state: str) -> str:
 
 def public_progress() -> dict[str, Any]:
     """Progress anyone may see: phase names, states and fractions; no messages or errors."""
-    run = PipelineRun.objects.latest_first().first()
-    if run is None:
-        return {"run_state": None, "progress": 0.0, "estimate_seconds": None, "phases": []}
-    phases: list[PhaseRun] = list(run.phases.order_by("position"))
-    estimate = None
-    if run.is_in_flight:
-        from .history import estimate_remaining
-
-        estimate = estimate_remaining(run)
-    done = sum(p.progress for p in phases)
-    return {
-        "run_state": run.state,
-        "progress": round(done / len(phases), 4) if phases else 0.0,
-        "estimate_seconds": None if estimate is None else round(estimate, 1),
-        "phases": [
-            {"name": p.name, "state": p.state, "progress": round(p.progress, 4)} for p in phases
-        ],
-    }
+    report = latest_run_report()
+    return NO_RUN_PUBLIC if report is None else report.public()
 
 
 def readiness(artifact_name: str | None = None) -> tuple[dict[str, Any], bool]:

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
+from typing import Protocol
 
+from django.db.models import F, Window
+from django.db.models.functions import RowNumber
 from django.utils import timezone
 
 from .models import PHASE_ENDED, PhaseRun, PhaseState, PipelineRun, RunState
@@ -31,37 +34,46 @@ def previous_run(run: PipelineRun) -> PipelineRun | None:
     )
 
 
-def previous_timings(run: PipelineRun) -> dict[str, float]:
+def previous_timings(run: PipelineRun, names: Iterable[str] | None = None) -> dict[str, float]:
     """Seconds each of ``run``'s phases took the last time it ran for real, before ``run``.
 
     "For real" means it succeeded by doing the work: a cached phase took no time and says
     nothing about the next one, so the phase's last real execution counts, in whichever
     run it happened (the previous successful run may well have had it cached). A phase
     that never ran before has no entry. Retries and their backoff are part of the time.
+    One query: the latest real execution of each name, by a window over the names.
     """
-    timings: dict[str, float] = {}
-    names = run.phases.values_list("name", flat=True)
-    for name in names:
-        last = (
-            PhaseRun.objects.filter(
-                name=name,
-                state=PhaseState.SUCCEEDED,
-                run__created_at__lt=run.created_at,
-                started_at__isnull=False,
-                finished_at__isnull=False,
-            )
-            .exclude(run=run)
-            .order_by("-finished_at", "-id")
-            .values_list("started_at", "finished_at")
-            .first()
+    if names is None:
+        names = run.phases.values_list("name", flat=True)
+    latest = (
+        PhaseRun.objects.filter(
+            name__in=list(names),
+            state=PhaseState.SUCCEEDED,
+            run__created_at__lt=run.created_at,
+            started_at__isnull=False,
+            finished_at__isnull=False,
         )
-        if last is not None and last[0] is not None and last[1] is not None:
-            timings[name] = max((last[1] - last[0]).total_seconds(), 0.0)
-    return timings
+        .exclude(run=run)
+        .annotate(
+            rank=Window(
+                RowNumber(),
+                partition_by=[F("name")],
+                order_by=[F("finished_at").desc(), F("id").desc()],
+            )
+        )
+        .filter(rank=1)
+        .values_list("name", "started_at", "finished_at")
+    )
+    return {
+        name: max((finished - started).total_seconds(), 0.0)
+        for name, started, finished in latest
+        if started is not None and finished is not None
+    }
 
 
 def estimate_remaining(
     run: PipelineRun,
+    phases: Sequence[PhaseRun] | None = None,
     *,
     timings: Mapping[str, float] | None = None,
     now: datetime | None = None,
@@ -77,12 +89,12 @@ def estimate_remaining(
     """
     if not run.is_in_flight:
         return 0.0 if run.state == RunState.SUCCEEDED else None
+    rows = sorted(run.phases.all() if phases is None else phases, key=lambda p: p.position)
     if timings is None:
-        timings = previous_timings(run)
+        timings = previous_timings(run, [p.name for p in rows])
     now = now or timezone.now()
     own: dict[str, float] = {}
-    phases = sorted(run.phases.all(), key=lambda p: p.position)
-    for pr in phases:
+    for pr in rows:
         if pr.state in PHASE_ENDED:
             own[pr.name] = 0.0
             continue
@@ -104,13 +116,18 @@ def estimate_remaining(
     # Phases with no dependency between them run side by side: the run takes as long as its
     # longest path (a phase comes after its dependencies in position order).
     ends: dict[str, float] = {}
-    for pr in phases:
+    for pr in rows:
         begins = max((ends.get(d, 0.0) for d in pr.depends_on), default=0.0)
         ends[pr.name] = begins + own[pr.name]
     return max(ends.values(), default=0.0)
 
 
-def overall_progress(phases: Iterable[PhaseRun]) -> float:
+class _HasProgress(Protocol):
+    @property
+    def progress(self) -> float: ...
+
+
+def overall_progress(phases: Iterable[_HasProgress]) -> float:
     """The run's progress from 0 to 1: the mean of its phases' (a cached phase counts as done)."""
     values = [p.progress for p in phases]
     return sum(values) / len(values) if values else 0.0

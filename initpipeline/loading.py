@@ -10,7 +10,8 @@ from typing import Any
 
 from django.db import DatabaseError
 
-from . import conf, formats, storage
+from . import formats, storage
+from .conf import settings
 from .exceptions import ArtifactCorrupt, ArtifactNotReady
 
 logger = logging.getLogger("initpipeline")
@@ -46,10 +47,10 @@ class ActiveGeneration:
         self.corrupt: dict[str, str] = {}
 
     def snapshot(self) -> Snapshot:
-        if time.monotonic() - self._checked_at < conf.get("REFRESH_INTERVAL"):
+        if time.monotonic() - self._checked_at < settings.REFRESH_INTERVAL:
             return self._snapshot
         with self._lock:
-            if time.monotonic() - self._checked_at >= conf.get("REFRESH_INTERVAL"):
+            if time.monotonic() - self._checked_at >= settings.REFRESH_INTERVAL:
                 self._snapshot = self._query()
                 self._checked_at = time.monotonic()
         return self._snapshot

@@ -6,7 +6,7 @@ from collections.abc import Callable
 
 from django.http import HttpRequest, HttpResponse
 
-from . import conf
+from .conf import settings
 from .health import missing_artifacts
 from .responses import warming_up
 
@@ -18,7 +18,7 @@ class WarmingUpMiddleware:
         self.get_response = get_response
 
     def __call__(self, request: HttpRequest) -> HttpResponse:
-        prefixes: dict[str, list[str]] = conf.get("WARMUP_PATHS")
+        prefixes: dict[str, list[str]] = settings.WARMUP_PATHS
         for prefix, names in prefixes.items():
             if request.path.startswith(prefix):
                 missing = missing_artifacts(list(names))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from datetime import datetime
 from typing import Any
 
 from django.db import models
@@ -37,6 +38,10 @@ PHASE_ENDED = (
     PhaseState.UPSTREAM_FAILED,
     PhaseState.CANCELLED,
 )
+
+
+#: The phase states a worker may still change (the others are final).
+PHASE_UNFINISHED = (PhaseState.PENDING, PhaseState.RUNNING)
 
 
 class PipelineRunQuerySet(models.QuerySet["PipelineRun"]):
@@ -98,6 +103,30 @@ class PipelineRun(models.Model):
         return (end - self.started_at).total_seconds()
 
 
+class PhaseRunQuerySet(models.QuerySet["PhaseRun"]):
+    """Row guards: the conditions under which a copy of a phase task may write a row.
+
+    A phase's row is its lock. A copy owns it while the row is ``running`` with the copy's
+    attempt number; every write of a copy goes through ``owned()``, so a copy that lost the
+    row (the run was cancelled, or a stale phase was taken over) writes nothing.
+    """
+
+    def owned(self, pk: int, attempt: int) -> PhaseRunQuerySet:
+        """The row, while attempt ``attempt`` runs it."""
+        return self.filter(pk=pk, attempt=attempt, state=PhaseState.RUNNING)
+
+    def held(self, pk: int, attempt: int) -> PhaseRunQuerySet:
+        """The row, while it is at attempt ``attempt`` and not finished (running or waiting)."""
+        return self.filter(pk=pk, attempt=attempt, state__in=PHASE_UNFINISHED)
+
+    def unfinished(self) -> PhaseRunQuerySet:
+        return self.filter(state__in=PHASE_UNFINISHED)
+
+    def stale(self, cutoff: datetime) -> PhaseRunQuerySet:
+        """Rows with no sign of life since ``cutoff`` (no heartbeat at all counts as none)."""
+        return self.filter(Q(heartbeat_at__isnull=True) | Q(heartbeat_at__lt=cutoff))
+
+
 class PhaseRun(models.Model):
     """One phase within one run."""
 
@@ -111,7 +140,6 @@ class PhaseRun(models.Model):
     version = models.CharField(_("version"), max_length=100)
     #: The phases this one waits for, as planned when the run started.
     depends_on = models.JSONField(_("depends on"), default=list, blank=True)
-    forced = models.BooleanField(_("forced"), default=False)
     attempt = models.PositiveIntegerField(_("attempt"), default=0)
     max_attempts = models.PositiveIntegerField(_("attempts allowed"), default=1)
     timeout = models.PositiveIntegerField(_("timeout (s)"), null=True, blank=True)
@@ -125,6 +153,8 @@ class PhaseRun(models.Model):
     finished_at = models.DateTimeField(_("finished"), null=True, blank=True)
     error = models.TextField(_("error"), blank=True)
     traceback = models.TextField(_("traceback"), blank=True)
+
+    objects = PhaseRunQuerySet.as_manager()
 
     class Meta:
         verbose_name = _("phase run")
@@ -153,6 +183,26 @@ class PhaseRun(models.Model):
             return None
         end = self.finished_at or timezone.now()
         return (end - self.started_at).total_seconds()
+
+    def heartbeat_age(self, now: datetime) -> float:
+        """Seconds since the phase's last sign of life (infinite when it never showed one)."""
+        seen = self.heartbeat_at or self.started_at
+        return float("inf") if seen is None else (now - seen).total_seconds()
+
+    def lost_reason(self, now: datetime) -> str:
+        """Why this running phase, silent for STALE_AFTER, counts as lost (for its records)."""
+        age = self.heartbeat_age(now)
+        since = "ever" if age == float("inf") else f"{age:.0f} s"
+        return (
+            f"worker {self.worker or '?'} lost during attempt {self.attempt} of "
+            f"{self.max_attempts}: no heartbeat for {since}"
+        )
+
+
+class GenerationQuerySet(models.QuerySet["Generation"]):
+    def active(self) -> Generation | None:
+        """The active generation (at most one: initpipeline_one_active_generation)."""
+        return self.filter(is_active=True).select_related("run").first()
 
 
 class ArtifactQuerySet(models.QuerySet["Artifact"]):
@@ -201,6 +251,8 @@ class Generation(models.Model):
     is_active = models.BooleanField(_("active"), default=False)
     created_at = models.DateTimeField(_("created"), default=timezone.now)
     activated_at = models.DateTimeField(_("activated"), null=True, blank=True)
+
+    objects = GenerationQuerySet.as_manager()
 
     class Meta:
         verbose_name = _("generation")

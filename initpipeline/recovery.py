@@ -27,10 +27,11 @@ import logging
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-from django.db.models import Q
 from django.utils import timezone
 
-from . import conf, services
+from .conf import settings
+from . import dispatch
+from .execution import backoff_ceiling, fail_phase, finish_run
 from .models import PHASE_DONE, PhaseRun, PhaseState, PipelineRun
 
 logger = logging.getLogger("initpipeline")
@@ -61,7 +62,7 @@ def recover_stale(
     number of processes at once.
     """
     now = now or timezone.now()
-    stale_after = float(conf.get("STALE_AFTER"))
+    stale_after = settings.STALE_AFTER
     cutoff = now - timedelta(seconds=stale_after)
     done: list[Recovered] = []
     for run in PipelineRun.objects.in_flight().order_by("pk"):
@@ -69,7 +70,7 @@ def recover_stale(
         running = [p for p in phases if p.state == PhaseState.RUNNING]
         if running:
             for pr in running:
-                if services.heartbeat_age(pr, now) >= stale_after:
+                if pr.heartbeat_age(now) >= stale_after:
                     found = _recover_running(run, pr, phases, now, cutoff)
                     if found is not None:
                         done.append(found)
@@ -83,7 +84,7 @@ def recover_stale(
                 done.append(found)
             continue
         by_name = {p.name: p for p in phases}
-        for names in services.plan_chains(phases):
+        for names in dispatch.plan_chains(phases):
             found = _recover_pending(run, by_name[names[0]], names, now, last, idle_since)
             if found is not None:
                 done.append(found)
@@ -100,24 +101,20 @@ def _last_activity(run: PipelineRun, phases: list[PhaseRun]) -> datetime:
     return max(s for s in stamps if s is not None)
 
 
-def _stale(cutoff: datetime) -> Q:
-    return Q(heartbeat_at__isnull=True) | Q(heartbeat_at__lt=cutoff)
-
-
 def _recover_running(
     run: PipelineRun, pr: PhaseRun, phases: list[PhaseRun], now: datetime, cutoff: datetime
 ) -> Recovered | None:
-    reason = services.worker_lost(pr, services.heartbeat_age(pr, now))
+    reason = pr.lost_reason(now)
     if pr.attempt >= pr.max_attempts:
         reason = f"{reason}; no attempts left"
-        if services._fail(pr, reason, "", stale_before=cutoff):
+        if fail_phase(pr, reason, "", stale_before=cutoff):
             return Recovered(run.pk, pr.name, FAILED, reason)
         return None
     # The conditional UPDATE is the lock: it matches only while nobody claimed the phase
     # (the attempt number would have changed) and no copy heartbeated since we looked.
     taken = (
-        PhaseRun.objects.filter(pk=pr.pk, state=PhaseState.RUNNING, attempt=pr.attempt)
-        .filter(_stale(cutoff))
+        PhaseRun.objects.owned(pr.pk, pr.attempt)
+        .stale(cutoff)
         .update(
             state=PhaseState.PENDING,
             heartbeat_at=now,
@@ -134,7 +131,7 @@ def _chain_from(pr: PhaseRun, phases: list[PhaseRun]) -> list[str]:
     for p in phases:
         if p.pk == pr.pk:
             p.state = PhaseState.PENDING
-    chains = services.plan_chains(phases, start=[pr.name])
+    chains = dispatch.plan_chains(phases, start=[pr.name])
     return chains[0] if chains else [pr.name]
 
 
@@ -146,7 +143,7 @@ def _recover_pending(
     last: datetime,
     idle_since: datetime | None,
 ) -> Recovered | None:
-    cutoff = now - timedelta(seconds=float(conf.get("STALE_AFTER")))
+    cutoff = now - timedelta(seconds=settings.STALE_AFTER)
     if pr.state != PhaseState.PENDING:
         return None
     if idle_since is None or idle_since > cutoff:
@@ -154,7 +151,7 @@ def _recover_pending(
     if pr.attempt and pr.heartbeat_at is not None:
         # A failed attempt waits for its retry, which the worker holds until its countdown
         # ends: allow the longest backoff before calling the retry lost.
-        due = pr.heartbeat_at + timedelta(seconds=services.backoff_ceiling(pr.attempt))
+        due = pr.heartbeat_at + timedelta(seconds=backoff_ceiling(pr.attempt))
         if due >= cutoff:
             return None
     reason = (
@@ -163,7 +160,7 @@ def _recover_pending(
     )
     taken = (
         PhaseRun.objects.filter(pk=pr.pk, state=PhaseState.PENDING, attempt=pr.attempt)
-        .filter(_stale(cutoff))
+        .stale(cutoff)
         .update(heartbeat_at=now, message=f"{reason}; sent again"[:500])
     )
     if not taken:
@@ -173,7 +170,7 @@ def _recover_pending(
 
 def _send(run: PipelineRun, pr: PhaseRun, names: list[str], reason: str) -> Recovered:
     try:
-        services.send_chain(run.pk, names)
+        dispatch.send_chain(run.pk, names)
     except Exception as exc:
         # The phase stays pending: an idle worker sends it once the broker is back.
         logger.exception("recovery: could not send run %s again from %s", run.pk, pr.name)
@@ -185,7 +182,7 @@ def _send(run: PipelineRun, pr: PhaseRun, names: list[str], reason: str) -> Reco
 
 
 def _finish(run: PipelineRun) -> Recovered | None:
-    generation = services.finish_run(run_id=run.pk)
+    generation = finish_run(run_id=run.pk)
     run.refresh_from_db()
     if run.is_in_flight:
         return None
@@ -210,17 +207,15 @@ def hard_timeout(*, run_id: int, phase_name: str, task_id: str) -> Recovered | N
     if pr is None or not pr.run.is_in_flight:
         return None
     reason = (
-        f"timed out after {pr.timeout} s (hard time limit {services.HARD_LIMIT_GRACE} s "
+        f"timed out after {pr.timeout} s (hard time limit {dispatch.HARD_LIMIT_GRACE} s "
         "later: the phase did not stop at its soft limit)"
     )
     if pr.attempt >= pr.max_attempts:
         found = None
-        if services._fail(pr, reason, ""):
+        if fail_phase(pr, reason, ""):
             found = Recovered(run_id, phase_name, FAILED, reason)
     else:
-        taken = PhaseRun.objects.filter(
-            pk=pr.pk, state=PhaseState.RUNNING, attempt=pr.attempt
-        ).update(
+        taken = PhaseRun.objects.owned(pr.pk, pr.attempt).update(
             state=PhaseState.PENDING,
             error=reason,
             heartbeat_at=timezone.now(),

@@ -7,6 +7,7 @@ import json
 import threading
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from enum import StrEnum
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from .exceptions import PipelineConfigError
@@ -18,6 +19,10 @@ PhaseFunc = Callable[["PhaseContext"], Any]
 F = TypeVar("F", bound=PhaseFunc)
 
 DISCOVER_MODULE = "init_phases"
+
+#: The longest timeout a phase may have (seconds): a week. Celery's time limits, the
+#: brokers' redelivery timeouts and the PhaseRun.timeout column all need a bound.
+MAX_TIMEOUT = 7 * 24 * 3600
 
 
 @dataclass(frozen=True)
@@ -33,7 +38,6 @@ class Phase:
     timeout: int | None = None
     retries: int = 0
     config: Mapping[str, Any] | Callable[[], Mapping[str, Any]] | None = None
-    description: str = ""
 
     @property
     def origin(self) -> str:
@@ -45,14 +49,44 @@ class Phase:
         return dict(config or {})
 
 
+class Fault(StrEnum):
+    """The kinds of defect a pipeline can have; checks.py gives each its check id."""
+
+    CYCLE = "cycle"
+    UNKNOWN_DEPENDENCY = "unknown dependency"
+    PRODUCED_TWICE = "artifact produced twice"
+    UNKNOWN_INPUT = "input nobody produces"
+    BAD_CONFIG = "config not JSON"
+    DUPLICATE_NAME = "phase registered twice"
+    PRODUCES_NOTHING = "phase produces nothing"
+    BAD_LIMITS = "bad retries or timeout"
+
+
 @dataclass(frozen=True)
 class Problem:
-    """A defect of the pipeline, reported by the system checks with ``id``."""
+    """A defect of the pipeline, reported by the system checks (checks.py)."""
 
-    id: str
+    fault: Fault
     msg: str
     hint: str | None = None
     obj: str | None = None
+
+
+def descendants(depends_on: Mapping[str, Iterable[str]], name: str) -> set[str]:
+    """Every node that depends on ``name``, directly or not, in a ``{node: dependencies}`` map.
+
+    Used on the code's pipeline (Pipeline.descendants) and on a run's records, whose
+    ``depends_on`` says what the run planned.
+    """
+    found: set[str] = set()
+    frontier = [name]
+    while frontier:
+        current = frontier.pop()
+        for other, deps in depends_on.items():
+            if current in deps and other not in found:
+                found.add(other)
+                frontier.append(other)
+    return found
 
 
 def _as_tuple(value: str | Iterable[str] | None) -> tuple[str, ...]:
@@ -117,7 +151,6 @@ class Registry:
                 timeout=timeout,
                 retries=retries,
                 config=config,
-                description=(func.__doc__ or "").strip().splitlines()[0] if func.__doc__ else "",
             )
             old = self._phases.get(phase_name)
             if old is not None and old.origin != new.origin:
@@ -198,7 +231,7 @@ class Pipeline:
         for phase_name, first, second in self._duplicates:
             found.append(
                 Problem(
-                    "initpipeline.E010",
+                    Fault.DUPLICATE_NAME,
                     f"phase {phase_name!r} is registered twice: by {first} and by {second}.",
                     "Give one of them another name with @phase(name=...).",
                     phase_name,
@@ -209,19 +242,20 @@ class Pipeline:
             if not p.produces:
                 found.append(
                     Problem(
-                        "initpipeline.E011",
+                        Fault.PRODUCES_NOTHING,
                         f"phase {p.name!r} produces no artifact.",
                         "Every phase needs produces=...: its artifacts are what makes it "
                         "cacheable and what the site serves.",
                         p.name,
                     )
                 )
-            if p.retries < 0 or (p.timeout is not None and p.timeout <= 0):
+            if p.retries < 0 or (p.timeout is not None and not 0 < p.timeout <= MAX_TIMEOUT):
                 found.append(
                     Problem(
-                        "initpipeline.E012",
+                        Fault.BAD_LIMITS,
                         f"phase {p.name!r} has retries={p.retries!r}, timeout={p.timeout!r}.",
-                        "retries must be >= 0 and timeout a positive number of seconds.",
+                        "retries must be >= 0 and timeout a number of seconds from 1 to "
+                        f"{MAX_TIMEOUT} (a week).",
                         p.name,
                     )
                 )
@@ -231,7 +265,7 @@ class Pipeline:
                 if dep not in self.phases:
                     found.append(
                         Problem(
-                            "initpipeline.E003",
+                            Fault.UNKNOWN_DEPENDENCY,
                             f"phase {p.name!r} runs after {dep!r}, which is not a phase.",
                             f"Known phases: {', '.join(sorted(self.phases))}.",
                             p.name,
@@ -241,7 +275,7 @@ class Pipeline:
                 if artifact_name not in self.producer:
                     found.append(
                         Problem(
-                            "initpipeline.E005",
+                            Fault.UNKNOWN_INPUT,
                             f"phase {p.name!r} reads artifact {artifact_name!r}, "
                             "which no phase produces.",
                             "Add a phase with produces=... for it, or fix the name.",
@@ -252,7 +286,7 @@ class Pipeline:
             if len(names) > 1:
                 found.append(
                     Problem(
-                        "initpipeline.E004",
+                        Fault.PRODUCED_TWICE,
                         f"artifact {artifact_name!r} is produced by more than one phase: "
                         f"{', '.join(names)}.",
                         "An artifact has exactly one producer; rename one of them.",
@@ -263,7 +297,7 @@ class Pipeline:
         if cycle:
             found.append(
                 Problem(
-                    "initpipeline.E002",
+                    Fault.CYCLE,
                     f"the phases form a cycle: {' -> '.join(cycle)}.",
                     "Remove one of these dependencies.",
                     cycle[0],
@@ -275,7 +309,7 @@ class Pipeline:
             except Exception as exc:
                 found.append(
                     Problem(
-                        "initpipeline.E006",
+                        Fault.BAD_CONFIG,
                         f"the config of phase {p.name!r} cannot be used: "
                         f"{type(exc).__name__}: {exc}",
                         "config must be (or return) a dict of JSON values.",
@@ -283,12 +317,6 @@ class Pipeline:
                     )
                 )
         return found
-
-    def check(self) -> None:
-        """Raise PipelineConfigError naming the first problem, if any."""
-        found = self.problems()
-        if found:
-            raise PipelineConfigError(f"{found[0].msg} ({found[0].id})")
 
     def _known_deps(self, name: str) -> list[str]:
         return [d for d in self.dependencies(name) if d in self.phases]
@@ -329,9 +357,7 @@ class Pipeline:
         if self._order is None:
             cycle = self._find_cycle()
             if cycle:
-                raise PipelineConfigError(
-                    f"the phases form a cycle: {' -> '.join(cycle)}. (initpipeline.E002)"
-                )
+                raise PipelineConfigError(f"the phases form a cycle: {' -> '.join(cycle)}.")
             self._order = self._topological()
         return list(self._order)
 
@@ -351,15 +377,7 @@ class Pipeline:
     def descendants(self, name: str) -> set[str]:
         """Every phase that depends on ``name``, directly or not."""
         self[name]
-        found: set[str] = set()
-        frontier = [name]
-        while frontier:
-            current = frontier.pop()
-            for other in self.phases:
-                if current in self._known_deps(other) and other not in found:
-                    found.add(other)
-                    frontier.append(other)
-        return found
+        return descendants({other: self._known_deps(other) for other in self.phases}, name)
 
     def ancestors(self, name: str) -> set[str]:
         """Every phase ``name`` depends on, directly or not."""

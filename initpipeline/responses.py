@@ -7,13 +7,13 @@ from collections.abc import Sequence
 from django.http import HttpRequest, HttpResponse, JsonResponse
 from django.template.loader import render_to_string
 
-from . import conf
+from .conf import settings
 from .health import public_progress
 
 
 def warming_up(request: HttpRequest, missing: Sequence[str]) -> HttpResponse:
     """503 + Retry-After + Cache-Control: no-store, with the public progress of the init."""
-    retry_after = int(conf.get("RETRY_AFTER"))
+    retry_after = settings.RETRY_AFTER
     progress = public_progress()
     preferred = request.get_preferred_type(["text/html", "application/json"])
     if preferred == "application/json":

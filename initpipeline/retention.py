@@ -7,7 +7,7 @@ import time
 
 from django.db.models import Q
 
-from . import conf
+from .conf import settings
 from .models import IN_FLIGHT, Artifact, Generation
 from .storage import get_storage, scratch_dir
 
@@ -24,7 +24,7 @@ def collect(*, keep: int | None = None, dry_run: bool = False) -> list[Artifact]
     The records stay: history is never rewritten, and a record whose file is gone simply
     stops counting as a cache.
     """
-    keep = int(conf.get("KEEP_GENERATIONS") if keep is None else keep)
+    keep = int(settings.KEEP_GENERATIONS if keep is None else keep)
     if keep < 1:
         raise ValueError("keep must be at least 1: the active generation is never deleted")
     kept = list(
@@ -64,7 +64,7 @@ def _remove_stale_scratch() -> None:
     """Delete scratch files a killed worker left, once no phase can still be writing them."""
     # A phase writes its scratch files within its hard time limit; twice the longest
     # default limit, and at least a day, is well past any writer.
-    max_age = max(2 * float(conf.get("DEFAULT_TIMEOUT")), 86400.0)
+    max_age = max(2 * settings.DEFAULT_TIMEOUT, 86400.0)
     cutoff = time.time() - max_age
     for path in scratch_dir().glob("*.part*"):
         try:

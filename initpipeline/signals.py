@@ -15,7 +15,8 @@ from celery.signals import task_failure, worker_ready, worker_shutting_down
 from django.db import close_old_connections, connection
 from django.utils import timezone
 
-from . import conf
+from .conf import settings
+from .recovery import hard_timeout, recover_stale
 
 logger = logging.getLogger("initpipeline")
 
@@ -36,15 +37,13 @@ class Watchdog(threading.Thread):
         self.idle_since: datetime | None = None
 
     def run(self) -> None:
-        interval = max(float(conf.get("STALE_AFTER")) / 2, 0.1)
+        interval = max(settings.STALE_AFTER / 2, 0.1)
         while True:
             self.check()
             if self.stopped.wait(interval):
                 return
 
     def check(self) -> None:
-        from .recovery import recover_stale
-
         now = timezone.now()
         if self.idle():
             self.idle_since = self.idle_since or now
@@ -65,7 +64,7 @@ class Watchdog(threading.Thread):
 
         if state.requests or state.active_requests or state.reserved_requests:
             return False
-        queue = conf.get("QUEUE") or self.consumer.app.conf.task_default_queue
+        queue = settings.QUEUE or self.consumer.app.conf.task_default_queue
         task_consumer = getattr(self.consumer, "task_consumer", None)
         if task_consumer is None:
             return False  # Not consuming right now (say, reconnecting to the broker).
@@ -107,8 +106,6 @@ def on_task_failure(
         return
     if type(exception).__name__ != "TimeLimitExceeded" or not args or len(args) != 2:
         return
-    from .recovery import hard_timeout
-
     try:
         hard_timeout(run_id=int(args[0]), phase_name=str(args[1]), task_id=task_id or "")
     except Exception:

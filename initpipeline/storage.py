@@ -16,7 +16,7 @@ from django.core.files import File
 from django.core.files.storage import FileSystemStorage, Storage, storages
 from django.core.files.storage.handler import InvalidStorageError
 
-from . import conf
+from .conf import settings
 from .exceptions import ArtifactCorrupt, ArtifactNotReady, PipelineConfigError
 
 if TYPE_CHECKING:
@@ -34,7 +34,7 @@ class Published:
 
 def get_storage() -> Storage:
     """The Django storage that holds the artifacts (``STORAGES[INITPIPELINE["STORAGE"]]``)."""
-    alias = conf.get("STORAGE")
+    alias = settings.STORAGE
     try:
         return storages[alias]
     except (InvalidStorageError, ImproperlyConfigured) as exc:
@@ -146,7 +146,7 @@ def _remote_size(storage: Storage, key: str) -> int | None:
 
 def cache_dir() -> Path:
     """Where this host keeps verified copies of remote artifacts (``LOCAL_CACHE_DIR``)."""
-    configured = conf.get("LOCAL_CACHE_DIR")
+    configured = settings.LOCAL_CACHE_DIR
     path = Path(configured) if configured else Path(tempfile.gettempdir()) / "initpipeline-cache"
     path.mkdir(parents=True, exist_ok=True)
     return path
@@ -203,12 +203,6 @@ def _local_path(artifact: Artifact) -> tuple[Path, bool]:
         return target, False
     _download(storage, artifact, target)
     return target, True
-
-
-def local_path(artifact: Artifact) -> Path:
-    """A local path of the artifact's file (remote storages are downloaded once per host,
-    into ``LOCAL_CACHE_DIR``, and checked on the way)."""
-    return _local_path(artifact)[0]
 
 
 def verify(artifact: Artifact) -> Path:

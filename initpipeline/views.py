@@ -5,10 +5,11 @@ from __future__ import annotations
 from django.http import HttpRequest, HttpResponse, JsonResponse
 from django.views.decorators.cache import never_cache
 
-from . import conf, services
+from .conf import settings
 from .exceptions import PipelineConfigError
 from .health import readiness
 from .registry import get_pipeline
+from .reporting import status_report
 
 HEALTH_JSON = "application/health+json"
 
@@ -32,7 +33,7 @@ def readyz(request: HttpRequest) -> HttpResponse:
     body, ready = readiness(name)
     response = JsonResponse(body, status=200 if ready else 503, content_type=HEALTH_JSON)
     if not ready:
-        response["Retry-After"] = str(conf.get("RETRY_AFTER"))
+        response["Retry-After"] = str(settings.RETRY_AFTER)
     return response
 
 
@@ -44,7 +45,7 @@ def status_json(request: HttpRequest) -> HttpResponse:
         return JsonResponse({"detail": "forbidden"}, status=403)
     run_id = request.GET.get("run")
     try:
-        data = services.status(run_id=int(run_id) if run_id and run_id.isdigit() else None)
+        report = status_report(run_id=int(run_id) if run_id and run_id.isdigit() else None)
     except PipelineConfigError as exc:
         return JsonResponse({"detail": str(exc)}, status=404)
-    return JsonResponse(data)
+    return JsonResponse(report.as_dict())

@@ -272,3 +272,16 @@ def rabbitmq_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Rabbit
 def moto_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MotoServer]:
     """moto's S3 in server mode, reachable from worker subprocesses."""
     yield from _serve(lambda: MotoServer(tmp_path_factory.mktemp("moto")), "S3")
+
+
+@pytest.fixture
+def sent(monkeypatch: pytest.MonkeyPatch) -> list[tuple[int, list[str]]]:
+    """What dispatch.py would send to the broker (run id and chain), instead of sending it."""
+    from initpipeline import dispatch
+
+    calls: list[tuple[int, list[str]]] = []
+    monkeypatch.setattr(
+        dispatch, "send_chain", lambda run_id, names: calls.append((run_id, list(names)))
+    )
+    monkeypatch.setattr(dispatch, "send_finish", lambda run_id: calls.append((run_id, ["finish"])))
+    return calls

@@ -1,11 +1,15 @@
-"""Run records with fixed times, for tests that compare exact output without a worker."""
+"""Run records for tests without a worker: fixed times for exact output, or live rows."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from django.utils import timezone
 
 from initpipeline.models import IN_FLIGHT, Artifact, Generation, PhaseRun, PipelineRun
+from initpipeline.registry import get_pipeline
 
 T0 = datetime(2025, 3, 4, 10, 0, 0, tzinfo=UTC)
 
@@ -108,3 +112,74 @@ def make_generation(
     )
     generation.artifacts.set(records)
     return generation
+
+
+# -- live records of tests/testapp's pipeline a -> b -> c, timed from now -------------------
+
+Sent = list[tuple[int, list[str]]]
+
+
+def ago(seconds: float) -> datetime:
+    return timezone.now() - timedelta(seconds=seconds)
+
+
+def live_run(run_state: str = "running", **phases: dict[str, Any]) -> PipelineRun:
+    """A run of the test pipeline a -> b -> c; ``phases`` override each phase's fields."""
+    pipeline = get_pipeline()
+    fingerprints = pipeline.fingerprints()
+    run = PipelineRun.objects.create(state=run_state, started_at=ago(60), created_at=ago(60))
+    for position, name in enumerate(pipeline.order()):
+        fields: dict[str, Any] = {"state": "pending", "max_attempts": 3, "timeout": 60}
+        fields.update(phases.get(name, {}))
+        PhaseRun.objects.create(
+            run=run,
+            name=name,
+            position=position,
+            fingerprint=fingerprints[name],
+            depends_on=pipeline.dependencies(name),
+            **fields,
+        )
+    return run
+
+
+def done(seconds_ago: float = 30) -> dict[str, Any]:
+    """The fields of a phase that succeeded ``seconds_ago``."""
+    return {
+        "state": "succeeded",
+        "attempt": 1,
+        "started_at": ago(seconds_ago + 1),
+        "heartbeat_at": ago(seconds_ago),
+        "finished_at": ago(seconds_ago),
+    }
+
+
+def running(heartbeat_ago: float, attempt: int = 1, task_id: str = "task-1") -> dict[str, Any]:
+    """The fields of a running phase whose last heartbeat was ``heartbeat_ago`` seconds ago."""
+    return {
+        "state": "running",
+        "attempt": attempt,
+        "task_id": task_id,
+        "worker": "w1@host",
+        "started_at": ago(heartbeat_ago + 1),
+        "heartbeat_at": ago(heartbeat_ago),
+    }
+
+
+def record_artifacts(run: PipelineRun, *names: str) -> None:
+    """Artifact records for the named phases of ``run`` (no files)."""
+    for pr in run.phases.filter(name__in=names):
+        produced = get_pipeline()[pr.name].produces[0]
+        Artifact.objects.create(
+            name=produced,
+            fingerprint=pr.fingerprint,
+            storage_key=f"{produced}/x",
+            sha256="0" * 64,
+            size=1,
+            format="json",
+            run=run,
+            phase_run=pr,
+        )
+
+
+def phase_of(run: PipelineRun, name: str) -> PhaseRun:
+    return PhaseRun.objects.get(run=run, name=name)

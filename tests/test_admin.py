@@ -419,10 +419,10 @@ def test_run_again_starts_a_forced_run(login: UserFactory) -> None:
     assert run.state == "pending"
     assert run.trigger == "admin: run again by ops"
     assert run.options == {"force": True, "from": None, "only": []}
-    assert list(run.phases.values_list("name", "state", "forced")) == [
-        ("a", "pending", True),
-        ("b", "pending", True),
-        ("c", "pending", True),
+    assert list(run.phases.values_list("name", "state")) == [
+        ("a", "pending"),
+        ("b", "pending"),
+        ("c", "pending"),
     ]
 
 
@@ -460,7 +460,6 @@ def test_resume_starts_a_run_that_is_not_forced(login: UserFactory) -> None:
     assert response["Location"] == reverse(RUN, args=[run.pk])
     assert run.trigger == f"admin: resume run {failed.pk} by ops"
     assert run.options == {"force": False, "from": None, "only": []}
-    assert not run.phases.filter(forced=True).exists()
 
 
 def test_changelist_action_cancels_the_selected_runs_in_flight(login: UserFactory) -> None:

@@ -6,7 +6,8 @@ from datetime import timedelta
 
 import pytest
 
-from initpipeline import history, services
+from initpipeline import history
+from initpipeline.reporting import run_report
 from tests.records import T0, Phase, make_run
 
 pytestmark = [pytest.mark.django_db]
@@ -61,7 +62,7 @@ def test_estimate_counts_pending_phases_with_their_last_durations() -> None:
     make_run("succeeded", [Phase("a", start=0, took=4), Phase("b", start=4, took=10)], at=T0)
     run = make_run("pending", [Phase("a", "cached"), Phase("b", "pending")], at=T0 + HOUR)
     assert history.estimate_remaining(run) == 10.0
-    assert services.run_dict(run)["estimate_remaining"] == 10.0
+    assert run_report(run).estimate_remaining == 10.0
 
 
 def test_estimate_of_the_running_phase_blends_history_and_pace() -> None:
@@ -101,7 +102,7 @@ def test_estimate_is_unknown_when_a_phase_never_ran() -> None:
     make_run("succeeded", [Phase("a", start=0, took=10)], at=T0)
     run = make_run("pending", [Phase("a", "pending"), Phase("b", "pending")], at=T0 + HOUR)
     assert history.estimate_remaining(run) is None
-    assert services.run_dict(run)["estimate_remaining"] is None
+    assert run_report(run).estimate_remaining is None
 
 
 @pytest.mark.parametrize(

@@ -1,4 +1,7 @@
-"""The deployment warnings initpipeline.W001... (Celery settings come from current_app.conf)."""
+"""The system checks: settings errors, one id per fault, and the deployment warnings W001...
+
+Celery settings come from current_app.conf; pipeline defects are in tests/test_registry.py.
+"""
 
 from __future__ import annotations
 
@@ -34,6 +37,113 @@ def celery_conf() -> Iterator[Any]:
 
 def ids(found: list[Any]) -> list[str]:
     return [w.id for w in found]
+
+
+# -- settings -------------------------------------------------------------------------------
+
+
+def settings_errors() -> list[tuple[str, str]]:
+    return [(e.id, e.msg) for e in checks.check_settings() + checks.check_pipeline()]
+
+
+@override_settings(INITPIPELINE=["not", "a", "dict"])
+def test_settings_that_are_not_a_dict() -> None:
+    assert settings_errors() == [
+        ("initpipeline.E001", "settings.INITPIPELINE must be a dict, not list.")
+    ]
+
+
+@pytest.mark.parametrize(
+    ("given", "expected"),
+    [
+        ({"NOPE": 1}, ("initpipeline.E013", "settings.INITPIPELINE has unknown keys: NOPE.")),
+        (
+            {"REFRESH_INTERVAL": -1},
+            (
+                "initpipeline.E014",
+                "INITPIPELINE['REFRESH_INTERVAL'] must be a positive number, not -1.",
+            ),
+        ),
+        (
+            {"STALE_AFTER": "60"},
+            (
+                "initpipeline.E014",
+                "INITPIPELINE['STALE_AFTER'] must be a positive number, not '60'.",
+            ),
+        ),
+        (
+            {"KEEP_GENERATIONS": 0},
+            (
+                "initpipeline.E015",
+                "INITPIPELINE['KEEP_GENERATIONS'] must be an integer >= 1, not 0.",
+            ),
+        ),
+        (
+            {"WARMUP_PATHS": {"/search/": "lsa"}},
+            (
+                "initpipeline.E016",
+                "INITPIPELINE['WARMUP_PATHS'] must map URL prefixes to lists of artifact names, "
+                "not {'/search/': 'lsa'}.",
+            ),
+        ),
+        (
+            {"WARMUP_PATHS": {"/search/": ["ghost"]}},
+            (
+                "initpipeline.E017",
+                "INITPIPELINE['WARMUP_PATHS']['/search/'] names 'ghost', which no phase produces.",
+            ),
+        ),
+        (
+            {"QUEUE": 3},
+            (
+                "initpipeline.E018",
+                "INITPIPELINE['QUEUE'] must be the name of a Celery queue or None, not 3.",
+            ),
+        ),
+        (
+            {"DEFAULT_TIMEOUT": 10**9},
+            (
+                "initpipeline.E019",
+                "INITPIPELINE['DEFAULT_TIMEOUT'] is 1000000000 s, more than a week.",
+            ),
+        ),
+        (
+            {"REQUIRED_ARTIFACTS": "b_out"},
+            (
+                "initpipeline.E020",
+                "INITPIPELINE['REQUIRED_ARTIFACTS'] must be a list of artifact names, not 'b_out'.",
+            ),
+        ),
+        (
+            {"GC_AFTER_ACTIVATION": "yes"},
+            (
+                "initpipeline.E021",
+                "INITPIPELINE['GC_AFTER_ACTIVATION'] must be True or False, not 'yes'.",
+            ),
+        ),
+        (
+            {"LOCAL_CACHE_DIR": 5},
+            ("initpipeline.E022", "INITPIPELINE['LOCAL_CACHE_DIR'] must be a path or None, not 5."),
+        ),
+        (
+            {"REQUIRED_ARTIFACTS": ["ghost"]},
+            (
+                "initpipeline.E008",
+                "INITPIPELINE['REQUIRED_ARTIFACTS'] names 'ghost', which no phase produces.",
+            ),
+        ),
+    ],
+)
+def test_each_settings_fault_has_its_own_id(
+    given: dict[str, Any], expected: tuple[str, str]
+) -> None:
+    with override_settings(INITPIPELINE=given):
+        assert settings_errors() == [expected]
+
+
+@override_settings(STORAGES={"default": {"BACKEND": "django.core.files.storage.FileSystemStorage"}})
+def test_missing_storage_alias_is_reported() -> None:
+    assert ids(checks.check_settings()) == ["initpipeline.E007"]
 
 
 def test_the_test_settings_raise_no_warning(celery_conf: Any) -> None:

@@ -12,8 +12,10 @@ import pytest
 from django.core.management import call_command, load_command_class
 from django.core.management.base import CommandError
 
-from initpipeline import render
+from initpipeline import formatters
+from initpipeline.management.progress import PlainProgress
 from initpipeline.models import Artifact, PhaseRun, PipelineRun
+from initpipeline.reporting import PhaseReport, RunReport, run_outcome, run_report
 from tests.records import T0, Phase, make_generation, make_run
 
 CACHED_MSG = "cached: fingerprint matches a verified artifact"
@@ -23,8 +25,8 @@ def init_status(*args: str) -> tuple[int, str]:
     out = io.StringIO()
     try:
         call_command("init_status", *args, stdout=out)
-    except SystemExit as exc:
-        return int(exc.code or 0), out.getvalue()
+    except CommandError as exc:
+        return exc.returncode, out.getvalue()
     return 0, out.getvalue()
 
 
@@ -206,7 +208,7 @@ def test_init_status_json(history: dict[str, int]) -> None:
 @pytest.mark.django_db
 def test_init_status_of_an_unknown_run_is_bad_usage() -> None:
     with pytest.raises(CommandError) as exc:
-        init_status("--run", "99")
+        call_command("init_status", "--run", "99", stdout=io.StringIO())
     assert (str(exc.value), exc.value.returncode) == ("there is no run 99", 2)
 
 
@@ -227,8 +229,7 @@ def test_summary_lists_durations_cached_phases_and_artifacts(history: dict[str, 
     )
     generation = make_generation(run, [("b_out", "npy", 4_500_000), ("c_out", "json", 17)])
     generation.artifacts.add(Artifact.objects.get(name="a_out", run=first))
-    phases = list(run.phases.order_by("position"))
-    assert render.summary_text(run, phases) == (
+    assert formatters.summary_text(run_report(run), run_outcome(run)) == (
         f"run {run.pk} succeeded in 3.8 s\n"
         "  a  cached     -\n"
         "  b  succeeded  3.2 s\n"
@@ -253,7 +254,7 @@ def test_summary_of_a_failed_run_lists_what_it_published(history: dict[str, int]
         format="json",
         run=failed,
     )
-    assert render.summary_text(failed, list(failed.phases.order_by("position"))) == (
+    assert formatters.summary_text(run_report(failed), run_outcome(failed)) == (
         f"run {failed.pk} failed in 0.2 s\n"
         "  a  cached           -\n"
         "  b  failed           0.2 s\n"
@@ -276,10 +277,25 @@ def phase(name: str, state: str, **fields: object) -> PhaseRun:
     return PhaseRun(name=name, state=state, max_attempts=3, **fields)  # type: ignore[misc]
 
 
+def poll(phases: list[PhaseRun]) -> RunReport:
+    """A poll of a run, as services.wait() hands it to a live renderer."""
+    return RunReport(
+        id=1,
+        state="running",
+        trigger="",
+        created_at=at(0),
+        started_at=at(0),
+        finished_at=None,
+        duration=None,
+        error="",
+        phases=[PhaseReport.of(p) for p in phases],
+        estimate_remaining=None,
+    )
+
+
 def test_plain_progress_prints_each_event_once() -> None:
     out = io.StringIO()
-    plain = render.PlainProgress(out, now=lambda: at(600))
-    run = PipelineRun()
+    plain = PlainProgress(out, now=lambda: at(600))
     polls = [
         # 1: z is cached, a has just started.
         [
@@ -350,7 +366,7 @@ def test_plain_progress_prints_each_event_once() -> None:
         ],
     ]
     for phases in polls:
-        plain(run, phases)
+        plain(poll(phases))
     assert out.getvalue() == (
         "10:10:00 z cached\n"
         "10:00:01 a running\n"
@@ -368,21 +384,22 @@ def test_plain_progress_prints_each_event_once() -> None:
 
 def test_plain_progress_ends_phases_that_never_ran() -> None:
     out = io.StringIO()
-    plain = render.PlainProgress(out, now=lambda: at(5))
+    plain = PlainProgress(out, now=lambda: at(5))
     plain(
-        PipelineRun(),
-        [
-            phase(
-                "a",
-                "cancelled",
-                attempt=1,
-                started_at=at(0),
-                finished_at=at(2),
-                message="cancelled; stopped after 2.0 s",
-            ),
-            phase("b", "cancelled", finished_at=at(2), message="cancelled"),
-            phase("c", "upstream_failed", message="not run: a failed"),
-        ],
+        poll(
+            [
+                phase(
+                    "a",
+                    "cancelled",
+                    attempt=1,
+                    started_at=at(0),
+                    finished_at=at(2),
+                    message="cancelled; stopped after 2.0 s",
+                ),
+                phase("b", "cancelled", finished_at=at(2), message="cancelled"),
+                phase("c", "upstream_failed", message="not run: a failed"),
+            ]
+        )
     )
     assert out.getvalue() == (
         "10:00:00 a running\n"
@@ -403,4 +420,4 @@ def test_plain_progress_ends_phases_that_never_ran() -> None:
     ],
 )
 def test_fmt_size(size: int, text: str) -> None:
-    assert render.fmt_size(size) == text
+    assert formatters.fmt_size(size) == text

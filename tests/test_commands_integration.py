@@ -12,8 +12,8 @@ import time
 
 import pytest
 
+from initpipeline.formatters import fmt_size
 from initpipeline.models import Artifact, Generation, PipelineRun
-from initpipeline.render import fmt_size
 from tests.conftest import ROOT, Stack, wait_for
 
 pytestmark = [pytest.mark.slow]

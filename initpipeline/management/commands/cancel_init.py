@@ -1,15 +1,16 @@
 from __future__ import annotations
 
-import json
 from typing import Any
 
-from django.core.management.base import BaseCommand, CommandError, CommandParser
+from django.core.management.base import CommandParser
 
 from ... import services
 from ...models import PipelineRun
+from ...reporting import run_report
+from ..base import InitCommand
 
 
-class Command(BaseCommand):
+class Command(InitCommand):
     help = (
         "Cancel the run in flight (or run ID): its running phase stops at its next heartbeat "
         "and the active generation keeps serving. Exit codes: 0 cancelled; 1 nothing to "
@@ -22,11 +23,11 @@ class Command(BaseCommand):
 
     def handle(self, *args: Any, run: int | None, json: bool, **options: Any) -> None:
         if run is not None and not PipelineRun.objects.filter(pk=run).exists():
-            raise CommandError(f"there is no run {run}", returncode=2)
+            self.exit(2, f"there is no run {run}")
         cancelled = services.cancel(run_id=run)
         if cancelled is not None:
             if json:
-                self.stdout.write(_dumps({"cancelled": True, "run": services.run_dict(cancelled)}))
+                self.write_json({"cancelled": True, "run": run_report(cancelled).as_dict()})
             else:
                 self.stdout.write(f"run {cancelled.pk} cancelled")
             return
@@ -40,17 +41,11 @@ class Command(BaseCommand):
         else:
             reason = f"nothing to cancel: run {latest.pk} is {latest.state}"
         if json:
-            self.stdout.write(
-                _dumps(
-                    {
-                        "cancelled": False,
-                        "reason": reason,
-                        "run": None if latest is None else services.run_dict(latest),
-                    }
-                )
+            self.write_json(
+                {
+                    "cancelled": False,
+                    "reason": reason,
+                    "run": None if latest is None else run_report(latest).as_dict(),
+                }
             )
-        raise CommandError(reason, returncode=1)
-
-
-def _dumps(payload: Any) -> str:
-    return json.dumps(payload, indent=2)
+        self.exit(1, reason)

@@ -2,12 +2,13 @@ from __future__ import annotations
 
 from typing import Any
 
-from django.core.management.base import BaseCommand, CommandError, CommandParser
+from django.core.management.base import CommandParser
 
 from ... import retention
+from ..base import InitCommand
 
 
-class Command(BaseCommand):
+class Command(InitCommand):
     help = (
         "Delete the files of artifacts older than the last KEEP_GENERATIONS generations; "
         "never the active one. Exit codes: 0 done; 2 bad usage."
@@ -21,7 +22,7 @@ class Command(BaseCommand):
         try:
             removed = retention.collect(keep=keep, dry_run=dry_run)
         except ValueError as exc:
-            raise CommandError(str(exc), returncode=2) from exc
+            self.exit(2, str(exc))
         verb = "would delete" if dry_run else "deleted"
         for art in removed:
             self.stdout.write(f"{verb} {art.storage_key} ({art.size} bytes)")

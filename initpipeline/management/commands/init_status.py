@@ -1,18 +1,20 @@
 from __future__ import annotations
 
-import json
-from typing import Any, TextIO, cast
+from typing import Any
 
-from django.core.management.base import CommandError, CommandParser
+from django.core.management.base import CommandParser
 
-from ... import render, services
 from ...exceptions import PipelineConfigError
-from ...models import IN_FLIGHT, PhaseRun
+from ...formatters import status_text
+from ...recovery import recover_stale
+from ...reporting import FAILED, NOT_READY, StatusReport, status_report
+from ..base import InitCommand
 
-EXIT = {"ready": 0, "failed": 1, "not_ready": 3}
+#: The exit code of each state, and the reason printed with it.
+EXIT = {FAILED: (1, "the latest run failed"), NOT_READY: (3, "not ready yet")}
 
 
-class Command(render.TerminalCommand):
+class Command(InitCommand):
     help = (
         "Show the state of the init. Exit codes: 0 the active generation serves and no run "
         "failed since; 1 the latest run failed; 2 bad usage; 3 not ready yet (never run, or "
@@ -31,41 +33,21 @@ class Command(render.TerminalCommand):
 
     def handle(self, *args: Any, json: bool, watch: bool, run: int | None, **options: Any) -> None:
         try:
-            data = self._status(run)
-            if watch and data["run"] is not None and data["run"]["state"] in IN_FLIGHT:
-                self._follow(data["run"]["id"], quiet=json)
-                data = self._status(run)
+            report = self._status(run)
+            if watch and report.run is not None and report.run.in_flight:
+                self.follow(report.run.id, quiet=json, announce=True)
+                report = self._status(run)
         except PipelineConfigError as exc:
-            raise CommandError(str(exc), returncode=2) from exc
+            self.exit(2, str(exc))
         if json:
-            self.stdout.write(_dumps(data))
+            self.write_json(report.as_dict())
         else:
-            self.stdout.write(render.status_text(data, self._phases(data)))
-        code = EXIT[data["state"]]
-        if code:
-            raise SystemExit(code)
+            self.stdout.write(status_text(report))
+        if report.state in EXIT:
+            self.exit(*EXIT[report.state])
 
-    def _status(self, run_id: int | None) -> dict[str, Any]:
-        return services.status(run_id=run_id, recover=True)
-
-    def _phases(self, data: dict[str, Any]) -> list[PhaseRun]:
-        if data["run"] is None:
-            return []
-        return list(PhaseRun.objects.filter(run_id=data["run"]["id"]).order_by("position"))
-
-    def _follow(self, run_id: int, *, quiet: bool) -> None:
-        if quiet:
-            services.wait(run_id, poll=1.0)
-            return
-        out = cast(TextIO, self.stdout._out)
-        if self.stdout.isatty():
-            with render.RichProgress(out, no_color=self.no_color) as bars:
-                services.wait(run_id, on_update=bars, poll=0.5)
-        else:
-            self.stdout.write(f"watching run {run_id}")
-            services.wait(run_id, on_update=render.PlainProgress(out), poll=1.0)
-            self.stdout.write("")
-
-
-def _dumps(payload: Any) -> str:
-    return json.dumps(payload, indent=2)
+    def _status(self, run_id: int | None) -> StatusReport:
+        # The operator never waits on a run nothing works on: a run left in flight by a
+        # lost worker is resumed (or failed) first (recovery.py).
+        recover_stale()
+        return status_report(run_id=run_id)

@@ -1,16 +1,18 @@
 from __future__ import annotations
 
-import json
-from typing import Any, TextIO, cast
+from typing import Any
 
-from django.core.management.base import CommandError, CommandParser
+from django.core.management.base import CommandParser
 
-from ... import render, services
+from ... import services
 from ...exceptions import EnqueueError, PipelineConfigError
+from ...formatters import summary_text
 from ...models import PipelineRun, RunState
+from ...reporting import run_outcome, run_report
+from ..base import InitCommand
 
 
-class Command(render.TerminalCommand):
+class Command(InitCommand):
     help = (
         "Start the init pipeline, or attach to the run in flight. Exit codes: 0 up to date, "
         "enqueued, or (with --wait) succeeded; 1 the run failed or was cancelled; 2 bad usage "
@@ -45,7 +47,7 @@ class Command(render.TerminalCommand):
                 force=force, from_phase=from_phase, only=only, trigger="start_init"
             )
         except (PipelineConfigError, EnqueueError) as exc:
-            raise CommandError(str(exc), returncode=2) from exc
+            self.exit(2, str(exc))
 
         run = result.run
         if not json:
@@ -59,32 +61,21 @@ class Command(render.TerminalCommand):
                 assert run is not None
                 self.stdout.write(f"run {run.pk} enqueued")
 
-        if wait and run is not None:
-            run = self._wait(run.pk, quiet=json)
+        report = None
+        if run is not None:
+            if wait:
+                self.follow(run.pk, quiet=json)
+                run = PipelineRun.objects.get(pk=run.pk)
+            report = run_report(run)
+            if wait and not json:
+                self.stdout.write(summary_text(report, run_outcome(run)))
         if json:
-            payload = {
-                "outcome": result.outcome,
-                "generation": result.generation.pk if result.generation else None,
-                "run": services.run_dict(run) if run is not None else None,
-            }
-            self.stdout.write(_dumps(payload))
-        if wait and run is not None and run.state != RunState.SUCCEEDED:
-            raise CommandError(f"run {run.pk} {run.state}: {run.error}", returncode=1)
-
-    def _wait(self, run_id: int, *, quiet: bool) -> PipelineRun:
-        if quiet:
-            return services.wait(run_id)
-        out = cast(TextIO, self.stdout._out)
-        if self.stdout.isatty():
-            # Bars on a terminal; rich reads NO_COLOR (and TERM=dumb) from the environment.
-            with render.RichProgress(out, no_color=self.no_color) as bars:
-                run = services.wait(run_id, on_update=bars, poll=0.25)
-        else:
-            # Logs and pipes get one line per event (render.py lists them).
-            run = services.wait(run_id, on_update=render.PlainProgress(out), poll=0.5)
-        self.stdout.write(render.summary_text(run, list(run.phases.order_by("position"))))
-        return run
-
-
-def _dumps(payload: Any) -> str:
-    return json.dumps(payload, indent=2)
+            self.write_json(
+                {
+                    "outcome": result.outcome,
+                    "generation": result.generation.pk if result.generation else None,
+                    "run": None if report is None else report.as_dict(),
+                }
+            )
+        if wait and report is not None and report.state != RunState.SUCCEEDED:
+            self.exit(1, f"run {report.id} {report.state}: {report.error}")

@@ -1,0 +1,140 @@
+"""Planning a run's Celery chains from its records, and sending them by task name.
+
+Signatures are built by name, so nothing here imports tasks.py (nor makes a process that
+only sends, such as a web process running the admin's "Run again", import the task code).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from typing import Any
+
+from .conf import settings
+from .models import PHASE_DONE, PhaseRun, PhaseState
+
+logger = logging.getLogger("initpipeline")
+
+RUN_PHASE = "initpipeline.run_phase"
+FINISH_RUN = "initpipeline.finish_run"
+
+#: How phase tasks are acknowledged; tasks.py applies it and checks.py reads it (W003).
+#: acks_late + reject_on_worker_lost: a worker that dies mid-phase does not lose the
+#: message on brokers that redeliver (FIELD_NOTES, Celery). Our own heartbeat and
+#: recovery.py cover the filesystem broker, which does not, and Redis, which redelivers
+#: only after visibility_timeout.
+PHASE_TASK_OPTIONS: dict[str, Any] = {"acks_late": True, "reject_on_worker_lost": True}
+
+#: Seconds between a phase's soft time limit (its timeout) and the hard limit that kills it.
+HARD_LIMIT_GRACE = 30
+
+
+def plan_chains(
+    phases: Sequence[PhaseRun], *, start: Sequence[str] | None = None
+) -> list[list[str]]:
+    """The chains to send now: one per pending phase whose dependencies are all done.
+
+    Each chain carries on through the phases that only its last phase unblocks (a linear
+    pipeline is one chain). ``start`` limits the chains to those that begin at these
+    phases. The phases of a run come from its records (``depends_on``), so workers running
+    other code than the deploy step still follow the run's plan.
+    """
+    todo = {p.name: p for p in phases if p.state not in PHASE_DONE}
+    deps = {name: [d for d in p.depends_on if d in todo] for name, p in todo.items()}
+    in_order = sorted(todo, key=lambda n: todo[n].position)
+    dependants: dict[str, list[str]] = {name: [] for name in todo}
+    for name in in_order:
+        for dep in deps[name]:
+            dependants[dep].append(name)
+    chains = []
+    for name in in_order:
+        if todo[name].state != PhaseState.PENDING or deps[name]:
+            continue
+        if start is not None and name not in start:
+            continue
+        chain = [name]
+        while len(dependants[chain[-1]]) == 1:
+            following = dependants[chain[-1]][0]
+            if deps[following] != [chain[-1]]:
+                break
+            chain.append(following)
+        chains.append(chain)
+    return chains
+
+
+def unblocked_by(phases: Sequence[PhaseRun], name: str) -> list[list[str]]:
+    """The chains that phase ``name``, just done, lets start (see plan_chains)."""
+    waits_for = {p.name: p.depends_on for p in phases}
+    return [names for names in plan_chains(phases) if name in waits_for[names[0]]]
+
+
+def _signature(
+    task: str, args: tuple[Any, ...], kwargs: dict[str, Any] | None = None, **options: Any
+) -> Any:
+    from celery import current_app
+
+    queue = settings.QUEUE
+    if queue:
+        options["queue"] = queue
+    # Immutable: a step never receives the previous step's return value.
+    return current_app.signature(task, args=args, kwargs=kwargs, immutable=True, **options)
+
+
+def send_chain(run_id: int, names: Sequence[str]) -> None:
+    """Send phases ``names`` of a run, in this order, as one Celery chain.
+
+    ``names`` is one of plan_chains(): the start of a run sends every chain ready at once,
+    the last phase of a chain sends the chains it unblocks (execution.py), and recovery
+    sends again from a lost phase (Celery cannot resume a chain, celery#3325). A chain that
+    holds every phase left of its run ends with the run's finish step; any other chain's
+    last phase advances the run when it succeeds. Raises what the broker raised.
+    """
+    from celery import chain
+
+    # The limits come from the run's records, so what a PhaseRun shows is what is enforced.
+    rows = PhaseRun.objects.filter(run_id=run_id).values_list("name", "timeout", "state")
+    timeouts = {name: timeout for name, timeout, _ in rows}
+    left = {name for name, _, state in rows if state not in PHASE_DONE}
+    finishes = left <= set(names)
+    steps = []
+    for i, name in enumerate(names):
+        timeout = int(timeouts.get(name) or settings.DEFAULT_TIMEOUT)
+        advance = i == len(names) - 1 and not finishes
+        steps.append(
+            _signature(
+                RUN_PHASE,
+                (run_id, name),
+                {"advance": True} if advance else None,
+                soft_time_limit=timeout,
+                time_limit=timeout + HARD_LIMIT_GRACE,
+            )
+        )
+    if finishes:
+        steps.append(_signature(FINISH_RUN, (run_id,)))
+    chain(*steps).apply_async()
+
+
+def send_finish(run_id: int) -> None:
+    """Send the run's finish step on its own (its last phases ran in parallel chains)."""
+    _signature(FINISH_RUN, (run_id,)).apply_async()
+
+
+def send_next(run_id: int, after: str, chains: Sequence[Sequence[str]], finish: bool) -> None:
+    """Send what the phase ``after`` unblocked; a failed send is left to recovery."""
+    try:
+        for names in chains:
+            send_chain(run_id, names)
+        if finish:
+            send_finish(run_id)
+    except Exception:
+        # The phases stay pending (or the run stays in flight with every phase done):
+        # recovery.py sends them again once the broker is back.
+        logger.exception("run %s: could not send what %s unblocked", run_id, after)
+        return
+    if chains:
+        logger.info(
+            "run %s: %s unblocked %s",
+            run_id,
+            after,
+            "; ".join(" -> ".join(names) for names in chains),
+        )

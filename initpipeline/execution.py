@@ -1,0 +1,439 @@
+"""Running a phase inside a Celery worker and recording its outcome, up to activation.
+
+A copy of a phase task claims the phase's row (``claim``), runs the phase with a
+heartbeat thread beside it, and writes one outcome: succeeded (with its artifacts), a
+failed attempt (retried after a backoff, or failed for good), or stopped (the run was
+cancelled). The last step of a run, ``finish_run``, activates its generation.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import socket
+import threading
+import time
+import traceback
+from datetime import datetime
+from typing import Any, NoReturn
+
+from django.db import connection, transaction
+from django.utils import timezone
+
+from . import dispatch, retention, storage
+from .conf import settings
+from .context import PhaseContext
+from .exceptions import (
+    PhaseCancelled,
+    PhaseFailed,
+    PhaseSkipped,
+    PipelineConfigError,
+    RetryPhase,
+)
+from .models import (
+    IN_FLIGHT,
+    PHASE_DONE,
+    PHASE_UNFINISHED,
+    Artifact,
+    Generation,
+    PhaseRun,
+    PhaseState,
+    PipelineRun,
+    RunState,
+)
+from .registry import descendants, get_pipeline
+
+logger = logging.getLogger("initpipeline")
+
+Published = dict[str, tuple[storage.Published, str, dict[str, Any]]]
+
+
+# -- claiming the phase -------------------------------------------------------------------
+
+
+def claim(run_id: int, phase_name: str, task_id: str, worker: str) -> PhaseRun:
+    """Make this delivery the owner of the phase's row, or raise PhaseSkipped/PhaseFailed.
+
+    The row is the lock: a copy runs the phase only when it is pending, or running with a
+    heartbeat older than STALE_AFTER (its worker is gone). Each claim takes the next attempt
+    number; (row, attempt) identifies the owner from then on (PhaseRun.objects.owned).
+    """
+    stale_after = settings.STALE_AFTER
+    lost = ""
+    out_of_attempts = False
+    with transaction.atomic():
+        pr = (
+            PhaseRun.objects.select_for_update()
+            .select_related("run")
+            .get(run_id=run_id, name=phase_name)
+        )
+        run = pr.run
+        now = timezone.now()
+        if run.state not in IN_FLIGHT:
+            raise PhaseSkipped(f"run {run_id} is {run.state}")
+        if pr.state in PHASE_DONE:
+            raise PhaseSkipped(f"phase {phase_name} is already {pr.state} (duplicate delivery)")
+        if pr.state not in PHASE_UNFINISHED:
+            raise PhaseSkipped(f"phase {phase_name} is {pr.state}")
+        if pr.state == PhaseState.RUNNING:
+            age = pr.heartbeat_age(now)
+            if age < stale_after:
+                # At-least-once delivery: Redis delivers a task again while it still runs
+                # once visibility_timeout has passed (celery#5935), under the same task id,
+                # so only the heartbeat tells a live copy from a lost one.
+                raise PhaseSkipped(
+                    f"phase {phase_name} attempt {pr.attempt} is running in task "
+                    f"{pr.task_id} on {pr.worker} (heartbeat {age:.1f} s ago)"
+                )
+            lost = pr.lost_reason(now)
+            if pr.attempt >= pr.max_attempts:
+                out_of_attempts = fail_phase(pr, f"{lost}; no attempts left", "")
+        if not out_of_attempts:
+            pr.state = PhaseState.RUNNING
+            pr.attempt += 1
+            pr.task_id = task_id
+            pr.worker = worker[:255]
+            pr.started_at = pr.started_at or now
+            pr.heartbeat_at = now
+            pr.finished_at = None
+            if lost:
+                pr.message = f"attempt {pr.attempt} took over: {lost}"[:500]
+            pr.save()
+            if run.state == RunState.PENDING:
+                run.state = RunState.RUNNING
+                run.started_at = now
+                run.save(update_fields=["state", "started_at"])
+    if out_of_attempts:
+        logger.error("phase %s of run %s failed: %s; no attempts left", phase_name, run_id, lost)
+        raise PhaseFailed(f"{lost}; no attempts left")
+    if lost:
+        logger.warning(
+            "phase %s of run %s: attempt %d takes over (%s)", pr.name, run_id, pr.attempt, lost
+        )
+    return pr
+
+
+# -- running it ---------------------------------------------------------------------------
+
+
+class Heartbeat(threading.Thread):
+    """Writes the phase's heartbeat every HEARTBEAT_INTERVAL while this copy owns the row.
+
+    Once it does not (the run was cancelled, or a stale phase was taken over by recovery or
+    by another delivery), the thread sets ``ctx.cancelled``: the phase stops at its next
+    progress() or heartbeat() call, and this copy records nothing.
+    """
+
+    def __init__(self, pr: PhaseRun, ctx: PhaseContext) -> None:
+        super().__init__(name=f"initpipeline-heartbeat-{pr.pk}", daemon=True)
+        self.phase_run_id = pr.pk
+        self.attempt = pr.attempt
+        self.ctx = ctx
+        self.stopped = threading.Event()
+
+    def run(self) -> None:
+        interval = settings.HEARTBEAT_INTERVAL
+        try:
+            while not self.stopped.wait(interval):
+                try:
+                    owned = PhaseRun.objects.owned(self.phase_run_id, self.attempt).update(
+                        heartbeat_at=timezone.now()
+                    )
+                except Exception:
+                    logger.exception("heartbeat of phase run %s failed", self.phase_run_id)
+                    continue
+                if not owned:
+                    self.ctx.cancelled.set()
+                    return
+        finally:
+            # Django connections are per thread: close this thread's own.
+            connection.close()
+
+    def stop(self) -> None:
+        self.stopped.set()
+        self.join(timeout=5)
+
+
+def execute_phase(
+    *, run_id: int, phase_name: str, task_id: str = "", worker: str = "", advance: bool = False
+) -> str:
+    """Run one phase of a run and record the outcome; returns the phase's final state.
+
+    ``advance``: this phase ends its chain, so once it succeeds it sends the phases it
+    unblocks (or the run's finish step, when no phase is left).
+
+    Returns succeeded, or cancelled when the run was cancelled while the phase ran. Raises
+    RetryPhase when it failed with attempts left, PhaseFailed when it failed for good (the
+    run is then failed), PhaseSkipped when this delivery must not run it, or lost the phase
+    to another copy while it ran (a stale phase taken over): such a copy records nothing.
+    """
+    pipeline = get_pipeline()
+    pr = claim(run_id, phase_name, task_id, worker or socket.gethostname())
+    try:
+        phase = pipeline[phase_name]
+    except PipelineConfigError as exc:
+        fail_phase(pr, f"this worker does not know the phase: {exc}", "")
+        raise PhaseFailed(str(exc)) from exc
+    current = pipeline.fingerprints().get(phase_name)
+    if current != pr.fingerprint:
+        logger.warning(
+            "phase %s: this worker's code has another fingerprint than the run planned "
+            "(workers and the deploy step run different code or settings)",
+            phase_name,
+        )
+    ctx = PhaseContext(phase=phase, phase_run=pr, pipeline=pipeline)
+    beat = Heartbeat(pr, ctx)
+    beat.start()
+    started = time.monotonic()
+    try:
+        phase.func(ctx)
+        published = ctx.published()
+    except Exception as exc:
+        beat.stop()
+        if isinstance(exc, PhaseCancelled) and ctx.cancelled.is_set():
+            return record_stopped(pr, time.monotonic() - started)
+        record_failed_attempt(pr, exc, traceback.format_exc())
+    beat.stop()
+    return record_succeeded(pr, published, time.monotonic() - started, advance=advance)
+
+
+# -- outcomes -----------------------------------------------------------------------------
+
+
+def _taken_over(pr: PhaseRun) -> PhaseSkipped:
+    return PhaseSkipped(
+        f"phase {pr.name} of run {pr.run_id}: attempt {pr.attempt} no longer owns the phase "
+        "(cancelled, or taken over after its heartbeat went stale); recording nothing"
+    )
+
+
+def record_stopped(pr: PhaseRun, seconds: float) -> str:
+    """The phase stopped itself because it no longer owns its row."""
+    stopped = PhaseRun.objects.filter(
+        pk=pr.pk, attempt=pr.attempt, state=PhaseState.CANCELLED
+    ).update(finished_at=timezone.now(), message=f"cancelled; stopped after {seconds:.1f} s")
+    if not stopped:
+        raise _taken_over(pr)
+    logger.info("phase %s of run %s stopped: run cancelled", pr.name, pr.run_id)
+    return PhaseState.CANCELLED
+
+
+def record_failed_attempt(pr: PhaseRun, exc: BaseException, tb: str) -> NoReturn:
+    """Record a failed attempt; raise RetryPhase (attempts left) or PhaseFailed."""
+    error = f"{type(exc).__name__}: {exc}"
+    if type(exc).__name__ == "SoftTimeLimitExceeded":
+        # Celery's soft limit, set to the phase's timeout when the chain was sent.
+        error = f"timed out after {pr.timeout} s (Celery soft time limit)"
+    if pr.attempt < pr.max_attempts:
+        countdown = backoff(pr.attempt)
+        # heartbeat_at = now: the worker is alive and the retry is on its way; recovery
+        # allows the backoff to pass before it counts the phase as lost (recovery.py).
+        # Only while the run is in flight: a phase that fails after one beside it failed
+        # the run has nothing to retry for, and fails below.
+        retrying = (
+            PhaseRun.objects.owned(pr.pk, pr.attempt)
+            .filter(run__state__in=IN_FLIGHT)
+            .update(
+                state=PhaseState.PENDING,
+                error=error,
+                traceback=tb,
+                heartbeat_at=timezone.now(),
+                message=f"attempt {pr.attempt} failed; retrying in {countdown:.0f} s",
+            )
+        )
+        if retrying:
+            logger.warning(
+                "phase %s attempt %d/%d failed (%s); retrying in %.1f s",
+                pr.name,
+                pr.attempt,
+                pr.max_attempts,
+                error,
+                countdown,
+            )
+            raise RetryPhase(countdown) from exc
+    # fail_phase changes nothing when this attempt no longer owns the phase.
+    if not fail_phase(pr, error, tb):
+        raise _taken_over(pr) from exc
+    logger.error("phase %s of run %s failed: %s\n%s", pr.name, pr.run_id, error, tb)
+    raise PhaseFailed(error) from exc
+
+
+def record_succeeded(
+    pr: PhaseRun, published: Published, seconds: float, *, advance: bool = False
+) -> str:
+    """Record the phase's artifacts and its success; with ``advance``, send what it unblocked."""
+    with transaction.atomic():
+        if advance:
+            # The run's row serialises the ends of parallel chains: of two phases that a
+            # third waits for, exactly one sees the other done and sends the third.
+            run_state = (
+                PipelineRun.objects.select_for_update()
+                .filter(pk=pr.run_id)
+                .values_list("state", flat=True)
+                .get()
+            )
+        row = PhaseRun.objects.select_for_update().filter(pk=pr.pk).values("attempt", "state")
+        current = row.get()
+        mine = current["attempt"] == pr.attempt
+        state = current["state"]
+        if mine and state in (PhaseState.RUNNING, PhaseState.CANCELLED):
+            # The files are complete and verified by checksum: a phase that finished as its
+            # run was cancelled (or failed elsewhere) still records them, so the next run
+            # finds them cached.
+            for name, (pub, fmt, metadata) in published.items():
+                Artifact.objects.create(
+                    name=name,
+                    fingerprint=pr.fingerprint,
+                    storage_key=pub.key,
+                    sha256=pub.sha256,
+                    size=pub.size,
+                    format=fmt,
+                    metadata=metadata,
+                    run_id=pr.run_id,
+                    phase_run=pr,
+                )
+        if mine and state == PhaseState.RUNNING:
+            PhaseRun.objects.filter(pk=pr.pk).update(
+                state=PhaseState.SUCCEEDED,
+                finished_at=timezone.now(),
+                progress_done=1,
+                progress_total=1,
+                error="",
+                traceback="",
+            )
+            if advance and run_state in IN_FLIGHT:
+                _advance(pr)
+    if not mine or state not in (PhaseState.RUNNING, PhaseState.CANCELLED):
+        raise _taken_over(pr)
+    if state == PhaseState.CANCELLED:
+        PhaseRun.objects.filter(pk=pr.pk).update(
+            finished_at=timezone.now(),
+            message="cancelled as it finished; its artifacts are kept for the next run",
+        )
+        logger.info("phase %s of run %s finished after its run was cancelled", pr.name, pr.run_id)
+        return PhaseState.CANCELLED
+    logger.info("phase %s of run %s succeeded in %.2f s", pr.name, pr.run_id, seconds)
+    return PhaseState.SUCCEEDED
+
+
+def _advance(pr: PhaseRun) -> None:
+    """Inside record_succeeded's transaction: send, once it commits, what ``pr`` unblocked."""
+    phases = list(PhaseRun.objects.filter(run_id=pr.run_id).order_by("position"))
+    chains = dispatch.unblocked_by(phases, pr.name)
+    finish = all(p.state in PHASE_DONE for p in phases)
+    if chains or finish:
+        run_id, name = pr.run_id, pr.name
+        transaction.on_commit(lambda: dispatch.send_next(run_id, name, chains, finish))
+
+
+def backoff(attempt: int) -> float:
+    """Exponential backoff with full jitter: a delay in [base*2^(n-1)/2, base*2^(n-1)]."""
+    return backoff_ceiling(attempt) / 2 + random.uniform(0, backoff_ceiling(attempt) / 2)
+
+
+def backoff_ceiling(attempt: int) -> float:
+    """The longest delay backoff(attempt) may choose."""
+    base = settings.RETRY_BACKOFF
+    return min(settings.RETRY_BACKOFF_MAX, base * float(2 ** max(attempt - 1, 0)))
+
+
+def fail_phase(pr: PhaseRun, error: str, tb: str, *, stale_before: datetime | None = None) -> bool:
+    """Fail this attempt of the phase, the phases that depend on it, and the run.
+
+    Returns False, changing nothing, when the attempt no longer holds the row (another copy
+    claimed it, or it ended) or, with ``stale_before``, when it showed a sign of life since.
+    """
+    now = timezone.now()
+    with transaction.atomic():
+        mine = PhaseRun.objects.held(pr.pk, pr.attempt)
+        if stale_before is not None:
+            mine = mine.stale(stale_before)
+        if not mine.update(state=PhaseState.FAILED, error=error, traceback=tb, finished_at=now):
+            return False
+        rows = PhaseRun.objects.filter(run_id=pr.run_id).values_list("name", "depends_on")
+        below = descendants(dict(rows), pr.name)
+        waiting = PhaseRun.objects.filter(run_id=pr.run_id, state=PhaseState.PENDING)
+        waiting.filter(name__in=below).update(
+            state=PhaseState.UPSTREAM_FAILED, message=f"not run: {pr.name} failed"
+        )
+        # Phases that do not depend on it: a running one finishes and keeps its artifacts
+        # for the next run; a pending one never starts in a failed run.
+        waiting.exclude(name__in=below).update(
+            state=PhaseState.CANCELLED,
+            finished_at=now,
+            message=f"not run: the run failed at {pr.name}",
+        )
+        PipelineRun.objects.filter(pk=pr.run_id, state__in=IN_FLIGHT).update(
+            state=RunState.FAILED, finished_at=now, error=f"phase {pr.name} failed: {error}"
+        )
+    return True
+
+
+def end_run(run_id: int, state: str, error: str, *, phase_state: str) -> None:
+    """End a run in flight with ``state``; its unfinished phases become ``phase_state``."""
+    now = timezone.now()
+    with transaction.atomic():
+        PhaseRun.objects.filter(run_id=run_id).unfinished().update(
+            state=phase_state, finished_at=now
+        )
+        PipelineRun.objects.filter(pk=run_id, state__in=IN_FLIGHT).update(
+            state=state, finished_at=now, error=error
+        )
+
+
+# -- activation ---------------------------------------------------------------------------
+
+
+def finish_run(*, run_id: int) -> Generation | None:
+    """Activate the run's generation in one transaction, if every phase is done."""
+    with transaction.atomic():
+        run = PipelineRun.objects.select_for_update().get(pk=run_id)
+        if run.state not in IN_FLIGHT:
+            logger.info("run %s is %s; nothing to activate", run_id, run.state)
+            return None
+        phases = list(run.phases.order_by("position"))
+        not_done = [p.name for p in phases if p.state not in PHASE_DONE]
+        if not_done:
+            end_run(
+                run_id,
+                RunState.FAILED,
+                f"finished with phases not done: {', '.join(not_done)}",
+                phase_state=PhaseState.UPSTREAM_FAILED,
+            )
+            return None
+        pipeline = get_pipeline()
+        artifacts: list[Artifact] = []
+        for pr in phases:
+            produces = pipeline.phases[pr.name].produces if pr.name in pipeline else ()
+            for name in produces:
+                mine = pr.artifacts.filter(name=name).first()
+                record = mine or Artifact.objects.for_fingerprint(name, pr.fingerprint).first()
+                if record is None:
+                    end_run(
+                        run_id,
+                        RunState.FAILED,
+                        f"artifact {name!r} of phase {pr.name} has no record",
+                        phase_state=PhaseState.UPSTREAM_FAILED,
+                    )
+                    return None
+                artifacts.append(record)
+        now = timezone.now()
+        generation = Generation.objects.create(
+            run=run, fingerprints={p.name: p.fingerprint for p in phases}
+        )
+        generation.artifacts.set(artifacts)
+        Generation.objects.filter(is_active=True).update(is_active=False)
+        generation.is_active = True
+        generation.activated_at = now
+        generation.save(update_fields=["is_active", "activated_at"])
+        run.state = RunState.SUCCEEDED
+        run.finished_at = now
+        run.save(update_fields=["state", "finished_at"])
+    logger.info("run %s succeeded: generation %s is active", run_id, generation.pk)
+    if settings.GC_AFTER_ACTIVATION:
+        try:
+            retention.collect()
+        except Exception:
+            # The new generation is active; a failed clean-up must not undo that.
+            logger.exception("deleting old artifacts after run %s failed", run_id)
+    return generation

@@ -1,0 +1,158 @@
+"""Text of the init's state for terminals and logs, from the reports of reporting.py.
+
+The plain text is an interface: logs are grepped and tests compare it line by line.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from datetime import datetime
+
+from django.utils import timezone
+
+from .models import PhaseState, RunState
+from .reporting import ArtifactReport, PhaseReport, RunOutcome, RunReport, StatusReport
+
+
+def fmt_duration(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    if seconds < 60:
+        return f"{seconds:.1f} s"
+    minutes, secs = divmod(int(round(seconds)), 60)
+    if minutes < 60:
+        return f"{minutes}m{secs:02d}s"
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}h{minutes:02d}m"
+
+
+def fmt_size(size: int) -> str:
+    """Bytes in binary units: 512 B, 1.5 KiB, 44.0 MiB."""
+    value = float(size)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if value < 1024 or unit == "GiB":
+            return f"{size} B" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    raise AssertionError("unreachable")
+
+
+def fmt_time(value: datetime | None) -> str:
+    """A timestamp in the current time zone, to the second."""
+    if value is None:
+        return "-"
+    return timezone.localtime(value).strftime("%Y-%m-%d %H:%M:%S %Z")
+
+
+def clock(value: datetime) -> str:
+    """A time of day in the current time zone (the plain progress lines)."""
+    return timezone.localtime(value).strftime("%H:%M:%S")
+
+
+def first_line(text: str) -> str:
+    return text.strip().splitlines()[0] if text.strip() else ""
+
+
+def phase_rows(phases: Sequence[PhaseReport]) -> list[list[str]]:
+    rows = [["PHASE", "STATE", "PROGRESS", "ATTEMPT", "DURATION", "MESSAGE"]]
+    for p in phases:
+        rows.append(
+            [
+                p.name,
+                p.state,
+                f"{p.progress * 100:.0f}%",
+                f"{p.attempt}/{p.max_attempts}",
+                fmt_duration(p.duration),
+                (first_line(p.error) if p.error and p.state == PhaseState.FAILED else p.message)[
+                    :60
+                ],
+            ]
+        )
+    return rows
+
+
+def table(rows: list[list[str]], indent: str = "") -> str:
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = []
+    for r in rows:
+        cells = [c.ljust(widths[i]) for i, c in enumerate(r)]
+        lines.append((indent + "  ".join(cells)).rstrip())
+    return "\n".join(lines)
+
+
+def artifact_lines(artifacts: Sequence[ArtifactReport], *, run_id: int | None = None) -> list[str]:
+    """One line per artifact; those another run published are marked "from run N"."""
+    rows = []
+    for a in sorted(artifacts, key=lambda a: a.name):
+        origin = f"from run {a.run_id}" if run_id is not None and a.run_id != run_id else ""
+        rows.append([a.name, a.format, fmt_size(a.size), f"sha256 {a.sha256[:12]}", origin])
+    return table(rows, indent="  ").splitlines() if rows else []
+
+
+def run_line(run: RunReport) -> str:
+    parts = [f"run {run.id}: {run.state}"]
+    if run.started_at is not None:
+        parts.append(f"started {fmt_time(run.started_at)}")
+        end = run.finished_at or timezone.now()
+        took = (end - run.started_at).total_seconds()
+        parts.append(f"{'took' if run.finished_at is not None else 'for'} {fmt_duration(took)}")
+    else:
+        parts.append(f"created {fmt_time(run.created_at)}")
+    if run.state in (RunState.PENDING, RunState.RUNNING):
+        estimate = run.estimate_remaining
+        parts.append(
+            "time left unknown" if estimate is None else f"about {fmt_duration(estimate)} left"
+        )
+    if run.trigger:
+        parts.append(f"by {run.trigger}")
+    return "   ".join(parts)
+
+
+def status_text(report: StatusReport) -> str:
+    """What ``init_status`` prints: the state, the run and its phases, the active artifacts."""
+    gen = report.active
+    head = f"state: {report.state}"
+    if gen is None:
+        head += "   active generation: none"
+    else:
+        head += f"   active generation: {gen.id} (run {gen.run_id})"
+    lines = [head]
+    run = report.run
+    if run is None:
+        lines.append("no run yet: python manage.py start_init")
+    else:
+        lines.append(run_line(run))
+        if run.error:
+            lines.append(f"error: {first_line(run.error)}")
+        lines.append(table(phase_rows(run.phases)))
+    if gen is not None and gen.artifacts:
+        lines.append(f"artifacts of generation {gen.id}:")
+        rows = [
+            [a.name, a.format, fmt_size(a.size), f"sha256 {a.sha256[:12]}"] for a in gen.artifacts
+        ]
+        lines.append(table(rows, indent="  "))
+    return "\n".join(lines)
+
+
+def summary_text(run: RunReport, outcome: RunOutcome) -> str:
+    """The end of ``start_init --wait``: durations, cached phases, artifacts."""
+    lines = [f"run {run.id} {run.state} in {fmt_duration(run.duration)}"]
+    rows = [
+        [p.name, p.state, "-" if p.state == PhaseState.CACHED else fmt_duration(p.duration)]
+        for p in run.phases
+    ]
+    if rows:
+        lines.append(table(rows, indent="  "))
+    cached = [p.name for p in run.phases if p.state == PhaseState.CACHED]
+    if cached:
+        lines.append(f"cached: {', '.join(cached)}")
+    generation = outcome.generation
+    if generation is not None:
+        active = " (active)" if generation.is_active else ""
+        lines.append(f"artifacts of generation {generation.id}{active}:")
+        lines.extend(artifact_lines(generation.artifacts, run_id=run.id))
+    elif outcome.published:
+        lines.append("artifacts published, not active:")
+        lines.extend(artifact_lines(outcome.published))
+    if run.error:
+        lines.append(f"error: {first_line(run.error)}")
+    return "\n".join(lines)

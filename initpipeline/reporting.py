@@ -1,0 +1,298 @@
+"""One typed report of the init's state, built from the records once, rendered everywhere.
+
+``init_status`` (text and JSON), ``/init/status.json``, the admin pages, the warming-up
+page and ``/init/readyz`` all read a report from here; formatters.py turns one into text.
+Building a report never writes (web reads poll it every second).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from . import history
+from .exceptions import PipelineConfigError
+from .models import (
+    PHASE_DONE,
+    Artifact,
+    Generation,
+    PhaseRun,
+    PhaseState,
+    PipelineRun,
+    RunState,
+)
+
+READY = "ready"
+NOT_READY = "not_ready"
+FAILED = "failed"
+
+
+def _iso(value: datetime | None) -> str | None:
+    return value.isoformat() if value is not None else None
+
+
+@dataclass(frozen=True)
+class PhaseReport:
+    """One phase of a run, as its record says."""
+
+    name: str
+    state: str
+    progress: float
+    message: str
+    attempt: int
+    max_attempts: int
+    timeout: int | None
+    started_at: datetime | None
+    finished_at: datetime | None
+    duration: float | None
+    error: str
+    traceback: str
+    depends_on: list[str]
+
+    @classmethod
+    def of(cls, pr: PhaseRun) -> PhaseReport:
+        return cls(
+            name=pr.name,
+            state=pr.state,
+            progress=pr.progress,
+            message=pr.message,
+            attempt=pr.attempt,
+            max_attempts=pr.max_attempts,
+            timeout=pr.timeout,
+            started_at=pr.started_at,
+            finished_at=pr.finished_at,
+            duration=pr.duration,
+            error=pr.error,
+            traceback=pr.traceback,
+            depends_on=list(pr.depends_on),
+        )
+
+    @property
+    def done(self) -> bool:
+        return self.state in PHASE_DONE
+
+    @property
+    def state_label(self) -> str:
+        """The state in the current language."""
+        return str(PhaseState(self.state).label)
+
+    def as_dict(self) -> dict[str, Any]:
+        """The phase in ``init_status --json`` (README: Commands)."""
+        return {
+            "name": self.name,
+            "state": self.state,
+            "progress": round(self.progress, 4),
+            "message": self.message,
+            "attempt": self.attempt,
+            "max_attempts": self.max_attempts,
+            "timeout": self.timeout,
+            "started_at": _iso(self.started_at),
+            "finished_at": _iso(self.finished_at),
+            "duration": self.duration,
+            "error": (self.error + ("\n\n" + self.traceback if self.traceback else "")) or None,
+        }
+
+    def public(self) -> dict[str, Any]:
+        """What anyone may see: the name, the state and the progress."""
+        return {"name": self.name, "state": self.state, "progress": round(self.progress, 4)}
+
+
+@dataclass(frozen=True)
+class ArtifactReport:
+    name: str
+    format: str
+    size: int
+    sha256: str
+    run_id: int | None
+
+    @classmethod
+    def of(cls, art: Artifact) -> ArtifactReport:
+        return cls(art.name, art.format, art.size, art.sha256, art.run_id)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "sha256": self.sha256, "size": self.size, "format": self.format}
+
+
+@dataclass(frozen=True)
+class GenerationReport:
+    id: int
+    run_id: int
+    is_active: bool
+    activated_at: datetime | None
+    artifacts: list[ArtifactReport]
+
+    @classmethod
+    def of(cls, gen: Generation) -> GenerationReport:
+        return cls(
+            id=gen.pk,
+            run_id=gen.run_id,
+            is_active=gen.is_active,
+            activated_at=gen.activated_at,
+            artifacts=[ArtifactReport.of(a) for a in gen.artifacts.order_by("name")],
+        )
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "run": self.run_id,
+            "activated_at": _iso(self.activated_at),
+            "artifacts": [a.as_dict() for a in self.artifacts],
+        }
+
+
+@dataclass(frozen=True)
+class RunReport:
+    """One run and its phases; ``estimate_remaining`` in seconds (None: unknown)."""
+
+    id: int
+    state: str
+    trigger: str
+    created_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+    duration: float | None
+    error: str
+    phases: list[PhaseReport]
+    estimate_remaining: float | None
+
+    @property
+    def in_flight(self) -> bool:
+        return self.state in (RunState.PENDING, RunState.RUNNING)
+
+    @property
+    def progress(self) -> float:
+        """From 0 to 1: the mean of its phases' (a cached phase counts as done)."""
+        return history.overall_progress(self.phases)
+
+    @property
+    def done_count(self) -> int:
+        return sum(p.done for p in self.phases)
+
+    def as_dict(self) -> dict[str, Any]:
+        """The run in ``init_status --json`` (README: Commands)."""
+        return {
+            "id": self.id,
+            "state": self.state,
+            "trigger": self.trigger,
+            "created_at": _iso(self.created_at),
+            "started_at": _iso(self.started_at),
+            "finished_at": _iso(self.finished_at),
+            "error": self.error or None,
+            "phases": [p.as_dict() for p in self.phases],
+            "estimate_remaining": self.estimate_remaining,
+        }
+
+    def public(self) -> dict[str, Any]:
+        """Progress anyone may see: phase names, states and fractions; no messages or errors."""
+        return {
+            "run_state": self.state,
+            "progress": round(self.progress, 4) if self.phases else 0.0,
+            "estimate_seconds": self.estimate_remaining if self.in_flight else None,
+            "phases": [p.public() for p in self.phases],
+        }
+
+
+#: public() of "no run yet".
+NO_RUN_PUBLIC: dict[str, Any] = {
+    "run_state": None,
+    "progress": 0.0,
+    "estimate_seconds": None,
+    "phases": [],
+}
+
+
+def run_report(
+    run: PipelineRun, phases: Sequence[PhaseRun] | None = None, *, estimate: bool = True
+) -> RunReport:
+    """The report of ``run``; ``phases``: its PhaseRun rows, when the caller has them."""
+    rows = list(phases) if phases is not None else list(run.phases.order_by("position"))
+    seconds = history.estimate_remaining(run, rows) if estimate else None
+    return RunReport(
+        id=run.pk,
+        state=run.state,
+        trigger=run.trigger,
+        created_at=run.created_at,
+        started_at=run.started_at,
+        finished_at=run.finished_at,
+        duration=run.duration,
+        error=run.error,
+        phases=[PhaseReport.of(p) for p in rows],
+        estimate_remaining=None if seconds is None else round(seconds, 1),
+    )
+
+
+@dataclass(frozen=True)
+class StatusReport:
+    """The init as a whole: ``state`` is ready, not_ready or failed (README: init_status)."""
+
+    state: str
+    active: GenerationReport | None
+    run: RunReport | None
+
+    def as_dict(self) -> dict[str, Any]:
+        """``init_status --json`` and ``/init/status.json``."""
+        return {
+            "state": self.state,
+            "active_generation": None if self.active is None else self.active.as_dict(),
+            "run": None if self.run is None else self.run.as_dict(),
+        }
+
+
+def status_report(*, run_id: int | None = None) -> StatusReport:
+    """The state of the init, and of run ``run_id`` (default: the latest run)."""
+    active = Generation.objects.active()
+    latest = PipelineRun.objects.latest_first().first()
+    run = PipelineRun.objects.filter(pk=run_id).first() if run_id is not None else latest
+    if run_id is not None and run is None:
+        raise PipelineConfigError(f"there is no run {run_id}")
+    if latest is not None and latest.state == RunState.FAILED:
+        state = FAILED
+    elif active is not None:
+        state = READY
+    else:
+        state = NOT_READY
+    return StatusReport(
+        state=state,
+        active=None if active is None else GenerationReport.of(active),
+        run=None if run is None else run_report(run),
+    )
+
+
+def latest_run_report() -> RunReport | None:
+    """The latest run, for the warming-up page and /init/readyz (None: no run yet)."""
+    run = PipelineRun.objects.latest_first().first()
+    return None if run is None else run_report(run, estimate=run.is_in_flight)
+
+
+@dataclass(frozen=True)
+class RunOutcome:
+    """What a run left: the generation it made (if any), else the artifacts it published."""
+
+    generation: GenerationReport | None
+    published: list[ArtifactReport]
+
+
+def run_outcome(run: PipelineRun) -> RunOutcome:
+    generation = Generation.objects.filter(run=run).first()
+    if generation is not None:
+        return RunOutcome(GenerationReport.of(generation), [])
+    return RunOutcome(None, [ArtifactReport.of(a) for a in run.artifacts.all()])
+
+
+__all__ = [
+    "FAILED",
+    "NOT_READY",
+    "READY",
+    "ArtifactReport",
+    "GenerationReport",
+    "PhaseReport",
+    "RunOutcome",
+    "RunReport",
+    "StatusReport",
+    "latest_run_report",
+    "run_outcome",
+    "run_report",
+    "status_report",
+]

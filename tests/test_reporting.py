@@ -1,0 +1,116 @@
+"""reporting.py: one report of the records, the same in every place that shows it."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+from datetime import timedelta
+
+import pytest
+from django.contrib.auth.models import Permission, User
+from django.core.management import call_command
+from django.core.management.base import CommandError
+from django.db import connection
+from django.test import Client
+from django.test.utils import CaptureQueriesContext
+from django.urls import reverse
+
+from initpipeline import history, reporting
+from initpipeline.exceptions import PipelineConfigError
+from tests.records import T0, Phase, make_generation, make_run
+
+pytestmark = pytest.mark.django_db
+
+
+def two_runs() -> tuple[int, int]:
+    """Run 1 succeeded and is active; run 2 is in flight, with a message and an error."""
+    first = make_run(
+        "succeeded",
+        [Phase("a", start=0, took=2), Phase("b", start=2, took=8)],
+        trigger="start_init",
+    )
+    make_generation(first, [("a_out", "json", 10), ("b_out", "npy", 4096)])
+    second = make_run(
+        "running",
+        [
+            Phase("a", "cached", message="cached: fingerprint matches a verified artifact"),
+            # Waiting for its retry; recovery (which init_status runs) leaves it alone.
+            Phase(
+                "b",
+                "pending",
+                done=1,
+                total=4,
+                attempt=1,
+                max_attempts=3,
+                message="secret/path step 1 of 4",
+                error="RuntimeError: attempt 1 failed",
+            ),
+        ],
+        at=T0 + timedelta(hours=1),
+    )
+    return first.pk, second.pk
+
+
+def init_status_json() -> dict[str, object]:
+    out = io.StringIO()
+    # Not ready or failed exits non-zero; the JSON is printed all the same.
+    with contextlib.suppress(CommandError):
+        call_command("init_status", "--json", stdout=out)
+    return json.loads(out.getvalue())
+
+
+def test_status_json_is_init_status_json(client: Client) -> None:
+    two_runs()
+    staff = User.objects.create_user("ops", password="x", is_staff=True)
+    staff.user_permissions.add(Permission.objects.get(codename="view_pipelinerun"))
+    client.force_login(staff)
+    web = client.get(reverse("initpipeline:status")).json()
+    cli = init_status_json()
+    assert web == cli
+    assert cli["state"] == "ready"
+    assert cli["run"]["phases"][1]["error"] == "RuntimeError: attempt 1 failed"
+
+
+def test_public_progress_carries_no_message_or_error() -> None:
+    _, second = two_runs()
+    report = reporting.latest_run_report()
+    assert report is not None and report.id == second
+    public = report.public()
+    assert public["phases"] == [
+        {"name": "a", "state": "cached", "progress": 1.0},
+        {"name": "b", "state": "pending", "progress": 0.25},
+    ]
+    assert public["progress"] == 0.625
+    assert public["run_state"] == "running"
+    assert "secret" not in json.dumps(public)
+
+
+def test_building_a_report_never_writes() -> None:
+    two_runs()
+    with CaptureQueriesContext(connection) as queries:
+        reporting.status_report()
+        reporting.latest_run_report()
+    written = [
+        q["sql"]
+        for q in queries.captured_queries
+        if q["sql"].lstrip().upper().startswith(("INSERT", "UPDATE", "DELETE"))
+    ]
+    assert written == []
+
+
+def test_previous_timings_take_one_query(django_assert_num_queries: object) -> None:
+    make_run("succeeded", [Phase("a", start=0, took=4), Phase("b", start=4, took=10)])
+    make_run("succeeded", [Phase("a", start=0, took=7)], at=T0 + timedelta(hours=1))
+    run = make_run(
+        "pending", [Phase("a", "pending"), Phase("b", "pending")], at=T0 + timedelta(hours=2)
+    )
+    with django_assert_num_queries(1):  # type: ignore[operator]
+        timings = history.previous_timings(run, ["a", "b"])
+    # a's latest real run took 7 s; b last ran in the first run.
+    assert timings == {"a": 7.0, "b": 10.0}
+
+
+def test_unknown_run_is_a_config_error() -> None:
+    with pytest.raises(PipelineConfigError, match="there is no run 42"):
+        reporting.status_report(run_id=42)
