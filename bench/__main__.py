@@ -21,8 +21,6 @@ import pickle
 import platform
 import re
 import shutil
-import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -37,6 +35,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from tests.servers import (
+    RedisServer,
+    celery_worker,
+    free_port,
+    kill_group,
+    spawn,
+    wait_for,
+    wait_worker_ready,
+)
+
 ROOT = Path(__file__).resolve().parent.parent
 PY = sys.executable
 VAR = ROOT / "var" / "bench"
@@ -44,12 +52,6 @@ VAR = ROOT / "var" / "bench"
 
 def log(msg: str) -> None:
     print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", flush=True)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def median(values: list[float]) -> float:
@@ -90,24 +92,13 @@ class Proc:
     def __init__(self, cmd: list[str], env: dict[str, str], name: str) -> None:
         VAR.mkdir(parents=True, exist_ok=True)
         self.log_path = VAR.parent / f"bench-{name}.log"
-        self.fh = open(self.log_path, "wb")  # noqa: SIM115 - closed in stop()
-        self.proc = subprocess.Popen(
-            cmd,
-            cwd=ROOT,
-            env=env,
-            stdout=self.fh,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
+        self.proc = spawn(cmd, env, self.log_path, cwd=ROOT)
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.wait()
-        self.fh.close()
+        kill_group(self.proc)
 
 
 @contextmanager
@@ -164,70 +155,50 @@ def gunicorn_cmd(app: str, port: int, workers: int, *extra: str) -> list[str]:
 def wait_http(
     url: str, proc: Proc, timeout: float, ok: Callable[[int], bool], interval: float = 0.005
 ) -> float:
+    """Seconds until url answers with a status ok() accepts, polled every interval seconds."""
     start = time.monotonic()
-    while True:
+
+    def answered() -> bool:
         if proc.proc.poll() is not None:
             raise SystemExit(f"process exited early:\n{proc.log()[-3000:]}")
         try:
-            code, _ = http_get(url, timeout=2)
-            if ok(code):
-                return time.monotonic() - start
+            return ok(http_get(url, timeout=2)[0])
         except OSError:
-            pass
-        if time.monotonic() - start > timeout:
-            raise SystemExit(f"{url} not ready after {timeout} s:\n{proc.log()[-3000:]}")
-        time.sleep(interval)
+            return False
+
+    try:
+        wait_for(answered, timeout, interval)
+    except AssertionError:
+        raise SystemExit(f"{url} not ready after {timeout} s:\n{proc.log()[-3000:]}") from None
+    return time.monotonic() - start
 
 
 @contextmanager
 def worker(env: Env, name: str = "worker") -> Iterator[Proc]:
-    cmd = [
-        PY,
-        "-m",
-        "celery",
-        "-A",
-        "project",
-        "worker",
-        "-l",
-        "info",
-        "-c",
-        "1",
-        "--without-mingle",
-        "--without-gossip",
-    ]
-    with running(cmd, env.vars(), name) as proc:
-        deadline = time.monotonic() + 60
-        while b" ready." not in proc.log_path.read_bytes():
-            if proc.proc.poll() is not None or time.monotonic() > deadline:
-                raise SystemExit(f"worker did not start:\n{proc.log()}")
-            time.sleep(0.05)
+    """One celery worker process (-c 1) for env, once it is ready."""
+    with running(celery_worker(), env.vars(), name) as proc:
+        try:
+            wait_worker_ready(proc.proc, proc.log_path)
+        except AssertionError as exc:
+            raise SystemExit(str(exc)) from None
         yield proc
 
 
 @contextmanager
 def redis_server() -> Iterator[str | None]:
+    """The URL of a throwaway redis-server on loopback, or None when none is installed."""
     binary = shutil.which("redis-server")
     if binary is None:
         log("redis-server not found: the Redis figures are skipped")
         yield None
         return
-    port = free_port()
-    proc = subprocess.Popen(
-        [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    try:
-        for _ in range(100):
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-                break
-            except OSError:
-                time.sleep(0.05)
-        yield f"redis://127.0.0.1:{port}/0"
-    finally:
-        proc.terminate()
-        proc.wait()
+    with tempfile.TemporaryDirectory(prefix="bench-redis-") as workdir:
+        server = RedisServer(binary, Path(workdir))
+        try:
+            server.start()
+            yield server.url
+        finally:
+            server.stop()
 
 
 # -- 1. time to first response -------------------------------------------------------------
