@@ -6,11 +6,8 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
-import socket
 import subprocess
 import sys
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -18,7 +15,22 @@ from typing import Any
 import pytest
 from django.conf import settings
 
-from tests.servers import MotoServer, PostgresServer, RabbitMQServer, ServiceUnavailable
+from tests.servers import (
+    MotoServer,
+    PostgresServer,
+    RabbitMQServer,
+    RedisServer,
+    ServiceUnavailable,
+    celery_worker,
+    kill_group,
+    spawn,
+    wait_worker_ready,
+)
+
+# The process helpers live in tests/servers.py, which the benchmarks share; the tests
+# import these two from here.
+from tests.servers import free_port as free_port
+from tests.servers import wait_for as wait_for
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -32,83 +44,11 @@ def missing_service(what: str) -> None:
     pytest.skip(what)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def wait_for(predicate: Callable[[], Any], timeout: float = 30, interval: float = 0.1) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"condition not met within {timeout} s")
-        time.sleep(interval)
-
-
 @pytest.fixture(scope="session", autouse=True)
 def _clean_var() -> None:
     var = Path(os.environ["INITPIPELINE_VAR_DIR"])
     shutil.rmtree(var, ignore_errors=True)
     var.mkdir(parents=True)
-
-
-class RedisServer:
-    def __init__(self, binary: str, workdir: Path, host: str = "127.0.0.1") -> None:
-        self.host = host
-        self.binary = binary
-        self.workdir = workdir
-        self.port = free_port()
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    @property
-    def url(self) -> str:
-        return f"redis://{self.host}:{self.port}/0"
-
-    def start(self) -> None:
-        self.proc = subprocess.Popen(
-            [
-                self.binary,
-                "--port",
-                str(self.port),
-                "--bind",
-                self.host,
-                # Bound to one address of the test's own (network namespace) network.
-                "--protected-mode",
-                "no",
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-                "--dir",
-                str(self.workdir),
-            ],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        wait_for(self.ping, timeout=10)
-
-    def ping(self) -> bool:
-        try:
-            with socket.create_connection((self.host, self.port), timeout=0.5) as s:
-                s.sendall(b"PING\r\n")
-                return s.recv(16).startswith(b"+PONG")
-        except OSError:
-            return False
-
-    def flush(self) -> None:
-        with socket.create_connection((self.host, self.port), timeout=2) as s:
-            s.sendall(b"FLUSHALL\r\n")
-            assert s.recv(16).startswith(b"+OK")
-
-    def stop(self) -> None:
-        if self.proc is not None:
-            self.proc.terminate()
-            self.proc.wait(timeout=10)
-            self.proc = None
 
 
 @pytest.fixture(scope="session")
@@ -165,37 +105,12 @@ class Stack:
     def start_worker(self, concurrency: int = 1, env: dict[str, str] | None = None) -> None:
         n = len(self.workers)
         log = self.tmp / f"worker{n}.log"
-        proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "celery",
-                "-A",
-                "project",
-                "worker",
-                "-l",
-                "info",
-                "-c",
-                str(concurrency),
-                "-n",
-                f"test{n}@%h",
-                "--without-mingle",
-                "--without-gossip",
-            ],
-            cwd=ROOT,
-            env={**self.env, **(env or {})},
-            stdout=open(log, "wb"),  # noqa: SIM115 - closed with the process
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
+        cmd = celery_worker("-n", f"test{n}@%h", concurrency=concurrency)
+        proc = spawn(cmd, {**self.env, **(env or {})}, log, cwd=ROOT)
+        # Listed before the wait, so that teardown stops a worker that never got ready.
         self.workers.append(proc)
         self.worker_logs.append(log)
-        try:
-            wait_for(lambda: b" ready." in log.read_bytes() or proc.poll() is not None, 60)
-        except AssertionError:
-            raise AssertionError(f"worker did not start:\n{self.log(n)}") from None
-        if proc.poll() is not None:
-            raise AssertionError(f"worker exited with {proc.returncode}:\n{self.log(n)}")
+        wait_worker_ready(proc, log)
 
     def log(self, n: int = 0) -> str:
         return self.worker_logs[n].read_text(errors="replace")
@@ -204,9 +119,7 @@ class Stack:
         # Teardown only: an idle worker's warm shutdown takes seconds on these transports,
         # and nothing here is under test any more.
         for proc in self.workers:
-            if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+            kill_group(proc)
 
 
 # The broker of tests that do not name one; a CI leg sets it to run them all on Redis or

@@ -1,8 +1,9 @@
-"""Throwaway PostgreSQL, RabbitMQ and S3 (moto) servers on loopback, for tests and CI.
+"""Throwaway servers (Redis, PostgreSQL, RabbitMQ, S3) and worker processes on loopback.
 
-The fixtures in conftest.py start them once per test session. A whole suite on PostgreSQL
-needs the server before pytest starts, because pytest-django reads DATABASES before any
-fixture runs; for that:
+The process helpers of the tests, CI and the benchmarks (bench/harness.py imports them,
+so nothing here imports pytest). The fixtures in conftest.py start the servers once per
+test session. A whole suite on PostgreSQL needs the server before pytest starts, because
+pytest-django reads DATABASES before any fixture runs; for that:
 
     python -m tests.servers postgres -- pytest tests/test_pipeline_integration.py
 
@@ -38,13 +39,28 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def _wait(predicate: Callable[[], Any], timeout: float, what: str, log: Path | None) -> None:
+def wait_for(
+    predicate: Callable[[], Any],
+    timeout: float = 30,
+    interval: float = 0.1,
+    *,
+    what: str = "condition not met",
+    log: Path | None = None,
+) -> Any:
+    """Call predicate every interval seconds until it returns a true value, and return that.
+
+    After timeout seconds, raise AssertionError: "<what> within <timeout> s", followed by
+    the end of log when one is given.
+    """
     deadline = time.monotonic() + timeout
-    while not predicate():
+    while True:
+        value = predicate()
+        if value:
+            return value
         if time.monotonic() > deadline:
-            tail = log.read_text(errors="replace")[-3000:] if log and log.exists() else ""
-            raise RuntimeError(f"{what} did not start within {timeout} s\n{tail}")
-        time.sleep(0.1)
+            tail = "\n" + log.read_text(errors="replace")[-3000:] if log and log.exists() else ""
+            raise AssertionError(f"{what} within {timeout} s{tail}")
+        time.sleep(interval)
 
 
 def _listening(port: int, host: str = "127.0.0.1") -> bool:
@@ -62,6 +78,112 @@ def _binary(name: str, *patterns: str) -> str:
     if found is None:
         raise ServiceUnavailable(f"{name} is not installed")
     return found
+
+
+def spawn(cmd: list[str], env: dict[str, str], log: Path, cwd: Path) -> subprocess.Popen[bytes]:
+    """Start cmd in a session of its own (kill_group stops its children too), output to log."""
+    with open(log, "wb") as out:
+        return subprocess.Popen(
+            cmd, cwd=cwd, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+        )
+
+
+def kill_group(proc: subprocess.Popen[bytes]) -> None:
+    """SIGKILL the process group of a spawn()ed process and reap it."""
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+
+
+def celery_worker(*args: str, concurrency: int = 1) -> list[str]:
+    """The command of a worker of project/celery.py (run it from the project's root)."""
+    return [
+        sys.executable,
+        "-m",
+        "celery",
+        "-A",
+        "project",
+        "worker",
+        "-l",
+        "info",
+        "-c",
+        str(concurrency),
+        *args,
+        "--without-mingle",
+        "--without-gossip",
+    ]
+
+
+def wait_worker_ready(proc: subprocess.Popen[bytes], log: Path, timeout: float = 60) -> None:
+    """Return once the worker logging to log says it is ready; AssertionError if it exits
+    or is not ready within timeout seconds."""
+    wait_for(
+        lambda: b" ready." in log.read_bytes() or proc.poll() is not None,
+        timeout,
+        what="worker did not start",
+        log=log,
+    )
+    if proc.poll() is not None:
+        raise AssertionError(
+            f"worker exited with {proc.returncode}:\n{log.read_text(errors='replace')}"
+        )
+
+
+class RedisServer:
+    """A redis-server on HOST and a free port, with no persistence (workdir is its --dir)."""
+
+    def __init__(self, binary: str, workdir: Path, host: str = "127.0.0.1") -> None:
+        self.host = host
+        self.binary = binary
+        self.workdir = workdir
+        self.port = free_port()
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://{self.host}:{self.port}/0"
+
+    def start(self) -> None:
+        self.proc = subprocess.Popen(
+            [
+                self.binary,
+                "--port",
+                str(self.port),
+                "--bind",
+                self.host,
+                # Bound to one address of the test's own (network namespace) network.
+                "--protected-mode",
+                "no",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--dir",
+                str(self.workdir),
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        wait_for(self.ping, timeout=10)
+
+    def ping(self) -> bool:
+        try:
+            with socket.create_connection((self.host, self.port), timeout=0.5) as s:
+                s.sendall(b"PING\r\n")
+                return s.recv(16).startswith(b"+PONG")
+        except OSError:
+            return False
+
+    def flush(self) -> None:
+        with socket.create_connection((self.host, self.port), timeout=2) as s:
+            s.sendall(b"FLUSHALL\r\n")
+            assert s.recv(16).startswith(b"+OK")
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            self.proc.terminate()
+            self.proc.wait(timeout=10)
+            self.proc = None
 
 
 class PostgresServer:
@@ -183,20 +305,12 @@ class RabbitMQServer:
             "RABBITMQ_LOG_BASE": str(self.workdir / "log"),
             "RABBITMQ_LOGS": "-",
         }
-        self.proc = subprocess.Popen(
-            [self.binary],
-            cwd=self.workdir,
-            env=env,
-            stdout=open(self.log, "wb"),  # noqa: SIM115 - closed with the process
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-        proc = self.proc
-        _wait(
+        self.proc = proc = spawn([self.binary], env, self.log, cwd=self.workdir)
+        wait_for(
             lambda: b"Server startup complete" in self.log.read_bytes() or proc.poll() is not None,
             120,
-            "rabbitmq-server",
-            self.log,
+            what="rabbitmq-server did not start",
+            log=self.log,
         )
         if proc.poll() is not None:
             raise RuntimeError(f"rabbitmq-server exited:\n{self.log.read_text(errors='replace')}")
@@ -254,7 +368,12 @@ class MotoServer:
             stdout=open(self.log, "wb"),  # noqa: SIM115 - closed with the process
             stderr=subprocess.STDOUT,
         )
-        _wait(lambda: _listening(self.port, self.host), 30, "moto_server", self.log)
+        wait_for(
+            lambda: _listening(self.port, self.host),
+            30,
+            what="moto_server did not start",
+            log=self.log,
+        )
 
     def client(self) -> Any:
         import boto3

@@ -1,0 +1,178 @@
+"""The bench's process harness: environments, background processes, Gunicorn, workers, Redis."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from tests.servers import (
+    RedisServer,
+    celery_worker,
+    kill_group,
+    spawn,
+    wait_for,
+    wait_worker_ready,
+)
+
+ROOT = Path(__file__).resolve().parent.parent
+PY = sys.executable
+VAR = ROOT / "var" / "bench"
+
+
+def log(msg: str) -> None:
+    print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def http_get(url: str, timeout: float = 5) -> tuple[int, bytes]:
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as r:
+            return r.status, r.read()
+    except urllib.error.HTTPError as err:
+        return err.code, err.read()
+
+
+@dataclass
+class Env:
+    """What the bench's processes run with: the workload's size, the broker, extra variables."""
+
+    files: int
+    broker_url: str = "filesystem://"
+    extra: dict[str, str] = field(default_factory=dict)
+
+    def vars(self) -> dict[str, str]:
+        env = {
+            **os.environ,
+            "DJANGO_SETTINGS_MODULE": "bench.settings",
+            "INITPIPELINE_VAR_DIR": str(VAR),
+            "CELERY_BROKER_URL": self.broker_url,
+            "SEARCH_MAX_DOCS": str(self.files),
+            "PYTHONUNBUFFERED": "1",
+            "PYTHONPATH": str(ROOT),
+            **self.extra,
+        }
+        return env
+
+
+class Proc:
+    """A background process in its own process group, logging to a file."""
+
+    def __init__(self, cmd: list[str], env: dict[str, str], name: str) -> None:
+        VAR.mkdir(parents=True, exist_ok=True)
+        self.log_path = VAR.parent / f"bench-{name}.log"
+        self.proc = spawn(cmd, env, self.log_path, cwd=ROOT)
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def stop(self) -> None:
+        kill_group(self.proc)
+
+
+@contextmanager
+def running(cmd: list[str], env: dict[str, str], name: str) -> Iterator[Proc]:
+    proc = Proc(cmd, env, name)
+    try:
+        yield proc
+    finally:
+        proc.stop()
+
+
+def manage(env: Env, *args: str, timeout: float = 1800) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [PY, "manage.py", *args],
+        cwd=ROOT,
+        env=env.vars(),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def reset(env: Env) -> None:
+    """A new database and no artifacts: nothing is cached."""
+    shutil.rmtree(VAR, ignore_errors=True)
+    VAR.mkdir(parents=True)
+    result = manage(env, "migrate", "--noinput")
+    if result.returncode:
+        raise SystemExit(f"migrate failed:\n{result.stderr}")
+
+
+def gunicorn_cmd(app: str, port: int, workers: int, *extra: str) -> list[str]:
+    return [
+        PY,
+        "-m",
+        "gunicorn",
+        app,
+        "--bind",
+        f"127.0.0.1:{port}",
+        "--workers",
+        str(workers),
+        "--worker-class",
+        "gthread",
+        "--threads",
+        "4",
+        "--timeout",
+        "600",
+        "--access-logfile",
+        "/dev/null",
+        *extra,
+    ]
+
+
+def wait_http(
+    url: str, proc: Proc, timeout: float, ok: Callable[[int], bool], interval: float = 0.005
+) -> float:
+    """Seconds until url answers with a status ok() accepts, polled every interval seconds."""
+    start = time.monotonic()
+
+    def answered() -> bool:
+        if proc.proc.poll() is not None:
+            raise SystemExit(f"process exited early:\n{proc.log()[-3000:]}")
+        try:
+            return ok(http_get(url, timeout=2)[0])
+        except OSError:
+            return False
+
+    try:
+        wait_for(answered, timeout, interval)
+    except AssertionError:
+        raise SystemExit(f"{url} not ready after {timeout} s:\n{proc.log()[-3000:]}") from None
+    return time.monotonic() - start
+
+
+@contextmanager
+def worker(env: Env, name: str = "worker") -> Iterator[Proc]:
+    """One celery worker process (-c 1) for env, once it is ready."""
+    with running(celery_worker(), env.vars(), name) as proc:
+        try:
+            wait_worker_ready(proc.proc, proc.log_path)
+        except AssertionError as exc:
+            raise SystemExit(str(exc)) from None
+        yield proc
+
+
+@contextmanager
+def redis_server() -> Iterator[str | None]:
+    """The URL of a throwaway redis-server on loopback, or None when none is installed."""
+    binary = shutil.which("redis-server")
+    if binary is None:
+        log("redis-server not found: the Redis figures are skipped")
+        yield None
+        return
+    with tempfile.TemporaryDirectory(prefix="bench-redis-") as workdir:
+        server = RedisServer(binary, Path(workdir))
+        try:
+            server.start()
+            yield server.url
+        finally:
+            server.stop()
