@@ -29,8 +29,8 @@ from datetime import datetime, timedelta
 
 from django.utils import timezone
 
-from .conf import settings
 from . import dispatch
+from .conf import settings
 from .execution import backoff_ceiling, fail_phase, finish_run
 from .models import PHASE_DONE, PhaseRun, PhaseState, PipelineRun
 
