@@ -34,6 +34,7 @@ from .models import (
     RunState,
     trigger_label,
 )
+from .permissions import can_see_details
 from .reporting import run_report
 
 #: Runs that "Resume from failure" accepts: their done phases are cached by fingerprint.
@@ -108,6 +109,10 @@ class PipelineRunAdmin(ReadOnlyMixin, admin.ModelAdmin):  # type: ignore[type-ar
     actions = ["cancel_runs"]
 
     # -- permissions (the custom ones on PipelineRun.Meta) --------------------------------
+
+    def has_view_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        # The rule /init/status.json applies too, so the pages never poll into a 403.
+        return can_see_details(request.user)
 
     def has_start_run_permission(self, request: HttpRequest) -> bool:
         return request.user.has_perm(f"{self.opts.app_label}.start_run")

@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import logging
+
 from django.apps import AppConfig
 from django.utils.translation import gettext_lazy as _
 
@@ -13,3 +15,9 @@ class InitPipelineConfig(AppConfig):
         # Registers the system checks, the settings signal and the worker's recovery
         # watchdog (started by Celery's worker_ready signal); reads nothing.
         from . import checks, conf, signals  # noqa: F401
+        from .responses import NotReadyIsNotAnError
+
+        # Expected "not ready yet" 503s are not server errors (responses.py).
+        request_logger = logging.getLogger("django.request")
+        if not any(isinstance(f, NotReadyIsNotAnError) for f in request_logger.filters):
+            request_logger.addFilter(NotReadyIsNotAnError())

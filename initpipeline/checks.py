@@ -27,6 +27,7 @@ _POSITIVE = (
     "RETRY_BACKOFF",
     "RETRY_BACKOFF_MAX",
     "RETRY_AFTER",
+    "SEND_TIMEOUT",
 )
 _BOOLEANS = ("GC_AFTER_ACTIVATION", "START_ON_GUNICORN_READY")
 
@@ -155,6 +156,7 @@ PIPELINE_IDS: dict[Fault, str] = {
     Fault.DUPLICATE_NAME: "initpipeline.E010",
     Fault.PRODUCES_NOTHING: "initpipeline.E011",
     Fault.BAD_LIMITS: "initpipeline.E012",
+    Fault.BAD_ARTIFACT_NAME: "initpipeline.E023",
 }
 IMPORT_FAILED = "initpipeline.E009"
 

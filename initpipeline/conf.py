@@ -36,6 +36,9 @@ DEFAULTS: dict[str, Any] = {
     "RETRY_BACKOFF_MAX": 600.0,
     # Celery queue for the phase tasks; None uses the default queue.
     "QUEUE": None,
+    # Seconds each step of a send to the broker may take (connect, write, read); a send
+    # tries three times, so a broker that never answers fails a send within about 3x this.
+    "SEND_TIMEOUT": 5.0,
     # Seconds the warming-up responses ask clients to wait (Retry-After).
     "RETRY_AFTER": 5,
     # URL prefix -> artifact names, for WarmingUpMiddleware.
@@ -113,6 +116,10 @@ class Settings:
     def QUEUE(self) -> str | None:
         value = self.raw("QUEUE")
         return str(value) if value else None
+
+    @property
+    def SEND_TIMEOUT(self) -> float:
+        return float(self.raw("SEND_TIMEOUT"))
 
     @property
     def RETRY_AFTER(self) -> int:

@@ -3,16 +3,20 @@
 from __future__ import annotations
 
 import logging
+import os
 import shutil
 import threading
 import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 from django.utils import timezone
 
 from . import formats, storage
 from .exceptions import PhaseCancelled, PipelineConfigError
+from .formatters import plain_text
 
 if TYPE_CHECKING:
     from .models import PhaseRun
@@ -60,7 +64,7 @@ class PhaseContext:
         owned = self._row().update(
             progress_done=done,
             progress_total=total,
-            message=message[:500],
+            message=plain_text(message)[:500],
             heartbeat_at=timezone.now(),
         )
         self._raise_unless(owned)
@@ -84,7 +88,7 @@ class PhaseContext:
                 run_id=self.run_id,
                 done=done,
                 total=total,
-                message=message[:200],
+                message=plain_text(message)[:200],
             )
         except Exception:
             self.logger.debug("could not send the task-progress event", exc_info=True)
@@ -121,9 +125,29 @@ class PhaseContext:
         if name in self._published:
             raise PipelineConfigError(f"phase {self.name!r} saved artifact {name!r} twice")
 
+    def _scratch(self, suffix: str) -> Path:
+        return storage.new_scratch_path(suffix, run_id=self.run_id)
+
+    def _save(
+        self,
+        name: str,
+        fmt: str,
+        write: Callable[[Path], None],
+        metadata: dict[str, Any] | None,
+    ) -> None:
+        """Write the artifact to a scratch file, then publish it; a failed write leaves
+        no partial file behind (disk full, file size limit)."""
+        self._reserve(name)
+        path = self._scratch(formats.SUFFIX[fmt])
+        try:
+            write(path)
+        except BaseException:
+            path.unlink(missing_ok=True)
+            raise
+        self._publish(name, path, fmt, metadata)
+
     def _publish(self, name: str, path: Path, fmt: str, metadata: dict[str, Any] | None) -> None:
-        suffix = formats.SUFFIX[fmt]
-        published = storage.publish(path, name=name, suffix=suffix)
+        published = storage.publish(path, name=name, suffix=formats.SUFFIX[fmt])
         self._published[name] = (published, fmt, dict(metadata or {}))
         self.logger.info(
             "published %s (%s, %d bytes, sha256 %s)", name, fmt, published.size, published.sha256
@@ -131,53 +155,65 @@ class PhaseContext:
 
     def save_json(self, name: str, value: Any, *, metadata: dict[str, Any] | None = None) -> None:
         """Publish ``value`` as JSON."""
-        self._reserve(name)
-        path = storage.new_scratch_path(".json")
-        formats.write_json(path, value)
-        self._publish(name, path, "json", metadata)
+        self._save(name, "json", lambda path: formats.write_json(path, value), metadata)
 
     def save_bytes(self, name: str, data: bytes, *, metadata: dict[str, Any] | None = None) -> None:
         """Publish raw bytes."""
-        self._reserve(name)
-        path = storage.new_scratch_path(".bin")
-        formats.write_bytes(path, data)
-        self._publish(name, path, "bytes", metadata)
+        self._save(name, "bytes", lambda path: formats.write_bytes(path, data), metadata)
 
     def save_array(self, name: str, array: Any, *, metadata: dict[str, Any] | None = None) -> None:
         """Publish a numpy array as ``.npy``; readers memory-map it read-only."""
-        self._reserve(name)
-        path = storage.new_scratch_path(".npy")
-        formats.write_npy(path, array)
         meta = {"shape": list(getattr(array, "shape", ())), "dtype": str(array.dtype)}
         meta.update(metadata or {})
-        self._publish(name, path, "npy", meta)
+        self._save(name, "npy", lambda path: formats.write_npy(path, array), meta)
 
     def save_pickle(self, name: str, value: Any, *, metadata: dict[str, Any] | None = None) -> None:
         """Publish a pickle signed with an HMAC of SECRET_KEY; unsigned ones never load."""
-        self._reserve(name)
-        path = storage.new_scratch_path(".pkl")
-        formats.write_pickle(path, value)
-        self._publish(name, path, "pickle", metadata)
+        self._save(name, "pickle", lambda path: formats.write_pickle(path, value), metadata)
 
     def save_file(
         self, name: str, source: str | Path, *, metadata: dict[str, Any] | None = None
     ) -> None:
         """Publish a file the phase wrote (moved if from ``scratch_path()``, else copied)."""
-        self._reserve(name)
         source = Path(source)
-        path = storage.new_scratch_path(source.suffix)
-        if source.parent == path.parent:
-            source.rename(path)  # Written with scratch_path(): move, don't copy.
-        else:
-            shutil.copyfile(source, path)
-        storage.fsync_file(path)
-        meta = {"filename": source.name}
-        meta.update(metadata or {})
-        self._publish(name, path, "file", meta)
+
+        def move_or_copy(path: Path) -> None:
+            if source.parent == path.parent:
+                source.rename(path)  # Written with scratch_path(): move, don't copy.
+            else:
+                shutil.copyfile(source, path)  # Streams: never the whole file in memory.
+            storage.fsync_file(path)
+
+        self._save(name, "file", move_or_copy, {"filename": source.name, **(metadata or {})})
+
+    @contextmanager
+    def open_artifact(
+        self, name: str, *, metadata: dict[str, Any] | None = None
+    ) -> Iterator[BinaryIO]:
+        """Write a large artifact as a stream; it is published when the block ends::
+
+            with ctx.open_artifact("index") as fh:
+                for part in parts:
+                    fh.write(part)
+
+        Readers get it as a file (format "file"). Nothing is kept in memory, and an
+        exception inside the block publishes nothing and leaves no partial file.
+        """
+        self._reserve(name)
+        path = self._scratch("")
+        try:
+            with open(path, "wb") as fh:
+                yield fh
+                fh.flush()
+                os.fsync(fh.fileno())
+        except BaseException:
+            path.unlink(missing_ok=True)
+            raise
+        self._publish(name, path, "file", metadata)
 
     def scratch_path(self, suffix: str = "") -> Path:
         """A fresh path to write a file to before ``save_file``."""
-        return storage.new_scratch_path(suffix)
+        return self._scratch(suffix)
 
     # -- reading --------------------------------------------------------------------------
 

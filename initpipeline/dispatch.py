@@ -7,7 +7,8 @@ only sends, such as a web process running the admin's "Run again", import the ta
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 from .conf import settings
@@ -68,6 +69,45 @@ def unblocked_by(phases: Sequence[PhaseRun], name: str) -> list[list[str]]:
     return [names for names in plan_chains(phases) if name in waits_for[names[0]]]
 
 
+_REDIS = ("redis", "rediss", "redis+socket", "sentinel")
+_AMQP = ("amqp", "amqps", "pyamqp", "librabbitmq")
+
+#: Tries of one send before it fails: the first, then two retries half a second apart.
+RETRY_POLICY: dict[str, Any] = {
+    "max_retries": 2,
+    "interval_start": 0,
+    "interval_step": 0.5,
+    "interval_max": 1,
+}
+
+
+@contextmanager
+def connection() -> Iterator[Any]:
+    """A broker connection whose every step is bounded by SEND_TIMEOUT.
+
+    A broker that accepts connections but never answers would otherwise block a send for
+    ever: redis-py waits without a socket timeout unless one is given (FIELD_NOTES), and
+    a command or the admin's button must fail with a reason instead. Timeouts the project
+    sets in CELERY_BROKER_TRANSPORT_OPTIONS win over ours.
+    """
+    from celery import current_app
+
+    timeout = settings.SEND_TIMEOUT
+    url = str(current_app.conf.broker_write_url or current_app.conf.broker_url or "")
+    scheme = url.split("://", 1)[0].lower()
+    options = dict(current_app.conf.broker_transport_options or {})
+    if scheme in _REDIS:
+        options.setdefault("socket_timeout", timeout)
+        options.setdefault("socket_connect_timeout", timeout)
+    elif scheme in _AMQP:
+        options.setdefault("read_timeout", timeout)
+        options.setdefault("write_timeout", timeout)
+    with current_app.connection_for_write(
+        transport_options=options, connect_timeout=timeout
+    ) as conn:
+        yield conn
+
+
 def _signature(
     task: str, args: tuple[Any, ...], kwargs: dict[str, Any] | None = None, **options: Any
 ) -> Any:
@@ -111,12 +151,16 @@ def send_chain(run_id: int, names: Sequence[str]) -> None:
         )
     if finishes:
         steps.append(_signature(FINISH_RUN, (run_id,)))
-    chain(*steps).apply_async()
+    with connection() as conn:
+        chain(*steps).apply_async(connection=conn, retry=True, retry_policy=RETRY_POLICY)
 
 
 def send_finish(run_id: int) -> None:
     """Send the run's finish step on its own (its last phases ran in parallel chains)."""
-    _signature(FINISH_RUN, (run_id,)).apply_async()
+    with connection() as conn:
+        _signature(FINISH_RUN, (run_id,)).apply_async(
+            connection=conn, retry=True, retry_policy=RETRY_POLICY
+        )
 
 
 def send_next(run_id: int, after: str, chains: Sequence[Sequence[str]], finish: bool) -> None:

@@ -408,11 +408,21 @@ def finish_run(*, run_id: int) -> Generation | None:
             for name in produces:
                 mine = pr.artifacts.filter(name=name).first()
                 record = mine or Artifact.objects.for_fingerprint(name, pr.fingerprint).first()
+                problem = None
                 if record is None:
+                    problem = f"artifact {name!r} of phase {pr.name} has no record"
+                elif not storage.is_valid(record):
+                    # Deleted or damaged since the run found it cached: never activate a
+                    # generation whose files are not all there.
+                    problem = (
+                        f"artifact {name!r} of phase {pr.name} is missing or fails its check "
+                        "in storage; start_init builds it again"
+                    )
+                if record is None or problem is not None:
                     end_run(
                         run_id,
                         RunState.FAILED,
-                        f"artifact {name!r} of phase {pr.name} has no record",
+                        problem or "",
                         phase_state=PhaseState.UPSTREAM_FAILED,
                     )
                     return None

@@ -9,10 +9,12 @@ import pickle
 from pathlib import Path
 from typing import Any
 
+from django.conf import settings
 from django.utils.crypto import salted_hmac
 
 from .exceptions import ArtifactSignatureError, PipelineConfigError
 
+CHUNK = 1024 * 1024
 SUFFIX = {"json": ".json", "bytes": ".bin", "npy": ".npy", "pickle": ".pkl", "file": ""}
 PICKLE_MAGIC = b"INITPIPELINE-PICKLE-1\n"
 _SALT = "initpipeline.formats.pickle"
@@ -45,13 +47,41 @@ def write_npy(path: Path, array: Any) -> None:
         os.fsync(fh.fileno())
 
 
-def _signature(payload: bytes) -> bytes:
-    return salted_hmac(_SALT, payload, algorithm="sha256").digest()
+def signing_keys() -> list[str]:
+    """SECRET_KEY first, then SECRET_KEY_FALLBACKS: Django's way to rotate keys."""
+    return [settings.SECRET_KEY, *getattr(settings, "SECRET_KEY_FALLBACKS", [])]
+
+
+def _signature(payload: bytes, secret: str) -> bytes:
+    return salted_hmac(_SALT, payload, secret=secret, algorithm="sha256").digest()
 
 
 def write_pickle(path: Path, value: Any) -> None:
     payload = pickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL)
-    _write(path, PICKLE_MAGIC + _signature(payload) + payload)
+    _write(path, PICKLE_MAGIC + _signature(payload, settings.SECRET_KEY) + payload)
+
+
+def pickle_signer(path: Path) -> int | None:
+    """Which key signed this pickle: 0 for SECRET_KEY, n for SECRET_KEY_FALLBACKS[n-1].
+
+    None when no key verifies it (tampered, or signed with a key that was rotated out).
+    Reads the file in chunks: an HMAC per key, never the whole payload in memory.
+    """
+    head = len(PICKLE_MAGIC)
+    with open(path, "rb") as fh:
+        if fh.read(head) != PICKLE_MAGIC:
+            return None
+        signature = fh.read(32)
+        if len(signature) < 32:
+            return None
+        macs = [salted_hmac(_SALT, b"", secret=key, algorithm="sha256") for key in signing_keys()]
+        while chunk := fh.read(CHUNK):
+            for mac in macs:
+                mac.update(chunk)
+    for n, mac in enumerate(macs):
+        if hmac.compare_digest(signature, mac.digest()):
+            return n
+    return None
 
 
 def read(path: Path, fmt: str) -> Any:
@@ -79,9 +109,9 @@ def read_pickle(path: Path) -> Any:
     if not blob.startswith(PICKLE_MAGIC) or len(blob) < head + 32:
         raise ArtifactSignatureError(f"{path.name} is not a signed initpipeline pickle; refused")
     signature, payload = blob[head : head + 32], blob[head + 32 :]
-    if not hmac.compare_digest(signature, _signature(payload)):
+    if not any(hmac.compare_digest(signature, _signature(payload, key)) for key in signing_keys()):
         raise ArtifactSignatureError(
-            f"{path.name} has a wrong signature (tampered, or signed with another SECRET_KEY); "
-            "refused before unpickling"
+            f"{path.name} has a wrong signature (tampered, or signed with a key that is neither "
+            "SECRET_KEY nor in SECRET_KEY_FALLBACKS); refused before unpickling"
         )
     return pickle.loads(payload)  # noqa: S301 - signature checked above

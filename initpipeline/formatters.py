@@ -5,6 +5,7 @@ The plain text is an interface: logs are grepped and tests compare it line by li
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from datetime import datetime
 
@@ -12,6 +13,19 @@ from django.utils import timezone
 
 from .models import PhaseState, RunState
 from .reporting import ArtifactReport, PhaseReport, RunOutcome, RunReport, StatusReport
+
+# Terminal escape sequences (CSI, OSC) whole, then any control character left.
+_ESCAPES = re.compile(r"\x1b\[[0-?]*[ -/]*[@-~]|\x1b\][^\x07\x1b]*(?:\x07|\x1b\\)?|\x1b.?")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]+")
+
+
+def plain_text(text: str) -> str:
+    """``text`` as one line of plain text: no escape sequences, no control characters.
+
+    Phase messages and errors come from user code and from exceptions; a terminal must
+    not interpret them (colours, cursor moves, a title change).
+    """
+    return _CONTROL.sub(" ", _ESCAPES.sub("", text)).strip()
 
 
 def fmt_duration(seconds: float | None) -> str:
@@ -49,7 +63,7 @@ def clock(value: datetime) -> str:
 
 
 def first_line(text: str) -> str:
-    return text.strip().splitlines()[0] if text.strip() else ""
+    return plain_text(text.strip().splitlines()[0]) if text.strip() else ""
 
 
 def phase_rows(phases: Sequence[PhaseReport]) -> list[list[str]]:
@@ -62,9 +76,11 @@ def phase_rows(phases: Sequence[PhaseReport]) -> list[list[str]]:
                 f"{p.progress * 100:.0f}%",
                 f"{p.attempt}/{p.max_attempts}",
                 fmt_duration(p.duration),
-                (first_line(p.error) if p.error and p.state == PhaseState.FAILED else p.message)[
-                    :60
-                ],
+                (
+                    first_line(p.error)
+                    if p.error and p.state == PhaseState.FAILED
+                    else plain_text(p.message)
+                )[:60],
             ]
         )
     return rows

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from . import storage
 from .conf import settings
 from .exceptions import ArtifactNotReady
 from .loading import active
@@ -31,16 +32,21 @@ def missing_artifacts(names: list[str]) -> list[str]:
 
 
 def corrupt_artifacts(names: list[str]) -> dict[str, str]:
-    """Artifacts this process found corrupt when it loaded them."""
+    """Artifacts of ``names`` whose file is known to be bad on this host: found corrupt by
+    this process, or missing, or changed since this host verified it (a stat each)."""
     try:
         records = active.snapshot().records
     except ArtifactNotReady:
         return {}
-    return {
-        n: active.corrupt[records[n].sha256]
-        for n in names
-        if n in records and records[n].sha256 in active.corrupt
-    }
+    found = {}
+    for name in names:
+        rec = records.get(name)
+        if rec is None:
+            continue
+        reason = active.corrupt.get(rec.sha256) or storage.problem(rec.as_artifact())
+        if reason:
+            found[name] = reason
+    return found
 
 
 def _phase_status(state: str) -> str:
@@ -71,7 +77,8 @@ def readiness(artifact_name: str | None = None) -> tuple[dict[str, Any], bool]:
         status = "fail" if name in missing or name in corrupt else "pass"
         entry: dict[str, Any] = {"componentType": "artifact", "status": status}
         if name in corrupt:
-            entry["output"] = "failed its checksum; run start_init to rebuild it"
+            # The reason names files and checksums: for the logs and staff, not for probes.
+            entry["output"] = "its file failed its check; run start_init to rebuild it"
         elif name in missing:
             entry["output"] = "not active yet"
         checks[f"artifact:{name}"] = [entry]

@@ -28,6 +28,19 @@ class Record:
     size: int
     format: str
 
+    def as_artifact(self) -> Any:
+        """An unsaved Artifact with these fields, for storage.verify() and problem()."""
+        from .models import Artifact
+
+        return Artifact(
+            pk=self.pk,
+            name=self.name,
+            storage_key=self.storage_key,
+            sha256=self.sha256,
+            size=self.size,
+            format=self.format,
+        )
+
 
 @dataclass(frozen=True)
 class Snapshot:
@@ -141,18 +154,8 @@ class ArtifactHandle:
         return self._verified_path(self.record())
 
     def _verified_path(self, rec: Record) -> Any:
-        from .models import Artifact
-
-        art = Artifact(
-            pk=rec.pk,
-            name=rec.name,
-            storage_key=rec.storage_key,
-            sha256=rec.sha256,
-            size=rec.size,
-            format=rec.format,
-        )
         try:
-            path = storage.verify(art)
+            path = storage.verify(rec.as_artifact())
         except ArtifactCorrupt as exc:
             active.corrupt[rec.sha256] = str(exc)
             logger.error("%s", exc)

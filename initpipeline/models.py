@@ -207,6 +207,7 @@ class GenerationQuerySet(models.QuerySet["Generation"]):
 
 class ArtifactQuerySet(models.QuerySet["Artifact"]):
     def for_fingerprint(self, name: str, fingerprint: str) -> ArtifactQuerySet:
+        """Records of artifact ``name`` built with ``fingerprint``, newest first."""
         return self.filter(name=name, fingerprint=fingerprint).order_by("-created_at", "-id")
 
 
@@ -220,6 +221,15 @@ class Artifact(models.Model):
     size = models.BigIntegerField(_("size (bytes)"))
     format = models.CharField(_("format"), max_length=16)
     metadata = models.JSONField(_("metadata"), default=dict, blank=True)
+    failed_check = models.CharField(
+        _("failed check"),
+        max_length=500,
+        blank=True,
+        help_text=_(
+            "Why a process found this file corrupt; such an artifact no longer counts as a "
+            "cache, so the next run rebuilds it."
+        ),
+    )
     run = models.ForeignKey(
         PipelineRun, on_delete=models.PROTECT, related_name="artifacts", null=True
     )

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import threading
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -19,6 +20,15 @@ PhaseFunc = Callable[["PhaseContext"], Any]
 F = TypeVar("F", bound=PhaseFunc)
 
 DISCOVER_MODULE = "init_phases"
+
+#: An artifact name: a path segment of letters, digits, "_", "-" and ".", not starting
+#: with a dot: it becomes a folder of the storage (storage.py refuses any other).
+ARTIFACT_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,199}\Z")
+
+
+def valid_name(name: str) -> bool:
+    return bool(ARTIFACT_NAME.match(name)) and ".." not in name
+
 
 #: The longest timeout a phase may have (seconds): a week. Celery's time limits, the
 #: brokers' redelivery timeouts and the PhaseRun.timeout column all need a bound.
@@ -60,6 +70,7 @@ class Fault(StrEnum):
     DUPLICATE_NAME = "phase registered twice"
     PRODUCES_NOTHING = "phase produces nothing"
     BAD_LIMITS = "bad retries or timeout"
+    BAD_ARTIFACT_NAME = "artifact name not a safe path segment"
 
 
 @dataclass(frozen=True)
@@ -261,6 +272,17 @@ class Pipeline:
                 )
             for artifact_name in p.produces:
                 owners.setdefault(artifact_name, []).append(p.name)
+                if not valid_name(artifact_name):
+                    found.append(
+                        Problem(
+                            Fault.BAD_ARTIFACT_NAME,
+                            f"phase {p.name!r} produces {artifact_name!r}, which is not a "
+                            "valid artifact name.",
+                            "An artifact name is a folder of the storage: letters, digits, "
+                            "'_', '-' and '.', not starting with '.', no '..', at most 200.",
+                            p.name,
+                        )
+                    )
             for dep in p.after:
                 if dep not in self.phases:
                     found.append(

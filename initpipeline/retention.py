@@ -1,4 +1,5 @@
-"""Deleting the files of old generations, never those a reader may still map."""
+"""Deleting the files of old generations, never those a reader may still map or a run in
+flight will activate."""
 
 from __future__ import annotations
 
@@ -8,41 +9,54 @@ import time
 from django.db.models import Q
 
 from .conf import settings
-from .models import IN_FLIGHT, Artifact, Generation
-from .storage import get_storage, scratch_dir
+from .models import IN_FLIGHT, Artifact, Generation, PhaseRun, PipelineRun
+from .storage import get_storage, scratch_dir, scratch_run
 
 logger = logging.getLogger("initpipeline")
 
+#: The most generations ``keep`` may name (more is a typo, and a database LIMIT overflow).
+MAX_KEEP = 10_000
+
 
 def collect(*, keep: int | None = None, dry_run: bool = False) -> list[Artifact]:
-    """Delete the files of artifacts no kept generation or recent run uses; return them.
+    """Delete the files of artifacts no kept generation or run in flight uses; return them.
 
     Kept: the files of the ``keep`` (KEEP_GENERATIONS) most recently activated generations
     and of the active one, so a web process still serving an older generation for up to
-    REFRESH_INTERVAL never loses a file under it; and every artifact made since the oldest
-    kept generation (a failed run's finished phases are what the next run resumes from).
-    The records stay: history is never rewritten, and a record whose file is gone simply
-    stops counting as a cache.
+    REFRESH_INTERVAL never loses a file under it; every artifact made since the oldest of
+    those recent generations (a failed run's finished phases are what the next run resumes
+    from);
+    and every artifact a run in flight made or will activate (its phases' fingerprints:
+    a cached phase's artifact may be old). The records stay: history is never rewritten,
+    and a record whose file is gone simply stops counting as a cache.
     """
     keep = int(settings.KEEP_GENERATIONS if keep is None else keep)
-    if keep < 1:
-        raise ValueError("keep must be at least 1: the active generation is never deleted")
-    kept = list(
+    if not 1 <= keep <= MAX_KEEP:
+        raise ValueError(
+            f"keep must be from 1 to {MAX_KEEP}, not {keep}: the active generation is never deleted"
+        )
+    recent = list(
         Generation.objects.filter(activated_at__isnull=False).order_by("-activated_at", "-id")[
             :keep
         ]
     )
-    kept += list(Generation.objects.filter(is_active=True))
-    if not kept:
-        return []
-    oldest = min(g.created_at for g in kept)
-    protected = set(
-        Artifact.objects.filter(
-            Q(generations__in=kept) | Q(created_at__gte=oldest) | Q(run__state__in=IN_FLIGHT)
-        ).values_list("storage_key", flat=True)
-    )
+    kept = recent + list(Generation.objects.filter(is_active=True))
     if not dry_run:
         _remove_stale_scratch()
+    if not kept:
+        return []
+    # From the recent generations, not the active one: an old active generation (a
+    # rollback) must not keep every newer artifact for ever.
+    oldest = min(g.created_at for g in recent or kept)
+    planned = PhaseRun.objects.filter(run__state__in=IN_FLIGHT).values("fingerprint")
+    protected = set(
+        Artifact.objects.filter(
+            Q(generations__in=kept)
+            | Q(created_at__gte=oldest)
+            | Q(run__state__in=IN_FLIGHT)
+            | Q(fingerprint__in=planned)
+        ).values_list("storage_key", flat=True)
+    )
     storage = get_storage()
     removed: list[Artifact] = []
     seen: set[str] = set()
@@ -61,14 +75,22 @@ def collect(*, keep: int | None = None, dry_run: bool = False) -> list[Artifact]
 
 
 def _remove_stale_scratch() -> None:
-    """Delete scratch files a killed worker left, once no phase can still be writing them."""
-    # A phase writes its scratch files within its hard time limit; twice the longest
-    # default limit, and at least a day, is well past any writer.
-    max_age = max(2 * settings.DEFAULT_TIMEOUT, 86400.0)
-    cutoff = time.time() - max_age
+    """Delete scratch files that no phase can still be writing.
+
+    A scratch file named for its run (storage.new_scratch_path) goes once that run has
+    ended; one without a run (written by an older version) once it is older than any
+    phase may run: twice the longest default limit, and at least a day.
+    """
+    in_flight = set(PipelineRun.objects.in_flight().values_list("pk", flat=True))
+    cutoff = time.time() - max(2 * settings.DEFAULT_TIMEOUT, 86400.0)
     for path in scratch_dir().glob("*.part*"):
+        run_id = scratch_run(path)
         try:
-            if path.stat().st_mtime < cutoff:
+            if (
+                run_id is not None
+                and run_id not in in_flight
+                or (run_id is None and path.stat().st_mtime < cutoff)
+            ):
                 path.unlink()
         except FileNotFoundError:
             pass

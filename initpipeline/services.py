@@ -161,8 +161,10 @@ def enqueue(run_id: int, names: Sequence[str]) -> None:
         for chain_names in dispatch.plan_chains(phases):
             dispatch.send_chain(run_id, chain_names)
     except Exception as exc:
-        logger.exception("could not enqueue run %s", run_id)
         reason = f"could not send the run's tasks to the broker: {type(exc).__name__}: {exc}"
+        # start() raises EnqueueError with the reason, and its callers report it in one
+        # line (the command on stderr, the admin as a message); the traceback is for DEBUG.
+        logger.debug("run %s: %s", run_id, reason, exc_info=True)
         end_run(run_id, RunState.FAILED, reason, phase_state=PhaseState.CANCELLED)
 
 
@@ -201,9 +203,10 @@ def cancel(*, run_id: int | None = None) -> PipelineRun | None:
         try:
             from celery import current_app
 
-            current_app.control.revoke(task_ids)
-        except Exception:
-            logger.warning("could not revoke the tasks of run %s", run.pk, exc_info=True)
+            with dispatch.connection() as conn:
+                current_app.control.revoke(task_ids, connection=conn)
+        except Exception as exc:
+            logger.warning("could not revoke the tasks of run %s: %s", run.pk, exc)
     run.refresh_from_db()
     return run
 

@@ -1,28 +1,47 @@
-"""Publishing artifacts atomically under content-addressed keys, and verifying them."""
+"""Publishing artifacts atomically under content-addressed keys; verifying them once per host.
+
+Every process checks an artifact's sha256 before its first use, but a host hashes a file
+once: what was verified is recorded in ``LOCAL_CACHE_DIR/verified/`` by (device, inode,
+size, mtime), and a process whose file still has that identity takes the record's word
+for it. A file changed in place changes its identity, so it is hashed again (and found
+corrupt); a failed check is recorded too, so it is not hashed again by every process.
+Published files are read-only.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import json
 import os
+import re
 import shutil
 import tempfile
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from django.core.exceptions import ImproperlyConfigured
 from django.core.files import File
 from django.core.files.storage import FileSystemStorage, Storage, storages
 from django.core.files.storage.handler import InvalidStorageError
 
+from . import formats
 from .conf import settings
-from .exceptions import ArtifactCorrupt, ArtifactNotReady, PipelineConfigError
+from .exceptions import (
+    ArtifactCorrupt,
+    ArtifactNotReady,
+    ArtifactSignatureError,
+    PipelineConfigError,
+)
+from .registry import valid_name
 
 if TYPE_CHECKING:
     from .models import Artifact
 
-CHUNK = 1024 * 1024
+CHUNK = 4 * 1024 * 1024
+READ_ONLY = 0o444
 
 
 @dataclass(frozen=True)
@@ -51,16 +70,68 @@ def _local_root(storage: Storage) -> Path | None:
     return None
 
 
+def _inside(root: Path, key: str) -> Path:
+    """``root/key``, refused unless it stays inside ``root`` with no symlink on the way."""
+    path = root / key
+    expected = os.path.join(os.path.realpath(root), *Path(key).parts)
+    if Path(key).is_absolute() or ".." in Path(key).parts or os.path.realpath(path) != expected:
+        raise ArtifactCorrupt(
+            f"storage key {key!r} leads outside the artifact folder {root} (a symlink, or "
+            "'..'); refused"
+        )
+    return path
+
+
+# -- this host's folders ------------------------------------------------------------------
+
+_checked_dirs: set[str] = set()
+
+
+def cache_dir() -> Path:
+    """This host's private folder (``LOCAL_CACHE_DIR``): verified copies and records.
+
+    Refused when another user owns it or others may write it: a file planted there would
+    be taken for a verified artifact.
+    """
+    configured = settings.LOCAL_CACHE_DIR
+    default = Path(tempfile.gettempdir()) / f"initpipeline-cache-{os.geteuid()}"
+    path = Path(configured) if configured else default
+    if str(path) in _checked_dirs:
+        return path
+    path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    st = path.stat()
+    if st.st_uid != os.geteuid() or st.st_mode & 0o022:
+        owner = "another user" if st.st_uid != os.geteuid() else "this user"
+        raise PipelineConfigError(
+            f"LOCAL_CACHE_DIR {path} is owned by {owner} (uid {st.st_uid}) with mode "
+            f"{st.st_mode & 0o777:o}: it must belong to this user (uid {os.geteuid()}) and "
+            "not be writable by others; set INITPIPELINE['LOCAL_CACHE_DIR'] to a private folder"
+        )
+    _checked_dirs.add(str(path))
+    return path
+
+
 def scratch_dir() -> Path:
-    """Where phases write files before publishing: on the same filesystem when possible."""
+    """Where phases write files before publishing: on the storage's filesystem if local."""
     root = _local_root(get_storage())
-    base = root / ".partial" if root is not None else Path(tempfile.gettempdir()) / "initpipeline"
+    base = root / ".partial" if root is not None else cache_dir() / ".partial"
     base.mkdir(parents=True, exist_ok=True)
     return base
 
 
-def new_scratch_path(suffix: str = "") -> Path:
-    return scratch_dir() / f"{uuid.uuid4().hex}.part{suffix}"
+def new_scratch_path(suffix: str = "", *, run_id: int | None = None) -> Path:
+    """A fresh scratch path; ``run_id`` lets init_gc remove it once the run has ended."""
+    prefix = f"r{run_id}-" if run_id is not None else ""
+    return scratch_dir() / f"{prefix}{uuid.uuid4().hex}.part{suffix}"
+
+
+def scratch_run(path: Path) -> int | None:
+    """The run a scratch file belongs to (new_scratch_path's ``run_id``), if it says."""
+    match = re.match(r"r(\d+)-", path.name)
+    return int(match.group(1)) if match else None
+
+
+# -- hashing and durability -----------------------------------------------------------------
 
 
 def file_sha256(path: Path | str) -> tuple[str, int]:
@@ -86,53 +157,83 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+# -- publishing -----------------------------------------------------------------------------
+
+
 def publish(path: Path, *, name: str, suffix: str) -> Published:
     """Publish the finished file at ``path`` as artifact ``name``; ``path`` is consumed.
 
-    The key is ``<name>/<sha256><suffix>``: a key never changes content, so a reader
-    that found a key in the database can never see a half-written file under it.
+    The key is ``<name>/<sha256><suffix>``: a key never changes content, so a reader that
+    found a key in the database can never see a half-written file under it.
     """
-    sha, size = file_sha256(path)
-    key = f"{name}/{sha}{suffix}"
-    storage = get_storage()
-    root = _local_root(storage)
-    if root is not None:
-        dest = root / key
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        if dest.exists() and file_sha256(dest) == (sha, size):
-            path.unlink(missing_ok=True)  # Same bytes published before: idempotent.
-            return Published(key, sha, size)
-        if path.parent != root / ".partial":
-            tmp = root / ".partial" / f"{uuid.uuid4().hex}.part"
-            tmp.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(path, tmp)
-            path.unlink(missing_ok=True)
-            path = tmp
-        fsync_file(path)
-        os.replace(path, dest)  # Atomic on POSIX: the key appears whole or not at all.
-        _fsync_dir(dest.parent)
-        return Published(key, sha, size)
     try:
-        existing = _remote_size(storage, key)
-        if existing == size:
-            return Published(key, sha, size)  # Same bytes published before: idempotent.
-        if existing is not None:
-            # A short or foreign object under our key: replace it, or save() would
-            # put the same content under a second name.
-            storage.delete(key)
-        with open(path, "rb") as fh:
-            saved = storage.save(key, File(fh, name=key))
+        if not valid_name(name):
+            raise PipelineConfigError(f"{name!r} is not a valid artifact name (initpipeline.E023)")
+        sha, size = file_sha256(path)
+        key = f"{name}/{sha}{suffix}"
+        storage = get_storage()
+        root = _local_root(storage)
+        if root is not None:
+            dest = _publish_local(path, root, key, sha, size)
+        else:
+            key = _publish_remote(path, storage, key, sha, size)
+            # This host keeps the bytes it just uploaded as its verified copy: no download.
+            dest = cache_dir() / f"{sha}{suffix}"
+            os.chmod(path, READ_ONLY)
+            os.replace(path, dest)
+        if suffix != formats.SUFFIX["pickle"]:
+            # Hashed just now: this host need not hash it again (a pickle's signature is
+            # checked on its first use).
+            _write_record(sha, dest, dest.stat(), ok=True, signer=None)
+        return Published(key, sha, size)
     finally:
+        # Consumed whatever happened: a failed write (disk full) leaves no partial file.
         path.unlink(missing_ok=True)
+
+
+def _publish_local(path: Path, root: Path, key: str, sha: str, size: int) -> Path:
+    (root / key).parent.mkdir(parents=True, exist_ok=True)
+    dest = _inside(root, key)
+    if dest.is_file() and file_sha256(dest) == (sha, size):
+        return dest  # Same bytes published before: idempotent.
+    # Anything else under our key (a corrupt copy) is replaced below.
+    partial = root / ".partial"
+    if path.parent != partial:
+        partial.mkdir(parents=True, exist_ok=True)
+        tmp = partial / f"{uuid.uuid4().hex}.part"
+        try:
+            shutil.copyfile(path, tmp)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        path.unlink(missing_ok=True)
+        path = tmp
+    fsync_file(path)
+    os.chmod(path, READ_ONLY)
+    os.replace(path, dest)  # Atomic on POSIX: the key appears whole or not at all.
+    _fsync_dir(dest.parent)
+    return dest
+
+
+def _publish_remote(path: Path, storage: Storage, key: str, sha: str, size: int) -> str:
+    existing = _remote_size(storage, key)
+    if existing == size and _remote_sha256(storage, key) == sha:
+        return key  # Same bytes published before: idempotent.
+    if existing is not None:
+        # A short, corrupt or foreign object under our key: replace it, or save() would
+        # put the same content under a second name.
+        storage.delete(key)
+    with open(path, "rb") as fh:
+        saved = storage.save(key, File(fh, name=key))
     if saved != key and _remote_size(storage, key) == size:
         # Another worker saved the same bytes between our look and our save, and the
         # storage does not overwrite (django-storages' file_overwrite=False, Django's
         # get_available_name): it gave ours a suffixed name. The key names the content:
         # keep one object.
         storage.delete(saved)
-        return Published(key, sha, size)
+        return key
     # Storage.save() may pick another name; the record keeps the one it returns.
-    return Published(saved, sha, size)
+    return saved
 
 
 def _remote_size(storage: Storage, key: str) -> int | None:
@@ -144,12 +245,128 @@ def _remote_size(storage: Storage, key: str) -> int | None:
         return None
 
 
-def cache_dir() -> Path:
-    """Where this host keeps verified copies of remote artifacts (``LOCAL_CACHE_DIR``)."""
-    configured = settings.LOCAL_CACHE_DIR
-    path = Path(configured) if configured else Path(tempfile.gettempdir()) / "initpipeline-cache"
-    path.mkdir(parents=True, exist_ok=True)
-    return path
+def _remote_sha256(storage: Storage, key: str) -> str | None:
+    digest = hashlib.sha256()
+    try:
+        with storage.open(key, "rb") as src:
+            while chunk := src.read(CHUNK):
+                digest.update(chunk)
+    except FileNotFoundError:
+        return None
+    return digest.hexdigest()
+
+
+# -- this host's record of verified files -------------------------------------------------
+
+
+def _identity(st: os.stat_result) -> list[int]:
+    return [st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns]
+
+
+def _key_id(key: str) -> str:
+    return hashlib.sha256(b"initpipeline.signer:" + key.encode()).hexdigest()[:16]
+
+
+def _record_path(sha: str) -> Path:
+    folder = cache_dir() / "verified"
+    folder.mkdir(exist_ok=True)
+    return folder / f"{sha}.json"
+
+
+def _read_record(sha: str) -> dict[str, Any] | None:
+    try:
+        data = json.loads(_record_path(sha).read_text())
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def _write_record(sha: str, path: Path, st: os.stat_result, **fields: Any) -> None:
+    target = _record_path(sha)
+    tmp = target.with_name(f".{uuid.uuid4().hex}.tmp")
+    tmp.write_text(json.dumps({"path": str(path), "identity": _identity(st), **fields}))
+    os.replace(tmp, target)
+
+
+def _record_holds(record: dict[str, Any] | None, path: Path, st: os.stat_result) -> bool:
+    return (
+        record is not None
+        and record.get("path") == str(path)
+        and record.get("identity") == _identity(st)
+    )
+
+
+def _signer_still_trusted(record: dict[str, Any]) -> bool:
+    keys = formats.signing_keys()
+    return record.get("signer") in {_key_id(k) for k in keys}
+
+
+# -- verifying ------------------------------------------------------------------------------
+
+
+def _corrupt(
+    artifact: Artifact, path: Path, st: os.stat_result, reason: str, *, unsigned: bool = False
+) -> ArtifactCorrupt:
+    """Record on this host (and on the artifact's records) that the file failed its check."""
+    _write_record(artifact.sha256, path, st, ok=False, reason=reason, unsigned=unsigned)
+    _mark_failed(artifact, reason)
+    return ArtifactSignatureError(reason) if unsigned else ArtifactCorrupt(reason)
+
+
+def _mark_failed(artifact: Artifact, reason: str) -> None:
+    # Every host and the next start_init must know, not only this process: the records
+    # that name these bytes stop counting as a cache, so the next run rebuilds them.
+    from django.db import DatabaseError
+
+    from .models import Artifact as ArtifactModel
+
+    if artifact.pk is None:
+        return  # Not a record (a path checked on its own).
+    # A read-only database user, or no database here: this host's record remains.
+    with contextlib.suppress(DatabaseError):
+        ArtifactModel.objects.filter(
+            storage_key=artifact.storage_key, sha256=artifact.sha256
+        ).update(failed_check=reason[:500])
+
+
+def _checksum_reason(artifact: Artifact, sha: str, size: int, where: str = "") -> str:
+    return (
+        f"artifact {artifact.name!r} ({artifact.storage_key}) fails its checksum{where}: "
+        f"expected sha256 {artifact.sha256[:12]}… and {artifact.size} bytes, "
+        f"found {sha[:12]}… and {size} bytes"
+    )
+
+
+def _check_file(artifact: Artifact, path: Path) -> None:
+    """Hash ``path`` (and check a pickle's signature); record the verdict for this host."""
+    st = path.stat()
+    sha, size = file_sha256(path)
+    if (sha, size) != (artifact.sha256, artifact.size):
+        raise _corrupt(artifact, path, st, _checksum_reason(artifact, sha, size))
+    signer = None
+    if artifact.format == "pickle":
+        index = formats.pickle_signer(path)
+        if index is None:
+            reason = (
+                f"artifact {artifact.name!r} ({artifact.storage_key}) has no valid signature: "
+                "it verifies with neither SECRET_KEY nor SECRET_KEY_FALLBACKS"
+            )
+            raise _corrupt(artifact, path, st, reason, unsigned=True)
+        signer = _key_id(formats.signing_keys()[index])
+    if path.stat().st_mtime_ns == st.st_mtime_ns:
+        _write_record(artifact.sha256, path, st, ok=True, signer=signer)
+
+
+def _needs_check(artifact: Artifact, path: Path, st: os.stat_result) -> bool:
+    """False when this host verified the file as it is now; raises if it found it corrupt."""
+    record = _read_record(artifact.sha256)
+    if not _record_holds(record, path, st):
+        return True
+    assert record is not None
+    if not record.get("ok"):
+        error = ArtifactSignatureError if record.get("unsigned") else ArtifactCorrupt
+        raise error(str(record.get("reason")))
+    return artifact.format == "pickle" and not _signer_still_trusted(record)
 
 
 def _download(storage: Storage, artifact: Artifact, target: Path) -> None:
@@ -171,11 +388,10 @@ def _download(storage: Storage, artifact: Artifact, target: Path) -> None:
                 size += len(chunk)
                 dst.write(chunk)
         if (digest.hexdigest(), size) != (artifact.sha256, artifact.size):
-            raise ArtifactCorrupt(
-                f"artifact {artifact.name!r} ({artifact.storage_key}) fails its checksum "
-                f"in storage: expected sha256 {artifact.sha256[:12]}… and {artifact.size} "
-                f"bytes, found {digest.hexdigest()[:12]}… and {size} bytes"
-            )
+            reason = _checksum_reason(artifact, digest.hexdigest(), size, " in storage")
+            _mark_failed(artifact, reason)
+            raise ArtifactCorrupt(reason)
+        os.chmod(tmp, READ_ONLY)
         # Processes of one host may download the same artifact at once: each writes its
         # own temporary name, then renames it into place atomically. The last rename
         # wins; a process that already mapped an earlier copy keeps its (equal) pages.
@@ -184,48 +400,79 @@ def _download(storage: Storage, artifact: Artifact, target: Path) -> None:
         tmp.unlink(missing_ok=True)
 
 
-def _local_path(artifact: Artifact) -> tuple[Path, bool]:
-    """The local path of the artifact's file, and whether it was checked just now."""
-    storage = get_storage()
-    root = _local_root(storage)
+def local_path(artifact: Artifact) -> Path:
+    """Where this host reads the artifact's file (a remote one: its copy in the cache)."""
+    root = _local_root(get_storage())
     if root is not None:
-        path = root / artifact.storage_key
-        if not path.exists():
-            raise ArtifactNotReady(
-                f"artifact {artifact.name!r} is recorded but its file {artifact.storage_key!r} "
-                "is missing from storage"
-            )
-        return path, False
+        return _inside(root, artifact.storage_key)
     # Named by content, so one download serves every process, generation and artifact
     # with these bytes on this host.
-    target = cache_dir() / f"{artifact.sha256}{Path(artifact.storage_key).suffix}"
-    if target.exists():
-        return target, False
-    _download(storage, artifact, target)
-    return target, True
+    return cache_dir() / f"{artifact.sha256}{Path(artifact.storage_key).suffix}"
 
 
 def verify(artifact: Artifact) -> Path:
-    """Return the artifact's local path after checking its size and sha256."""
-    path, checked = _local_path(artifact)
-    if checked:
+    """The artifact's local path, after checking its size and sha256 (once per host)."""
+    storage = get_storage()
+    remote = _local_root(storage) is None
+    path = local_path(artifact)
+    if remote and not path.exists():
+        _download(storage, artifact, path)
+    try:
+        st = path.stat()
+    except FileNotFoundError as exc:
+        raise ArtifactNotReady(
+            f"artifact {artifact.name!r} is recorded but its file {artifact.storage_key!r} "
+            "is missing from storage"
+        ) from exc
+    if not _needs_check(artifact, path, st):
         return path
-    sha, size = file_sha256(path)
-    if (sha, size) == (artifact.sha256, artifact.size):
-        return path
-    if _local_root(get_storage()) is None:
+    try:
+        _check_file(artifact, path)
+    except ArtifactCorrupt:
+        if not remote:
+            raise
         # A bad copy in the local cache (a crash before its data reached the disk, a
         # stray write) is this host's fault, not the artifact's: download it again.
+        os.chmod(path, 0o600)
         path.unlink(missing_ok=True)
-        return _local_path(artifact)[0]
-    raise ArtifactCorrupt(
-        f"artifact {artifact.name!r} ({artifact.storage_key}) fails its checksum: "
-        f"expected sha256 {artifact.sha256[:12]}… and {artifact.size} bytes, "
-        f"found {sha[:12]}… and {size} bytes"
-    )
+        _download(storage, artifact, path)
+        _check_file(artifact, path)
+    return path
+
+
+def problem(artifact: Artifact) -> str | None:
+    """What is wrong with the artifact's file on this host, from a stat: cheap enough for
+    every readiness probe. None when nothing is known to be wrong (a file this host has
+    not verified yet counts as fine: its first use verifies it)."""
+    if artifact.failed_check:
+        return artifact.failed_check
+    try:
+        path = local_path(artifact)
+    except ArtifactCorrupt as exc:
+        return str(exc)
+    remote = _local_root(get_storage()) is None
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        return None if remote else "its file is missing from storage"
+    if st.st_size != artifact.size:
+        return f"its file changed: {st.st_size} bytes, {artifact.size} published"
+    record = _read_record(artifact.sha256)
+    if record is None or record.get("path") != str(path):
+        return None
+    if record.get("identity") != _identity(st):
+        return "its file changed since it was verified"
+    return None if record.get("ok") else str(record.get("reason"))
 
 
 def is_valid(artifact: Artifact) -> bool:
+    """True when the artifact can serve: its file verifies (a remote one: its object exists
+    with the recorded size, if this host has no verified copy; its first use verifies)."""
+    if artifact.failed_check:
+        return False
+    storage = get_storage()
+    if _local_root(storage) is None and not local_path(artifact).exists():
+        return _remote_size(storage, artifact.storage_key) == artifact.size
     try:
         verify(artifact)
     except (ArtifactCorrupt, ArtifactNotReady, OSError):

@@ -2,16 +2,22 @@
 
 from __future__ import annotations
 
+import re
+
 from django.http import HttpRequest, HttpResponse, JsonResponse
 from django.views.decorators.cache import never_cache
 
 from .conf import settings
 from .exceptions import PipelineConfigError
 from .health import readiness
+from .permissions import can_see_details
 from .registry import get_pipeline
 from .reporting import status_report
+from .responses import expected_unavailable
 
 HEALTH_JSON = "application/health+json"
+# ASCII digits only: str.isdigit() also takes "²", which int() refuses.
+RUN_ID = re.compile(r"[1-9][0-9]{0,17}")
 
 
 @never_cache
@@ -33,19 +39,21 @@ def readyz(request: HttpRequest) -> HttpResponse:
     body, ready = readiness(name)
     response = JsonResponse(body, status=200 if ready else 503, content_type=HEALTH_JSON)
     if not ready:
+        expected_unavailable(request)
         response["Retry-After"] = str(settings.RETRY_AFTER)
     return response
 
 
 @never_cache
 def status_json(request: HttpRequest) -> HttpResponse:
-    """Details for the admin and scripts: users with the permission to view runs only."""
-    user = request.user
-    if not user.is_authenticated or not user.has_perm("initpipeline.view_pipelinerun"):
+    """``init_status --json``, for the admin's pages and scripts: staff who may view runs."""
+    if not can_see_details(request.user):
         return JsonResponse({"detail": "forbidden"}, status=403)
     run_id = request.GET.get("run")
+    if run_id is not None and not RUN_ID.fullmatch(run_id):
+        return JsonResponse({"detail": f"run must be a run id, not {run_id[:40]!r}"}, status=400)
     try:
-        report = status_report(run_id=int(run_id) if run_id and run_id.isdigit() else None)
+        report = status_report(run_id=int(run_id) if run_id else None)
     except PipelineConfigError as exc:
         return JsonResponse({"detail": str(exc)}, status=404)
     return JsonResponse(report.as_dict())

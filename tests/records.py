@@ -8,6 +8,7 @@ from typing import Any
 
 from django.utils import timezone
 
+from initpipeline import storage
 from initpipeline.models import IN_FLIGHT, Artifact, Generation, PhaseRun, PipelineRun
 from initpipeline.registry import get_pipeline
 
@@ -166,15 +167,18 @@ def running(heartbeat_ago: float, attempt: int = 1, task_id: str = "task-1") -> 
 
 
 def record_artifacts(run: PipelineRun, *names: str) -> None:
-    """Artifact records for the named phases of ``run`` (no files)."""
+    """Artifact records, with real files, for the named phases of ``run``."""
     for pr in run.phases.filter(name__in=names):
         produced = get_pipeline()[pr.name].produces[0]
+        path = storage.new_scratch_path(".json")
+        path.write_bytes(f'{{"phase": "{pr.name}", "run": {run.pk}}}'.encode())
+        pub = storage.publish(path, name=produced, suffix=".json")
         Artifact.objects.create(
             name=produced,
             fingerprint=pr.fingerprint,
-            storage_key=f"{produced}/x",
-            sha256="0" * 64,
-            size=1,
+            storage_key=pub.key,
+            sha256=pub.sha256,
+            size=pub.size,
             format="json",
             run=run,
             phase_run=pr,

@@ -23,6 +23,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -127,6 +128,31 @@ def wait_worker_ready(proc: subprocess.Popen[bytes], log: Path, timeout: float =
         raise AssertionError(
             f"worker exited with {proc.returncode}:\n{log.read_text(errors='replace')}"
         )
+
+
+class SilentServer(threading.Thread):
+    """Accepts TCP connections on loopback and never answers: a broker that hangs."""
+
+    def __init__(self) -> None:
+        super().__init__(name="silent-server", daemon=True)
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(64)
+        self.port = int(self.sock.getsockname()[1])
+        self.accepted: list[socket.socket] = []
+
+    def run(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            self.accepted.append(conn)
+
+    def stop(self) -> None:
+        self.sock.close()
+        for conn in self.accepted:
+            conn.close()
 
 
 class RedisServer:

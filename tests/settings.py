@@ -22,6 +22,13 @@ if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
     _DB = str(_VAR.parent / f"{_VAR.name}-db.sqlite3")
     DATABASES["default"]["NAME"] = _DB
     DATABASES["default"]["TEST"] = {"NAME": _DB}
+    # How long a process waits for SQLite's write lock (a test of a locked database).
+    _TIMEOUT = os.environ.get("INITPIPELINE_TEST_DB_TIMEOUT")
+    if _TIMEOUT:
+        DATABASES["default"]["OPTIONS"] = {
+            **DATABASES["default"]["OPTIONS"],
+            "timeout": float(_TIMEOUT),
+        }
 elif DATABASES["default"]["ENGINE"] == "django.db.backends.postgresql":
     # DATABASE_URL=postgres://...: the test database is the database itself, so that
     # pytest-django creates it and the worker and CLI subprocesses (which read these

@@ -7,16 +7,18 @@ import re
 from collections.abc import Callable
 
 import pytest
+from django.conf import settings
 from django.contrib.auth.models import Permission, User
 from django.contrib.messages import get_messages
 from django.http import HttpResponse
-from django.test import Client
+from django.test import Client, override_settings
 from django.urls import reverse
 from django.utils import timezone
 from pytest_django.asserts import assertContains, assertNotContains
 
 from initpipeline.models import PhaseRun, PipelineRun
 from tests.records import T0, Phase, make_run
+from tests.servers import SilentServer
 
 pytestmark = [pytest.mark.django_db]
 
@@ -491,3 +493,41 @@ def test_changelist_action_needs_cancel_run(login: UserFactory) -> None:
     running.refresh_from_db()
     assert running.state == "running"
     assert PhaseRun.objects.filter(state="cancelled").count() == 0
+
+
+@pytest.mark.django_db(transaction=True)
+def test_run_again_against_a_broker_that_never_answers_fails_with_a_message(
+    login: UserFactory,
+) -> None:
+    from celery import current_app
+
+    silent = SilentServer()
+    silent.start()
+    saved = current_app.conf.broker_url
+    current_app.conf.broker_url = f"redis://127.0.0.1:{silent.port}/0"
+    try:
+        # Autocommit, as in production: the run's tasks are sent as start() commits.
+        with override_settings(INITPIPELINE={**settings.INITPIPELINE, "SEND_TIMEOUT": 1.0}):
+            response = login("view_pipelinerun", "start_run").post(reverse(RUN_AGAIN))
+    finally:
+        current_app.conf.broker_url = saved
+        silent.stop()
+    run = PipelineRun.objects.get()
+    assert run.state == "failed"  # the web request ended, and no run is left pending
+    assert response.status_code == 302
+    [(level, text)] = messages_of(response)
+    assert level == "error"
+    assert text.startswith(
+        "The pipeline did not start: could not send the run's tasks to the broker: "
+        "OperationalError: "
+    )
+
+
+def test_resume_a_cancelled_run(login: UserFactory) -> None:
+    cancelled = make_run("cancelled", [Phase("a", start=0, took=1), Phase("b", "cancelled")])
+    response = login("view_pipelinerun", "start_run").post(reverse(RESUME, args=[cancelled.pk]))
+    run = PipelineRun.objects.latest_first().first()
+    assert run is not None and run.pk != cancelled.pk
+    assert response["Location"] == reverse(RUN, args=[run.pk])
+    assert run.trigger == f"admin: resume run {cancelled.pk} by ops"
+    assert run.state == "pending"

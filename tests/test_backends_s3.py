@@ -46,6 +46,15 @@ class Bucket:
     def write(self, key: str, data: bytes) -> None:
         self.client.put_object(Bucket=self.name, Key=key, Body=data)
 
+    def cached(self) -> list[str]:
+        """The artifact copies in this host's cache (not its records or scratch folders)."""
+        return sorted(p.name for p in self.cache.iterdir() if p.is_file())
+
+    def another_host(self) -> override_settings:
+        """Settings of a second host: the same bucket, its own (empty) cache."""
+        self.cache = self.cache.with_name(self.cache.name + "-2")
+        return s3_settings(self)
+
     def env(self) -> dict[str, str]:
         """What a worker subprocess needs to use this bucket (tests/settings.py)."""
         return {
@@ -140,15 +149,39 @@ def test_a_short_object_under_the_key_is_replaced(bucket: Bucket) -> None:
     assert bucket.read(key) == data
 
 
+def flip_a_byte(bucket: Bucket, key: str) -> None:
+    flipped = bytearray(bucket.read(key))
+    flipped[len(flipped) // 2] ^= 0x01
+    bucket.write(key, bytes(flipped))
+
+
+@pytest.mark.django_db
 def test_a_corrupted_object_is_refused_and_nothing_is_cached(bucket: Bucket) -> None:
     pub = publish_bytes(b"x" * 1000 + b"payload")
-    flipped = bytearray(bucket.read(pub.key))
-    flipped[500] ^= 0x01
-    bucket.write(pub.key, bytes(flipped))
-    with pytest.raises(ArtifactCorrupt, match=r"fails its checksum in storage"):
-        storage.verify(record(pub))
-    assert storage.is_valid(record(pub)) is False
-    assert list(bucket.cache.iterdir()) == []
+    # The publishing host kept the bytes it uploaded as its verified copy.
+    assert bucket.cached() == [f"{pub.sha256}.bin"]
+    art = record(pub)
+    art.save()
+    flip_a_byte(bucket, pub.key)
+    with bucket.another_host():
+        assert storage.is_valid(art) is True  # an object of the right size: not known bad
+        with pytest.raises(ArtifactCorrupt, match=r"fails its checksum in storage"):
+            storage.verify(art)
+        assert bucket.cached() == []
+        # What one host found, every host and the next start_init know.
+        art.refresh_from_db()
+        assert "fails its checksum in storage" in art.failed_check
+        assert storage.is_valid(art) is False
+
+
+def test_publishing_again_replaces_a_corrupted_object(bucket: Bucket) -> None:
+    data = b"x" * 1000 + b"the right bytes"
+    pub = publish_bytes(data)
+    flip_a_byte(bucket, pub.key)
+    # Same size, other bytes: a publish compares the content, not only the size.
+    with bucket.another_host():
+        assert publish_bytes(data) == pub
+    assert bucket.read(pub.key) == data
 
 
 def test_a_bad_copy_in_the_local_cache_is_downloaded_again(bucket: Bucket) -> None:
@@ -156,10 +189,11 @@ def test_a_bad_copy_in_the_local_cache_is_downloaded_again(bucket: Bucket) -> No
     art = record(pub)
     path = storage.verify(art)
     assert path == bucket.cache / f"{pub.sha256}.bin"
+    path.chmod(0o600)
     path.write_bytes(b"y" * 10)  # A copy cut short, say by a crash.
     assert storage.verify(art) == path
     assert path.read_bytes() == b"y" * 5000
-    assert sorted(p.name for p in bucket.cache.iterdir()) == [path.name]
+    assert bucket.cached() == [path.name]
 
 
 DOWNLOAD = """
@@ -183,6 +217,7 @@ def test_concurrent_downloads_by_several_processes_leave_one_good_copy(
     data = np.random.default_rng(7).bytes(16 * 1024 * 1024)
     pub = publish_bytes(data, name="big")
     go = tmp_path / "go"
+    bucket.cache = tmp_path / "other-host-cache"  # the publisher's copy is elsewhere
     env = {
         **bucket.env(),
         "DJANGO_SETTINGS_MODULE": "tests.settings",
@@ -205,7 +240,7 @@ def test_concurrent_downloads_by_several_processes_leave_one_good_copy(
     target = bucket.cache / f"{pub.sha256}.bin"
     assert {out.strip() for out, _ in outputs} == {str(target)}
     assert storage.file_sha256(target) == (pub.sha256, pub.size)
-    assert sorted(p.name for p in bucket.cache.iterdir()) == [target.name]
+    assert bucket.cached() == [target.name]
 
 
 def test_pipeline_on_s3_through_a_worker_and_a_web_load_from_the_cache(
@@ -234,7 +269,7 @@ def test_pipeline_on_s3_through_a_worker_and_a_web_load_from_the_cache(
     assert array.tolist() == [2 * i + 1.0 for i in range(10)]
     cached = bucket.cache / f"{b_out.sha256}.npy"
     assert Path(array.filename) == cached
-    assert sorted(p.name for p in bucket.cache.iterdir()) == [cached.name]
+    assert bucket.cached() == [cached.name]
     # A second process on the same host reuses the copy (the same file, not a download).
     inode = cached.stat().st_ino
     assert loading.ArtifactHandle("b_out").get().tolist() == array.tolist()
@@ -277,3 +312,29 @@ def test_demo_settings_put_artifacts_on_s3_when_a_bucket_is_named(
     assert key == f"thing/{sha}.bin"
     # Under the demo's "artifacts" prefix of the bucket.
     assert bucket.keys() == [f"artifacts/{key}"]
+
+
+def test_a_flipped_byte_on_s3_is_rebuilt_by_the_next_start_init(
+    stack: Stack, bucket: Bucket
+) -> None:
+    stack.env.update(bucket.env())
+    stack.start_worker()
+    assert stack.manage("start_init", "--wait").returncode == 0, stack.log()
+    b_out = Generation.objects.get(is_active=True).artifact_map()["b_out"]
+    good = bucket.read(b_out.storage_key)
+    flip_a_byte(bucket, b_out.storage_key)
+    # A web host loads it, finds it corrupt, refuses it and says so in the records.
+    loading.active.refresh()
+    with pytest.raises(ArtifactCorrupt, match="fails its checksum in storage"):
+        loading.ArtifactHandle("b_out").get()
+    result = stack.manage("start_init", "--wait")
+    assert result.returncode == 0, result.stderr + stack.log()
+    second = PipelineRun.objects.latest_first().first()
+    assert second is not None
+    assert dict(second.phases.values_list("name", "state")) == {
+        "a": "cached",
+        "b": "succeeded",
+        "c": "cached",
+    }
+    # The same bytes under the same key, whole again.
+    assert bucket.read(b_out.storage_key) == good

@@ -11,6 +11,7 @@ from datetime import datetime, timedelta
 import pytest
 from django.core.management import call_command, load_command_class
 from django.core.management.base import CommandError
+from django.test import override_settings
 
 from initpipeline import formatters
 from initpipeline.management.progress import PlainProgress
@@ -421,3 +422,22 @@ def test_plain_progress_ends_phases_that_never_ran() -> None:
 )
 def test_fmt_size(size: int, text: str) -> None:
     assert formatters.fmt_size(size) == text
+
+
+# -- broken settings -----------------------------------------------------------------------
+
+
+@pytest.mark.django_db
+@pytest.mark.parametrize("name", ["start_init", "init_status", "cancel_init", "init_gc"])
+def test_broken_settings_exit_2_with_one_line(name: str) -> None:
+    with (
+        override_settings(INITPIPELINE={"STALE_AFTER": -1, "QUEUE": 7}),
+        pytest.raises(CommandError) as exc,
+    ):
+        # As from the command line: call_command skips the checks unless told not to.
+        call_command(name, stdout=io.StringIO(), skip_checks=False)
+    assert exc.value.returncode == 2
+    assert str(exc.value) == (
+        "configuration error initpipeline.E014: INITPIPELINE['STALE_AFTER'] must be a positive "
+        "number, not -1. (and 1 more); run manage.py check for the details"
+    )

@@ -9,12 +9,14 @@ import select
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 
 import pytest
 
 from initpipeline.formatters import fmt_size
 from initpipeline.models import Artifact, Generation, PipelineRun
-from tests.conftest import ROOT, Stack, wait_for
+from tests.conftest import ROOT, Stack, free_port, wait_for
+from tests.servers import SilentServer
 
 pytestmark = [pytest.mark.slow]
 
@@ -231,3 +233,95 @@ def test_terminal_output_is_coloured_unless_no_color(stack: Stack) -> None:
     second = PipelineRun.objects.latest_first().first()
     assert second is not None and second.pk != run.pk
     assert f"run {second.pk} succeeded in" in out
+
+
+# -- a broker that refuses, or accepts and never answers -------------------------------------
+
+
+@pytest.fixture
+def silent() -> Iterator[SilentServer]:
+    server = SilentServer()
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.mark.parametrize("scheme", ["redis", "amqp"])
+def test_start_init_against_a_broker_that_never_answers_fails_in_one_line(
+    stack: Stack, silent: SilentServer, scheme: str
+) -> None:
+    url = f"redis://127.0.0.1:{silent.port}/0"
+    if scheme == "amqp":
+        url = f"amqp://guest:guest@127.0.0.1:{silent.port}//"
+    # A hang would end in subprocess.TimeoutExpired: the bound is SEND_TIMEOUT (5 s) a step.
+    result = stack.manage("start_init", env={"CELERY_BROKER_URL": url}, timeout=60)
+    assert result.returncode == 2
+    assert len(result.stderr.splitlines()) == 1, result.stderr
+    assert result.stderr.startswith(
+        "CommandError: could not send the run's tasks to the broker: OperationalError: "
+    )
+    run = PipelineRun.objects.get()
+    assert run.state == "failed"  # not left pending
+    assert set(run.phases.values_list("state", flat=True)) == {"cancelled"}
+
+
+def test_start_init_wait_against_a_refused_broker_prints_one_line(stack: Stack) -> None:
+    refused = f"redis://127.0.0.1:{free_port()}/0"
+    result = stack.manage("start_init", "--wait", env={"CELERY_BROKER_URL": refused})
+    assert (result.returncode, result.stdout) == (2, "")
+    assert result.stderr.splitlines() == [
+        "CommandError: could not send the run's tasks to the broker: OperationalError: "
+        f"Error 111 connecting to 127.0.0.1:{refused.split(':')[2].split('/')[0]}. "
+        "Connection refused."
+    ]
+
+
+def test_cancel_init_against_a_broker_that_never_answers_still_cancels(
+    stack: Stack, silent: SilentServer
+) -> None:
+    stack.control(sleep={"a": 30})
+    stack.start_worker()
+    assert stack.manage("start_init").returncode == 0
+    run = PipelineRun.objects.get()
+    wait_for(lambda: run.phases.filter(name="a", state="running").exists(), timeout=60)
+    # The revoke is bounded: the run is cancelled in the database whatever the broker does.
+    hung = {"CELERY_BROKER_URL": f"redis://127.0.0.1:{silent.port}/0"}
+    result = stack.manage("cancel_init", env=hung, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == f"run {run.pk} cancelled\n"
+    assert "could not revoke the tasks of run" in result.stderr
+    run.refresh_from_db()
+    assert run.state == "cancelled"
+
+
+def test_phase_messages_are_text_on_a_terminal(stack: Stack) -> None:
+    # Rich markup and terminal escapes in a message: shown as text, never interpreted.
+    stack.control(sleep={"b": 1.0}, message={"b": "copied [/tmp] done \x1b]0;pwned\x07\x1b[2J"})
+    stack.start_worker()
+    code, out, err = in_terminal(stack, "start_init", "--wait", env={"NO_COLOR": "1"})
+    assert code == 0, err + stack.log()
+    assert "copied [/tmp] done" in out
+    assert "pwned" not in out and "\x1b[2J" not in out
+    code, out, err = in_terminal(stack, "init_status", env={"NO_COLOR": "1"})
+    assert (code, err) == (0, "")
+    assert "\x1b]0;" not in out
+
+
+def test_a_locked_database_is_one_line_and_exit_2(stack: Stack) -> None:
+    import sqlite3
+
+    from django.db import connection
+
+    if connection.vendor != "sqlite":
+        pytest.skip("the lock is SQLite's; PostgreSQL waits for its own")
+    holder = sqlite3.connect(connection.settings_dict["NAME"])
+    holder.execute("BEGIN EXCLUSIVE")
+    try:
+        result = stack.manage("start_init", env={"INITPIPELINE_TEST_DB_TIMEOUT": "0.5"})
+    finally:
+        holder.rollback()
+        holder.close()
+    assert result.returncode == 2
+    assert result.stderr.splitlines() == [
+        "CommandError: the database cannot be used: database is locked"
+    ]

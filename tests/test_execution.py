@@ -92,7 +92,7 @@ def test_cancel_before_finish_never_activates(monkeypatch: pytest.MonkeyPatch) -
     revoked: list[list[str]] = []
     from celery import current_app
 
-    monkeypatch.setattr(current_app.control, "revoke", revoked.append)
+    monkeypatch.setattr(current_app.control, "revoke", lambda ids, **kw: revoked.append(ids))
     run = live_run(a=done(), b=done(), c=running(heartbeat_ago=0, task_id="task-c"))
     assert services.cancel() is not None
     assert revoked == [["task-c"]]

@@ -107,7 +107,7 @@ def test_corrupt_file_is_refused_and_reported_by_readyz(artifacts_dir: Path) -> 
         {
             "componentType": "artifact",
             "status": "fail",
-            "output": "failed its checksum; run start_init to rebuild it",
+            "output": "its file failed its check; run start_init to rebuild it",
         }
     ]
     path.unlink()

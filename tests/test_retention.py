@@ -6,10 +6,11 @@ from pathlib import Path
 
 import pytest
 from django.core.management import call_command
+from django.core.management.base import CommandError
 from django.utils import timezone
 
 from initpipeline import formats, retention, storage
-from initpipeline.models import Artifact, Generation, PipelineRun
+from initpipeline.models import Artifact, Generation, PhaseRun, PipelineRun
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -51,10 +52,13 @@ def test_keeps_the_last_generations_and_deletes_older_files(artifacts_dir: Path)
 
 def test_never_deletes_the_active_generation_even_when_old(artifacts_dir: Path) -> None:
     old_active = generation(1, age=50, active=True)
-    for n in range(2, 5):
-        generation(n, age=10 - n)
-    retention.collect(keep=1)
+    others = [generation(n, age=10 - n) for n in range(2, 5)]
+    removed = retention.collect(keep=1)
+    # The newest generation is kept, the active one too although it is the oldest; the
+    # two in between go.
+    assert [a.run_id for a in removed] == [others[0].run_id, others[1].run_id]
     assert (artifacts_dir / old_active.artifacts.get().storage_key).exists()
+    assert not (artifacts_dir / others[0].artifacts.get().storage_key).exists()
 
 
 def test_a_file_shared_with_a_kept_generation_stays(artifacts_dir: Path) -> None:
@@ -92,3 +96,51 @@ def test_old_scratch_files_of_killed_workers_are_removed() -> None:
     assert not old.exists()
     assert fresh.exists()
     fresh.unlink()
+
+
+def test_keeps_an_old_artifact_that_a_run_in_flight_will_activate(artifacts_dir: Path) -> None:
+    old = generation(1, age=9)
+    generation(2, age=1, active=True)
+    cached = old.artifacts.get()
+    # A run in flight found the old generation's artifact cached by its fingerprint.
+    run = PipelineRun.objects.create(state="running")
+    PhaseRun.objects.create(
+        run=run, name="thing", position=0, state="cached", fingerprint=cached.fingerprint
+    )
+    assert retention.collect(keep=1) == []
+    assert (artifacts_dir / cached.storage_key).exists()
+    run.state = "succeeded"
+    run.save()
+    assert [a.pk for a in retention.collect(keep=1)] == [cached.pk]
+    assert not (artifacts_dir / cached.storage_key).exists()
+
+
+def test_init_gc_deletes_for_real_and_refuses_a_bad_keep(artifacts_dir: Path) -> None:
+    old = generation(1, age=9)
+    generation(2, age=1, active=True)
+    out = StringIO()
+    call_command("init_gc", "--keep", "1", stdout=out)
+    key = old.artifacts.get().storage_key
+    assert out.getvalue().splitlines()[-1] == f"deleted 1 files, {old.artifacts.get().size} bytes"
+    assert not (artifacts_dir / key).exists()
+    for keep in ("0", str(10**20)):
+        with pytest.raises(CommandError) as exc:
+            call_command("init_gc", "--keep", keep, stdout=StringIO())
+        assert exc.value.returncode == 2
+        assert str(exc.value) == (
+            f"keep must be from 1 to 10000, not {keep}: the active generation is never deleted"
+        )
+
+
+def test_scratch_files_of_ended_runs_are_removed_at_once() -> None:
+    ended = PipelineRun.objects.create(state="failed")
+    live = PipelineRun.objects.create(state="running")
+    left = storage.new_scratch_path(".npy", run_id=ended.pk)
+    left.write_bytes(b"a killed worker's half-written file")
+    writing = storage.new_scratch_path(".npy", run_id=live.pk)
+    writing.write_bytes(b"being written now")
+    generation(1, age=1, active=True)
+    retention.collect(keep=1)
+    assert not left.exists()
+    assert writing.exists()
+    writing.unlink()

@@ -1,14 +1,16 @@
 from __future__ import annotations
 
+import os
 import pickle
 from pathlib import Path
 
 import numpy as np
 import pytest
+from django.test import override_settings
 
 from initpipeline import formats, storage
-from initpipeline.exceptions import ArtifactCorrupt, ArtifactSignatureError
-from initpipeline.models import Artifact
+from initpipeline.exceptions import ArtifactCorrupt, ArtifactSignatureError, PipelineConfigError
+from initpipeline.models import Artifact, PhaseRun
 
 
 def publish_bytes(data: bytes, name: str = "thing") -> storage.Published:
@@ -116,3 +118,172 @@ def test_pickle_signed_with_another_secret_key_is_refused(tmp_path: Path, settin
     settings.SECRET_KEY = "another-key"
     with pytest.raises(ArtifactSignatureError):
         formats.read(path, "pickle")
+
+
+# -- SECRET_KEY rotation ------------------------------------------------------------------
+
+
+def saved_pickle(value: object) -> Artifact:
+    path = storage.new_scratch_path(".pkl")
+    formats.write_pickle(path, value)
+    pub = storage.publish(path, name="model", suffix=".pkl")
+    art = record(pub, name="model", fmt="pickle")
+    art.save()
+    return art
+
+
+@pytest.mark.django_db
+def test_a_pickle_signed_with_a_fallback_key_still_loads(settings) -> None:  # type: ignore[no-untyped-def]
+    settings.SECRET_KEY = "old-key"
+    art = saved_pickle({"w": [1, 2]})
+    settings.SECRET_KEY = "new-key"
+    settings.SECRET_KEY_FALLBACKS = ["old-key"]
+    assert storage.is_valid(art) is True
+    assert formats.read(storage.verify(art), "pickle") == {"w": [1, 2]}
+
+
+@pytest.mark.django_db
+def test_a_pickle_whose_key_was_rotated_out_is_invalid(settings) -> None:  # type: ignore[no-untyped-def]
+    settings.SECRET_KEY = "old-key"
+    art = saved_pickle("data")
+    assert storage.is_valid(art) is True  # verified, and remembered on this host
+    settings.SECRET_KEY = "new-key"
+    settings.SECRET_KEY_FALLBACKS = []
+    # The host's record says which key verified it; that key is gone, so it is checked
+    # again, fails, and stops counting as a cache: the next start_init rebuilds it.
+    assert storage.is_valid(art) is False
+    with pytest.raises(ArtifactSignatureError, match="neither SECRET_KEY nor SECRET_KEY_FALL"):
+        storage.verify(art)
+    art.refresh_from_db()
+    assert "no valid signature" in art.failed_check
+
+
+# -- verified once per host; changed in place -----------------------------------------------
+
+
+def test_published_files_are_read_only(artifacts_dir: Path) -> None:
+    pub = publish_bytes(b"read me only")
+    assert (artifacts_dir / pub.key).stat().st_mode & 0o777 == 0o444
+
+
+def test_a_host_hashes_a_file_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    art = record(publish_bytes(b"y" * 5000))
+    hashed: list[Path] = []
+    real = storage.file_sha256
+
+    def counting(path: Path | str) -> tuple[str, int]:
+        hashed.append(Path(path))
+        return real(path)
+
+    monkeypatch.setattr(storage, "file_sha256", counting)
+    for _ in range(3):  # as three processes of one host would
+        storage.verify(art)
+    # Publishing recorded the hash it computed: no process of this host hashes it again.
+    assert hashed == []
+
+
+def test_a_file_changed_in_place_is_noticed_from_its_stat(artifacts_dir: Path) -> None:
+    art = record(publish_bytes(b"z" * 5000))
+    path = storage.verify(art)
+    assert storage.problem(art) is None
+    data = bytearray(path.read_bytes())
+    data[10] ^= 0x01  # same size, new mtime
+    path.write_bytes(bytes(data))
+    # A readiness probe sees it without hashing...
+    assert storage.problem(art) == "its file changed since it was verified"
+    # ...the next use hashes it and refuses it, and the verdict is remembered by the host.
+    with pytest.raises(ArtifactCorrupt, match="fails its checksum"):
+        storage.verify(art)
+    assert "fails its checksum" in str(storage.problem(art))
+    path.unlink()
+
+
+def test_a_missing_file_is_a_problem(artifacts_dir: Path) -> None:
+    art = record(publish_bytes(b"going"))
+    (artifacts_dir / art.storage_key).unlink()
+    assert storage.problem(art) == "its file is missing from storage"
+
+
+# -- names and paths ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["../x", "/etc/passwd", ".hidden", "a/b", "a..b", ""])
+def test_publish_refuses_a_name_that_is_not_a_path_segment(name: str) -> None:
+    path = storage.new_scratch_path(".bin")
+    path.write_bytes(b"x")
+    with pytest.raises(PipelineConfigError, match="not a valid artifact name"):
+        storage.publish(path, name=name, suffix=".bin")
+    assert not path.exists()
+
+
+def test_a_symlink_inside_the_storage_is_not_followed(artifacts_dir: Path, tmp_path: Path) -> None:
+    outside = tmp_path / "elsewhere"
+    outside.mkdir()
+    (artifacts_dir / "linked").symlink_to(outside)
+    try:
+        path = storage.new_scratch_path(".bin")
+        path.write_bytes(b"secret")
+        with pytest.raises(ArtifactCorrupt, match="leads outside the artifact folder"):
+            storage.publish(path, name="linked", suffix=".bin")
+        assert list(outside.iterdir()) == []
+        art = Artifact(name="linked", storage_key="linked/x.bin", sha256="0" * 64, size=1)
+        with pytest.raises(ArtifactCorrupt, match="leads outside"):
+            storage.verify(art)
+    finally:
+        (artifacts_dir / "linked").unlink()
+
+
+# -- failed writes and the host's cache folder ----------------------------------------------
+
+
+def test_a_failed_write_leaves_no_partial_file(monkeypatch: pytest.MonkeyPatch) -> None:
+    import errno
+
+    from initpipeline.context import PhaseContext
+    from initpipeline.registry import get_pipeline
+
+    def disk_full(path: Path, data: bytes) -> None:
+        with open(path, "wb") as fh:
+            fh.write(data[:10])
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(formats, "write_bytes", disk_full)
+    pipeline = get_pipeline()
+    phase_run = PhaseRun(pk=1, run_id=99, attempt=1)
+    ctx = PhaseContext(phase=pipeline["a"], phase_run=phase_run, pipeline=pipeline)
+    before = set(storage.scratch_dir().iterdir())
+    with pytest.raises(OSError, match="No space left"):
+        ctx.save_bytes("a_out", b"x" * 1000)
+    assert set(storage.scratch_dir().iterdir()) == before
+
+
+@pytest.mark.parametrize("mode", [0o777, 0o770])
+def test_a_cache_folder_others_may_write_is_refused(tmp_path: Path, mode: int) -> None:
+    folder = tmp_path / "cache"
+    folder.mkdir()
+    folder.chmod(mode)
+    with (
+        override_settings(INITPIPELINE={"LOCAL_CACHE_DIR": str(folder)}),
+        pytest.raises(PipelineConfigError, match="must belong to this user .* not be writable"),
+    ):
+        storage.cache_dir()
+
+
+def test_a_cache_folder_of_another_user_is_refused(tmp_path: Path) -> None:
+    if os.geteuid() != 0:
+        pytest.skip("only root can give a folder to another user here")
+    folder = tmp_path / "theirs"
+    folder.mkdir(mode=0o700)
+    os.chown(folder, 65534, 65534)
+    with (
+        override_settings(INITPIPELINE={"LOCAL_CACHE_DIR": str(folder)}),
+        pytest.raises(PipelineConfigError, match="owned by another user"),
+    ):
+        storage.cache_dir()
+
+
+def test_the_default_cache_folder_is_private_to_this_user(tmp_path: Path) -> None:
+    with override_settings(INITPIPELINE={"LOCAL_CACHE_DIR": None}):
+        folder = storage.cache_dir()
+    assert folder.name == f"initpipeline-cache-{os.geteuid()}"
+    assert folder.stat().st_mode & 0o777 == 0o700

@@ -7,9 +7,12 @@ import os
 import sys
 from typing import Any, NoReturn, TextIO
 
+from django.core import checks
 from django.core.management.base import BaseCommand, CommandError
+from django.db import OperationalError
 
 from .. import services
+from ..formatters import plain_text
 from ..reporting import RunReport
 from .progress import PlainProgress, RichProgress
 
@@ -20,7 +23,9 @@ class InitCommand(BaseCommand):
     rich reads NO_COLOR by itself; Django does not (its red "CommandError" line on a
     terminal), so a set NO_COLOR turns on ``--no-color`` unless ``--force-color`` is given.
     Every non-zero exit goes through ``exit()``: a CommandError with the documented code and
-    a one-line reason, which Django prints to stderr.
+    a one-line reason, which Django prints to stderr. Broken settings (system check errors)
+    and a database that cannot be used exit 2 with one line, as the README says, instead of
+    Django's exit 1 with a page of text.
     """
 
     no_color = False
@@ -31,7 +36,26 @@ class InitCommand(BaseCommand):
         self.no_color = bool(options.get("no_color"))
         # The stream under self.stdout, for rich's live display (it writes partial lines).
         self.stream: TextIO = options.get("stdout") or sys.stdout
-        return super().execute(*args, **options)
+        if not options.get("skip_checks"):
+            # Ours instead of Django's: an error exits 2 with one line (Django's, 1 and a page).
+            self._check_configuration()
+            options["skip_checks"] = True
+        try:
+            return super().execute(*args, **options)
+        except OperationalError as exc:
+            # "database is locked" after SQLite's timeout, a server that went away...
+            self.exit(2, f"the database cannot be used: {plain_text(str(exc))}")
+
+    def _check_configuration(self) -> None:
+        errors = [e for e in checks.run_checks() if e.is_serious() and not e.is_silenced()]
+        if errors:
+            first = errors[0]
+            more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
+            self.exit(
+                2,
+                f"configuration error {first.id}: {plain_text(first.msg)}{more}; "
+                "run manage.py check for the details",
+            )
 
     def exit(self, code: int, reason: str) -> NoReturn:
         raise CommandError(reason, returncode=code)

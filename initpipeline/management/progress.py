@@ -26,7 +26,7 @@ from typing import Any, TextIO
 
 from django.utils import timezone
 
-from ..formatters import clock, first_line, fmt_duration
+from ..formatters import clock, first_line, fmt_duration, plain_text
 from ..models import PhaseState
 from ..reporting import PhaseReport, RunReport
 
@@ -70,7 +70,7 @@ class PlainProgress:
                 step = int(p.progress * 10)
                 if 0 < step < 10 and step > seen.step:
                     seen.step = step
-                    message = f" {p.message}" if p.message else ""
+                    message = f" {plain_text(p.message)}" if p.message else ""
                     self._emit(None, p.name, f"{p.progress * 100:.0f}%{message}")
             elif p.state == PhaseState.PENDING:
                 if p.attempt and p.error and seen.retry_reported < p.attempt:
@@ -86,11 +86,12 @@ class PlainProgress:
         if p.state == PhaseState.SUCCEEDED:
             return f"succeeded in {fmt_duration(p.duration)}"
         if p.state == PhaseState.FAILED:
-            return f"failed: {first_line(p.error) or p.message}"
+            return f"failed: {first_line(p.error) or plain_text(p.message)}"
         # "cancelled; stopped after 2.0 s" says it all; "not run: b failed" needs the state.
-        if p.message.startswith(p.state):
-            return p.message
-        return f"{p.state}: {p.message}" if p.message else str(p.state)
+        message = plain_text(p.message)
+        if message.startswith(p.state):
+            return message
+        return f"{p.state}: {message}" if message else str(p.state)
 
 
 class RichProgress:
@@ -108,7 +109,8 @@ class RichProgress:
             TextColumn("{task.percentage:>3.0f}%"),
             TextColumn("{task.fields[state]:<15}"),
             TimeElapsedColumn(),
-            TextColumn("{task.fields[message]}", style="dim"),
+            # markup=False: a message is text, "[/tmp]" included (rich reads [..] as markup).
+            TextColumn("{task.fields[message]}", style="dim", markup=False),
             console=self.console,
         )
         self.tasks: dict[str, Any] = {}
@@ -122,7 +124,11 @@ class RichProgress:
 
     def __call__(self, run: RunReport) -> None:
         for p in run.phases:
-            fields: dict[str, Any] = {"name": p.name, "state": p.state, "message": p.message[:50]}
+            fields: dict[str, Any] = {
+                "name": p.name,
+                "state": p.state,
+                "message": plain_text(p.message)[:50],
+            }
             if p.name not in self.tasks:
                 self.tasks[p.name] = self.progress.add_task(
                     p.name, total=1.0, start=p.started_at is not None, **fields

@@ -6,6 +6,7 @@ The control file (``$INITPIPELINE_VAR_DIR/control.json``) may hold:
   versions: {phase: str}   goes into the phase's config, so its fingerprint changes
   fail:     [phase, ...]   the phase raises
   sleep:    {phase: s}     the phase works this long, reporting progress
+  message:  {phase: text}  the progress message, instead of "step i of n"
   fail_attempts: {phase: n}  the phase raises on its first n attempts
   pickle:   [phase, ...]   a (or c) saves its artifact as a signed pickle instead of JSON
   slow_write: {phase: {"bytes": n, "seconds": s}}

@@ -28,10 +28,11 @@ def do_work(ctx: PhaseContext) -> None:
         log.write(f"{ctx.name} {ctx.run_id} {ctx.attempt} {os.getpid()}\n")
     seconds = float(ctl.get("sleep", {}).get(ctx.name, 0))
     steps = max(1, int(seconds / 0.1))
+    message = ctl.get("message", {}).get(ctx.name)
     for i in range(steps):
         if seconds:
             time.sleep(seconds / steps)
-        ctx.progress(i + 1, steps, f"step {i + 1} of {steps}")
+        ctx.progress(i + 1, steps, message or f"step {i + 1} of {steps}")
     if ctx.name in ctl.get("fail", []):
         raise RuntimeError(f"{ctx.name} was told to fail")
     if ctx.attempt <= int(ctl.get("fail_attempts", {}).get(ctx.name, 0)):

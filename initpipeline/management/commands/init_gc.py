@@ -11,7 +11,8 @@ from ..base import InitCommand
 class Command(InitCommand):
     help = (
         "Delete the files of artifacts older than the last KEEP_GENERATIONS generations; "
-        "never the active one. Exit codes: 0 done; 2 bad usage."
+        "never the active one, nor what a run in flight will activate. Exit codes: 0 done; "
+        "2 bad usage."
     )
 
     def add_arguments(self, parser: CommandParser) -> None:
