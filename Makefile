@@ -96,7 +96,11 @@ INSTALL_VENV ?= var/install-venv
 test-install:
 	rm -rf $(INSTALL_VENV)
 	$(PYTHON) -m venv $(INSTALL_VENV)
-	$(INSTALL_VENV)/bin/pip install -q -r requirements.txt .
+	@# Built from a copy: an in-tree build leaves build/lib behind, whose stale modules
+	@# would end up in the next wheel built here.
+	mkdir $(INSTALL_VENV)/src
+	cp -r pyproject.toml README.md initpipeline $(INSTALL_VENV)/src/
+	$(INSTALL_VENV)/bin/pip install -q -r requirements.txt $(abspath $(INSTALL_VENV))/src
 	$(INSTALL_VENV)/bin/python -m tests.install_check redis rabbitmq
 
 bench: venv
