@@ -1,14 +1,16 @@
 # make demo  - create .venv, install, migrate and run web + worker + start_init (embedded default)
 # make test  - the whole suite: lint, type checks, unit and integration tests
 # make bench - benchmarks against the alternatives (bench/results/)
-# make test-postgres, test-rabbitmq, test-py312 - the other legs of the CI matrix (.ci/run)
+# make test-postgres, test-rabbitmq, test-py312, test-install - the other legs of the CI
+#   matrix (.ci/run)
 PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 PORT   ?= 8000
 export PATH := $(abspath $(BIN)):$(PATH)
 
-.PHONY: venv demo demo-setup test lint format bench clean test-postgres test-rabbitmq test-py312
+.PHONY: venv demo demo-setup test lint format bench clean test-postgres test-rabbitmq test-py312 \
+	test-install
 
 $(BIN)/.installed: requirements.txt requirements-dev.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -85,6 +87,21 @@ test-py312: $(VENV312)/.installed
 	$(VENV312)/bin/python -c "import django, sys; print('Django', django.__version__, 'on Python', sys.version.split()[0])"
 	$(VENV312)/bin/pytest -m "not slow"
 	$(VENV312)/bin/pytest tests/test_pipeline_integration.py
+
+# What a production host installs, and nothing else: requirements.txt and the project in a
+# fresh venv, without the test tools (they bring packages such as packaging, which kombu's
+# Redis transport imports). Then the demo with a real worker on Redis and on RabbitMQ.
+INSTALL_VENV ?= var/install-venv
+
+test-install:
+	rm -rf $(INSTALL_VENV)
+	$(PYTHON) -m venv $(INSTALL_VENV)
+	@# Built from a copy: an in-tree build leaves build/lib behind, whose stale modules
+	@# would end up in the next wheel built here.
+	mkdir $(INSTALL_VENV)/src
+	cp -r pyproject.toml README.md initpipeline $(INSTALL_VENV)/src/
+	$(INSTALL_VENV)/bin/pip install -q -r requirements.txt $(abspath $(INSTALL_VENV))/src
+	$(INSTALL_VENV)/bin/python -m tests.install_check redis rabbitmq
 
 bench: venv
 	$(BIN)/python -m bench

@@ -11,6 +11,7 @@ from django.apps import AppConfig
 from django.conf import settings as django_settings
 from django.core import checks
 
+from .celery_settings import REDIS_SCHEMES
 from .conf import DEFAULTS
 from .conf import settings as conf
 from .dispatch import HARD_LIMIT_GRACE, PHASE_TASK_OPTIONS
@@ -211,7 +212,6 @@ def check_pipeline(app_configs: Sequence[AppConfig] | None = None, **kwargs: Any
 
 #: Phases allowed to run this long (seconds) before early acks are worth a warning.
 LONG_PHASE = 300
-_REDIS_SCHEMES = ("redis", "rediss", "redis+socket", "sentinel")
 
 
 def _longest_limit() -> int | None:
@@ -260,7 +260,7 @@ def check_celery(app_configs: Sequence[AppConfig] | None = None, **kwargs: Any) 
     scheme = url.split("://", 1)[0].lower() if "://" in url else ""
     longest = _longest_limit()
 
-    if scheme in _REDIS_SCHEMES and longest is not None:
+    if scheme in REDIS_SCHEMES and longest is not None:
         options = celery_conf.broker_transport_options or {}
         visibility = float(options.get("visibility_timeout", 3600))
         retry_wait = conf.raw("RETRY_BACKOFF_MAX")

@@ -26,7 +26,17 @@ def start_init_when_ready(server: Any) -> subprocess.Popen[bytes] | None:
     A child process, not a call: the master stays free of Django's app registry, database
     connections and threads that its forked workers would inherit, and it spawns workers at
     once. Nothing here may raise: an exception in a Gunicorn hook stops the whole server.
+
+    Gunicorn's master never imports the project's ``wsgi.py``, so it knows the settings
+    only from ``DJANGO_SETTINGS_MODULE`` in its environment (``--env`` or the shell).
     """
+    if not os.environ.get("DJANGO_SETTINGS_MODULE"):
+        # Without it the setting cannot be read: say so in one line, not a traceback.
+        server.log.info(
+            "initpipeline: DJANGO_SETTINGS_MODULE is not set in Gunicorn's environment, "
+            "so START_ON_GUNICORN_READY is not read and the init is not started here"
+        )
+        return None
     try:
         from .conf import settings
 

@@ -10,6 +10,8 @@ from pathlib import Path
 
 import dj_database_url
 
+from initpipeline.celery_settings import celery_settings
+
 BASE_DIR = Path(__file__).resolve().parent.parent
 VAR_DIR = Path(os.environ.get("INITPIPELINE_VAR_DIR", BASE_DIR / "var"))
 # SQLite cannot create the folder of its file; everything local lives under var/.
@@ -108,29 +110,17 @@ TIME_ZONE = "UTC"
 USE_I18N = True
 USE_TZ = True
 
-# -- Celery (see FIELD_NOTES: long tasks) -------------------------------------------------
-CELERY_BROKER_URL = os.environ.get("CELERY_BROKER_URL", "filesystem://")
-_BROKER_DIR = Path(os.environ.get("INITPIPELINE_BROKER_DIR", VAR_DIR / "broker"))
-if CELERY_BROKER_URL.startswith("filesystem://"):
-    CELERY_BROKER_TRANSPORT_OPTIONS = {
-        "data_folder_in": str(_BROKER_DIR / "queue"),
-        "data_folder_out": str(_BROKER_DIR / "queue"),
-        "control_folder": str(_BROKER_DIR / "control"),
-        "processed_folder": str(_BROKER_DIR / "processed"),
-        "store_processed": False,
-        # kombu polls the folder once a second by default: up to a second lost per
-        # phase hop. A listdir every 100 ms costs nothing next to that.
-        "polling_interval": 0.1,
-    }
-else:
-    # Redis redelivers a task still unacked after visibility_timeout even while it runs
-    # (celery#5935): keep it above the longest phase timeout. RabbitMQ ignores it; there
-    # the server's consumer_timeout (30 min by default) must exceed the longest phase,
-    # or it closes the worker's channel mid-phase (docs/deploy.md).
-    CELERY_BROKER_TRANSPORT_OPTIONS = {"visibility_timeout": 6 * 3600}
-CELERY_TASK_ACKS_LATE = True
-CELERY_TASK_REJECT_ON_WORKER_LOST = True
-CELERY_WORKER_PREFETCH_MULTIPLIER = 1
+# -- Celery ---------------------------------------------------------------------------------
+# The broker: kombu's filesystem broker under var/broker/, unless CELERY_BROKER_URL names
+# Redis (then with a visibility_timeout above the longest phase) or RabbitMQ; and the
+# settings of long phases (acks late, requeue on a lost worker, prefetch one).
+# initpipeline/celery_settings.py says why each one.
+globals().update(
+    celery_settings(
+        os.environ.get("CELERY_BROKER_URL"),
+        folder=os.environ.get("INITPIPELINE_BROKER_DIR", VAR_DIR / "broker"),
+    )
+)
 CELERY_TASK_IGNORE_RESULT = True
 CELERY_WORKER_SEND_TASK_EVENTS = True
 CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True

@@ -285,7 +285,7 @@ class RabbitMQServer:
     the whole phase.
     """
 
-    # Six hours, like the Redis visibility_timeout in project/settings.py.
+    # Six hours, like the Redis visibility_timeout of initpipeline/celery_settings.py.
     CONSUMER_TIMEOUT_MS = 6 * 3600 * 1000
 
     def __init__(self, workdir: Path) -> None:
