@@ -43,8 +43,8 @@ def help_text(name: str) -> str:
     [
         (
             "start_init",
-            "Exit codes: 0 up to date, enqueued, or (with --wait) succeeded; 1 the run failed "
-            "or was cancelled; 2 bad usage or configuration.",
+            "Exit codes: 0 up to date, enqueued, or (with --wait) succeeded, and always with "
+            "--dry-run; 1 the run failed or was cancelled; 2 bad usage or configuration.",
         ),
         (
             "init_status",
