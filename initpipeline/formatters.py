@@ -54,12 +54,13 @@ def first_line(text: str) -> str:
 
 
 def phase_rows(phases: Sequence[PhaseReport]) -> list[list[str]]:
-    rows = [["PHASE", "STATE", "PROGRESS", "ATTEMPT", "DURATION", "MESSAGE"]]
+    rows = [["PHASE", "STATE", "REASON", "PROGRESS", "ATTEMPT", "DURATION", "MESSAGE"]]
     for p in phases:
         rows.append(
             [
                 p.name,
                 p.state,
+                p.reason or "-",
                 f"{p.progress * 100:.0f}%",
                 f"{p.attempt}/{p.max_attempts}",
                 fmt_duration(p.duration),
