@@ -55,7 +55,16 @@ class ReadOnlyMixin:
 class PhaseRunInline(ReadOnlyMixin, admin.TabularInline):  # type: ignore[type-arg]
     model = PhaseRun
     extra = 0
-    fields = ("position", "name", "state", "attempt", "message", "started_at", "finished_at")
+    fields = (
+        "position",
+        "name",
+        "state",
+        "reason",
+        "attempt",
+        "message",
+        "started_at",
+        "finished_at",
+    )
     readonly_fields = fields
     ordering = ["position"]
 

@@ -320,6 +320,28 @@ def check_celery(app_configs: Sequence[AppConfig] | None = None, **kwargs: Any) 
     return warnings
 
 
+@checks.register()
+def check_code_sources(app_configs: Sequence[AppConfig] | None = None, **kwargs: Any) -> list[Any]:
+    """Phases whose code counts in their fingerprint through bytecode (codehash.py)."""
+    try:
+        phases = get_pipeline().phases.values()
+    except PipelineConfigError:
+        return []  # initpipeline.E009 reports it.
+    return [
+        checks.Warning(
+            f"phase {p.name!r}: no source found for {', '.join(p.code_hash.without_source)}; "
+            "its code counts in the fingerprint through its bytecode, which differs between "
+            "Python versions.",
+            hint="Deploy the .py files, or hosts on different Pythons rebuild the phase "
+            "for each other.",
+            obj=p.name,
+            id="initpipeline.W006",
+        )
+        for p in phases
+        if p.code_hash.without_source
+    ]
+
+
 @checks.register(checks.Tags.database)
 def check_sqlite_wal(
     app_configs: Sequence[AppConfig] | None = None,

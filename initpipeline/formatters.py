@@ -12,6 +12,7 @@ from datetime import datetime
 from django.utils import timezone
 
 from .models import PhaseState, RunState
+from .planning import Plan
 from .reporting import ArtifactReport, PhaseReport, RunOutcome, RunReport, StatusReport
 
 # Terminal escape sequences (CSI, OSC) whole, then any control character left.
@@ -67,12 +68,13 @@ def first_line(text: str) -> str:
 
 
 def phase_rows(phases: Sequence[PhaseReport]) -> list[list[str]]:
-    rows = [["PHASE", "STATE", "PROGRESS", "ATTEMPT", "DURATION", "MESSAGE"]]
+    rows = [["PHASE", "STATE", "REASON", "PROGRESS", "ATTEMPT", "DURATION", "MESSAGE"]]
     for p in phases:
         rows.append(
             [
                 p.name,
                 p.state,
+                p.reason or "-",
                 f"{p.progress * 100:.0f}%",
                 f"{p.attempt}/{p.max_attempts}",
                 fmt_duration(p.duration),
@@ -171,4 +173,23 @@ def summary_text(run: RunReport, outcome: RunOutcome) -> str:
         lines.extend(artifact_lines(outcome.published))
     if run.error:
         lines.append(f"error: {first_line(run.error)}")
+    return "\n".join(lines)
+
+
+def plan_text(plan: Plan, *, in_flight: int | None = None) -> str:
+    """What ``start_init --dry-run`` prints: ``NAME  run|cached  REASON`` per phase, then
+    one summary line."""
+    lines = [table([[p.name, p.action, p.reason] for p in plan.phases])] if plan.phases else []
+    to_run = plan.to_run
+    if plan.up_to_date:
+        assert plan.active is not None
+        summary = f"up to date: generation {plan.active.pk} is active"
+    elif to_run:
+        total = len(plan.phases)
+        summary = f"{len(to_run)} of {total} phase{'s' if total != 1 else ''} to run"
+    else:
+        summary = "nothing to run: a run would activate the cached artifacts"
+    if in_flight is not None:
+        summary += f"; run {in_flight} is in flight, so start_init would attach to it"
+    lines.append(summary)
     return "\n".join(lines)

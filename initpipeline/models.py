@@ -140,6 +140,23 @@ class PhaseRun(models.Model):
     version = models.CharField(_("version"), max_length=100)
     #: The phases this one waits for, as planned when the run started.
     depends_on = models.JSONField(_("depends on"), default=list, blank=True)
+    #: What the fingerprint was made of (registry.Pipeline.fingerprint_recipes); empty in
+    #: runs planned before code counted in fingerprints.
+    recipe = models.JSONField(
+        _("fingerprint recipe"),
+        default=dict,
+        blank=True,
+        help_text=_(
+            "What the fingerprint is made of: the sha256 of the code and of the config, the "
+            "version, the artifacts produced and the inputs' fingerprints."
+        ),
+    )
+    reason = models.CharField(
+        _("reason"),
+        max_length=200,
+        blank=True,
+        help_text=_("Why the phase runs, or why it is cached, as planned when the run started."),
+    )
     attempt = models.PositiveIntegerField(_("attempt"), default=0)
     max_attempts = models.PositiveIntegerField(_("attempts allowed"), default=1)
     timeout = models.PositiveIntegerField(_("timeout (s)"), null=True, blank=True)

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import TYPE_CHECKING, Any, TypeVar
 
+from .codehash import CodeHash, is_code, phase_code_hash
 from .exceptions import PipelineConfigError
 
 if TYPE_CHECKING:
@@ -48,6 +49,15 @@ class Phase:
     timeout: int | None = None
     retries: int = 0
     config: Mapping[str, Any] | Callable[[], Mapping[str, Any]] | None = None
+    #: Code outside the function that counts in the fingerprint (``code=``): modules,
+    #: classes, functions.
+    code: tuple[Any, ...] = ()
+    #: The hash of the function's code and of ``code``; computed when the phase is made,
+    #: from the source that was just imported (a file changed later on disk does not count).
+    code_hash: CodeHash = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "code_hash", phase_code_hash(self.func, self.code))
 
     @property
     def origin(self) -> str:
@@ -71,6 +81,14 @@ class Fault(StrEnum):
     PRODUCES_NOTHING = "phase produces nothing"
     BAD_LIMITS = "bad retries or timeout"
     BAD_ARTIFACT_NAME = "artifact name not a safe path segment"
+
+
+@dataclass(frozen=True)
+class Fingerprint:
+    """A phase's fingerprint (``value``) and what it is made of (``recipe``)."""
+
+    value: str
+    recipe: dict[str, Any]
 
 
 @dataclass(frozen=True)
@@ -128,6 +146,7 @@ class Registry:
         timeout: int | None = None,
         retries: int = 0,
         config: Mapping[str, Any] | Callable[[], Mapping[str, Any]] | None = None,
+        code: Sequence[Any] = (),
         name: str | None = None,
     ) -> Callable[[F], F]:
         """Register a function as an init phase.
@@ -140,15 +159,28 @@ class Registry:
         produces   artifact name(s) the phase saves, each exactly once (required)
         after      phase name(s) that must succeed first
         inputs     artifact name(s) it loads; their producers become dependencies
-        version    bump it when the code changes: the phase and its dependants re-run
+        version    bump it when something outside the code changes (data, a service):
+                   the phase and its dependants re-run
         timeout    seconds: Celery soft limit (hard limit 30 s later); default DEFAULT_TIMEOUT
         retries    extra attempts after a failure, with exponential backoff and jitter
         config     dict (or a callable returning one) of JSON values; part of the fingerprint
+        code       modules, classes or functions the phase calls whose code must count in
+                   its fingerprint too (a module counts whole)
         name       the phase's name; defaults to the function's name
+
+        The fingerprint sees the function's own code, nested functions included, with
+        comments, docstrings, formatting and this decorator left out (codehash.py). Code
+        it calls elsewhere counts only when named in ``code=``.
 
         Phases live in an ``init_phases`` module of an installed app and must be safe to run
         twice (a redelivered task may run one again).
         """
+        named = tuple(code)
+        for obj in named:
+            if not is_code(obj):
+                raise TypeError(
+                    f"@phase(code=...) takes modules, classes and functions, not {obj!r}"
+                )
 
         def decorator(func: F) -> F:
             phase_name = name or func.__name__
@@ -162,6 +194,7 @@ class Registry:
                 timeout=timeout,
                 retries=retries,
                 config=config,
+                code=named,
             )
             old = self._phases.get(phase_name)
             if old is not None and old.origin != new.origin:
@@ -413,7 +446,38 @@ class Pipeline:
         return found
 
     def fingerprints(self) -> dict[str, str]:
-        """sha256 of each phase's name, version, config and its inputs' fingerprints."""
+        """Each phase's fingerprint (see ``fingerprint_recipes``)."""
+        return {name: fp.value for name, fp in self.fingerprint_recipes().items()}
+
+    def fingerprint_recipes(self) -> dict[str, Fingerprint]:
+        """Each phase's fingerprint and what it is made of, in running order.
+
+        The fingerprint is the sha256 of the phase's name and its recipe: its code (with
+        the code named in ``code=``), ``version``, config, the artifacts it produces and
+        its inputs' fingerprints. The recipe is kept on each PhaseRun, so that a plan can
+        say which part changed.
+        """
+        result: dict[str, Fingerprint] = {}
+        for name in self.order():
+            p = self.phases[name]
+            recipe = {
+                "code": p.code_hash.sha256,
+                "version": p.version,
+                "config": hashlib.sha256(_canonical(p.resolved_config()).encode()).hexdigest(),
+                "produces": list(p.produces),
+                "inputs": {dep: result[dep].value for dep in sorted(self._known_deps(name))},
+            }
+            value = hashlib.sha256(_canonical({"phase": name, **recipe}).encode()).hexdigest()
+            result[name] = Fingerprint(value, recipe)
+        return result
+
+    def legacy_fingerprints(self) -> dict[str, str]:
+        """The fingerprints as initpipeline computed them before code counted in them.
+
+        Artifacts recorded under these were built before the upgrade; planning.py adopts
+        them once instead of rebuilding everything (README: Upgrading). Never change this
+        recipe: it must give exactly what the old versions recorded.
+        """
         result: dict[str, str] = {}
         for name in self.order():
             p = self.phases[name]

@@ -39,6 +39,7 @@ class PhaseReport:
 
     name: str
     state: str
+    reason: str
     progress: float
     message: str
     attempt: int
@@ -56,6 +57,7 @@ class PhaseReport:
         return cls(
             name=pr.name,
             state=pr.state,
+            reason=pr.reason,
             progress=pr.progress,
             message=pr.message,
             attempt=pr.attempt,
@@ -83,6 +85,7 @@ class PhaseReport:
         return {
             "name": self.name,
             "state": self.state,
+            "reason": self.reason or None,
             "progress": round(self.progress, 4),
             "message": self.message,
             "attempt": self.attempt,

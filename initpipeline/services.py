@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from django.db import IntegrityError, close_old_connections, transaction
 from django.utils import timezone
 
-from . import checks, dispatch, storage
+from . import checks, dispatch
 from .conf import settings
 from .exceptions import EnqueueError
 from .execution import end_run, finish_run
@@ -23,6 +23,7 @@ from .models import (
     PipelineRun,
     RunState,
 )
+from .planning import Plan, make_plan
 from .recovery import recover_stale
 from .registry import Pipeline, get_pipeline
 from .reporting import RunReport, run_report
@@ -43,15 +44,6 @@ class StartResult:
     generation: Generation | None = None
 
 
-def _cached(fingerprint: str, produces: Sequence[str]) -> bool:
-    """True when every artifact of the phase exists with this fingerprint and verifies."""
-    for artifact_name in produces:
-        record = Artifact.objects.for_fingerprint(artifact_name, fingerprint).first()
-        if record is None or not storage.is_valid(record):
-            return False
-    return True
-
-
 def _forced(
     pipeline: Pipeline, *, force: bool, from_phase: str | None, only: Sequence[str]
 ) -> set[str]:
@@ -67,6 +59,25 @@ def _forced(
     return forced
 
 
+def _resolve(
+    *, force: bool, from_phase: str | None, only: Sequence[str]
+) -> tuple[Pipeline, set[str]]:
+    """The checked pipeline and the phases forced to run; raises PipelineConfigError."""
+    pipeline = get_pipeline()
+    checks.validate_pipeline(pipeline)
+    return pipeline, _forced(pipeline, force=force, from_phase=from_phase, only=only)
+
+
+def plan(*, force: bool = False, from_phase: str | None = None, only: Sequence[str] = ()) -> Plan:
+    """What start() with these options would run, and why (``start_init --dry-run``).
+
+    Reads only: no run is created, nothing is sent, no broker is needed. Raises
+    PipelineConfigError like start().
+    """
+    pipeline, forced = _resolve(force=force, from_phase=from_phase, only=only)
+    return make_plan(pipeline, forced=forced)
+
+
 def start(
     *,
     force: bool = False,
@@ -76,14 +87,12 @@ def start(
 ) -> StartResult:
     """Start the pipeline unless it is up to date or already running (single flight).
 
-    Raises PipelineConfigError for an invalid pipeline or an unknown phase name, and
+    Runs what plan() says with the same options: the phases it plans to run are sent,
+    the others are recorded as cached, each with the plan's reason. Raises
+    PipelineConfigError for an invalid pipeline or an unknown phase name, and
     EnqueueError when the broker refuses the tasks (the run is then marked failed).
     """
-    pipeline = get_pipeline()
-    checks.validate_pipeline(pipeline)
-    order = pipeline.order()
-    fingerprints = pipeline.fingerprints()
-    forced = _forced(pipeline, force=force, from_phase=from_phase, only=only)
+    pipeline, forced = _resolve(force=force, from_phase=from_phase, only=only)
 
     # A run "in flight" whose worker is gone must not capture this start: its stale phase
     # is sent again (or failed, out of attempts) before we decide to attach to it.
@@ -92,22 +101,12 @@ def start(
     if existing is not None:
         return StartResult(ATTACHED, existing)
 
-    active = Generation.objects.active()
-    if (
-        not forced
-        and active is not None
-        and active.fingerprints == fingerprints
-        and all(storage.is_valid(a) for a in active.artifacts.all())
-    ):
-        return StartResult(UP_TO_DATE, None, active)
+    # Planning verifies artifacts before the write transaction: hashing large files must
+    # not hold SQLite's write lock.
+    the_plan = make_plan(pipeline, forced=forced)
+    if the_plan.up_to_date:
+        return StartResult(UP_TO_DATE, None, the_plan.active)
 
-    # Verify caches before the write transaction: hashing large files must not hold
-    # SQLite's write lock.
-    cached = {
-        name
-        for name in order
-        if name not in forced and _cached(fingerprints[name], pipeline.phases[name].produces)
-    }
     options = {"force": force, "from": from_phase, "only": list(only)}
     try:
         with transaction.atomic():
@@ -118,21 +117,21 @@ def start(
             PhaseRun.objects.bulk_create(
                 PhaseRun(
                     run=run,
-                    name=name,
+                    name=p.name,
                     position=position,
-                    fingerprint=fingerprints[name],
-                    version=pipeline.phases[name].version,
-                    depends_on=pipeline.dependencies(name),
-                    state=PhaseState.CACHED if name in cached else PhaseState.PENDING,
-                    max_attempts=pipeline.phases[name].retries + 1,
-                    timeout=pipeline.phases[name].timeout or settings.DEFAULT_TIMEOUT,
-                    message="cached: fingerprint matches a verified artifact"
-                    if name in cached
-                    else "",
+                    fingerprint=p.fingerprint,
+                    recipe=p.recipe,
+                    reason=p.reason[:200],
+                    version=pipeline.phases[p.name].version,
+                    depends_on=pipeline.dependencies(p.name),
+                    state=PhaseState.CACHED if p.cached else PhaseState.PENDING,
+                    max_attempts=pipeline.phases[p.name].retries + 1,
+                    timeout=pipeline.phases[p.name].timeout or settings.DEFAULT_TIMEOUT,
                 )
-                for position, name in enumerate(order)
+                for position, p in enumerate(the_plan.phases)
             )
-            to_run = [name for name in order if name not in cached]
+            _adopt(the_plan)
+            to_run = the_plan.to_run
             transaction.on_commit(lambda: enqueue(run.pk, to_run))
     except IntegrityError:
         # Another start won the race between our check and our insert: the partial
@@ -146,6 +145,33 @@ def start(
         raise EnqueueError(run.error)
     logger.info("run %s enqueued: %s", run.pk, ", ".join(to_run) or "nothing to run")
     return StartResult(ENQUEUED, run)
+
+
+def _adopt(the_plan: Plan) -> None:
+    """Record artifacts built before code counted in fingerprints under their new ones.
+
+    The record points at the same file and keeps the run that built it; the new
+    fingerprint is what lets this run, and the next, find it (README: Upgrading).
+    """
+    for p in the_plan.phases:
+        for old in p.adopt:
+            Artifact.objects.create(
+                name=old.name,
+                fingerprint=p.fingerprint,
+                storage_key=old.storage_key,
+                sha256=old.sha256,
+                size=old.size,
+                format=old.format,
+                metadata={**old.metadata, "adopted_from": old.pk},
+                run_id=old.run_id,
+                phase_run_id=old.phase_run_id,
+            )
+        if p.adopt:
+            logger.info(
+                "phase %s: adopted %s, built before code counted in fingerprints",
+                p.name,
+                ", ".join(a.name for a in p.adopt),
+            )
 
 
 def enqueue(run_id: int, names: Sequence[str]) -> None:

@@ -465,16 +465,37 @@ def problem(artifact: Artifact) -> str | None:
     return None if record.get("ok") else str(record.get("reason"))
 
 
-def is_valid(artifact: Artifact) -> bool:
-    """True when the artifact can serve: its file verifies (a remote one: its object exists
-    with the recorded size, if this host has no verified copy; its first use verifies)."""
+MISSING = "missing"
+CORRUPT = "corrupt"
+UNREADABLE = "unreadable"
+
+
+def assess(artifact: Artifact) -> str | None:
+    """What keeps the artifact from serving: missing, corrupt or unreadable; None if sound.
+
+    Its file is verified (once per host); a remote one that this host has no verified
+    copy of is not downloaded for this: its object must exist with the recorded size, and
+    its first use verifies it. A check that failed anywhere (``failed_check``) counts.
+    """
     if artifact.failed_check:
-        return False
+        return CORRUPT
     storage = get_storage()
     if _local_root(storage) is None and not local_path(artifact).exists():
-        return _remote_size(storage, artifact.storage_key) == artifact.size
+        size = _remote_size(storage, artifact.storage_key)
+        if size is None:
+            return MISSING
+        return None if size == artifact.size else CORRUPT
     try:
         verify(artifact)
-    except (ArtifactCorrupt, ArtifactNotReady, OSError):
-        return False
-    return True
+    except ArtifactCorrupt:
+        return CORRUPT
+    except (ArtifactNotReady, FileNotFoundError):
+        return MISSING
+    except OSError:
+        return UNREADABLE
+    return None
+
+
+def is_valid(artifact: Artifact) -> bool:
+    """True when the artifact can serve (see assess())."""
+    return assess(artifact) is None

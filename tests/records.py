@@ -21,6 +21,7 @@ class Phase:
 
     name: str
     state: str = "succeeded"
+    reason: str = ""
     start: float | None = None
     took: float | None = None
     attempt: int | None = None
@@ -64,6 +65,7 @@ def make_run(
             name=p.name,
             position=position,
             state=p.state,
+            reason=p.reason,
             fingerprint=f"fp-{p.name}",
             version="1",
             attempt=p.attempt if p.attempt is not None else (1 if begun else 0),

@@ -39,13 +39,13 @@ elif DATABASES["default"]["ENGINE"] == "django.db.backends.postgresql":
     DATABASES["default"]["TEST"] = {"NAME": _NAME}
 
 # "small": tests/testapp's fast, controllable pipeline a -> b -> c; "parallel":
-# tests/parallelapp's two independent branches and their join; "demo": the real demo workload.
+# tests/parallelapp's two independent branches and their join; "code": tests/codeapp's
+# x -> y -> z, whose source the tests rewrite; "demo": the real demo workload.
 PIPELINE = os.environ.get("INITPIPELINE_TEST_PIPELINE", "small")
-if PIPELINE in ("small", "parallel"):
-    INSTALLED_APPS = [a for a in INSTALLED_APPS if a != "project.search"] + [
-        "tests.testapp" if PIPELINE == "small" else "tests.parallelapp"
-    ]
-_REQUIRED = {"demo": ["lsa_docs"], "parallel": ["join_out"]}
+_APPS = {"small": "tests.testapp", "parallel": "tests.parallelapp", "code": "tests.codeapp"}
+if PIPELINE in _APPS:
+    INSTALLED_APPS = [a for a in INSTALLED_APPS if a != "project.search"] + [_APPS[PIPELINE]]
+_REQUIRED = {"demo": ["lsa_docs"], "parallel": ["join_out"], "code": ["z_out"]}
 
 INITPIPELINE = {
     **INITPIPELINE,

@@ -60,6 +60,7 @@ def failed_run() -> PipelineRun:
             Phase(
                 "b",
                 "failed",
+                reason="code changed",
                 start=1.5,
                 took=0.5,
                 done=3,
@@ -258,6 +259,9 @@ def test_run_page_shows_every_phase_with_its_error_and_folded_traceback(
         html=True,
     )
     assertContains(response, '<td data-field="message" class="ip-message">step 3 of 10</td>')
+    assertContains(response, '<td data-field="reason" class="ip-reason">code changed</td>')
+    # Phases with no reason on record (planned before reasons were kept) show "-".
+    assertContains(response, '<td data-field="reason" class="ip-reason">-</td>', count=2)
     assertContains(response, '<td data-field="attempt">1/1</td>', html=True)
     assertContains(
         response,

@@ -16,6 +16,8 @@ from celery import current_app
 from django.test import override_settings
 
 from initpipeline import checks
+from initpipeline import registry as registry_module
+from initpipeline.registry import Registry
 
 CELERY_KEYS = (
     "broker_url",
@@ -213,6 +215,21 @@ def test_stale_after_shorter_than_three_heartbeats_warns() -> None:
     assert warning.id == "initpipeline.W005"
     assert warning.msg.startswith(
         "INITPIPELINE['STALE_AFTER'] (12 s) is less than three heartbeats (5 s each)"
+    )
+
+
+def test_phase_without_source_warns(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert checks.check_code_sources() == []
+    generated: dict[str, Any] = {"__name__": "generated"}
+    exec("def made(ctx):\n    pass\n", generated)
+    reg = Registry(_discovered=True)
+    reg.phase(produces="x")(generated["made"])
+    monkeypatch.setattr(registry_module, "registry", reg)
+    [warning] = checks.check_code_sources()
+    assert (warning.id, warning.obj) == ("initpipeline.W006", "made")
+    assert warning.msg == (
+        "phase 'made': no source found for generated.made; its code counts in the fingerprint "
+        "through its bytecode, which differs between Python versions."
     )
 
 

@@ -44,8 +44,8 @@ def help_text(name: str) -> str:
     [
         (
             "start_init",
-            "Exit codes: 0 up to date, enqueued, or (with --wait) succeeded; 1 the run failed "
-            "or was cancelled; 2 bad usage or configuration.",
+            "Exit codes: 0 up to date, enqueued, or (with --wait) succeeded, and always with "
+            "--dry-run; 1 the run failed or was cancelled; 2 bad usage or configuration.",
         ),
         (
             "init_status",
@@ -73,7 +73,11 @@ def test_init_status_before_any_run() -> None:
 
 @pytest.fixture
 def history() -> Iterator[dict[str, int]]:
-    """Run 1 succeeded (generation active), run 2 failed at b."""
+    """Run 1 succeeded (generation active), run 2 failed at b.
+
+    Run 1 was planned before phase runs kept a reason: its cached phase says why in its
+    message, as start() wrote it then.
+    """
     first = make_run(
         "succeeded",
         [
@@ -87,10 +91,11 @@ def history() -> Iterator[dict[str, int]]:
     failed = make_run(
         "failed",
         [
-            Phase("a", "cached", message=CACHED_MSG),
+            Phase("a", "cached", reason="unchanged"),
             Phase(
                 "b",
                 "failed",
+                reason="code changed",
                 start=0,
                 took=0.25,
                 attempt=3,
@@ -101,7 +106,7 @@ def history() -> Iterator[dict[str, int]]:
                 error="RuntimeError: b was told to fail",
                 traceback="Traceback (most recent call last):\nRuntimeError: b was told to fail",
             ),
-            Phase("c", "upstream_failed", message="not run: b failed"),
+            Phase("c", "upstream_failed", reason="input changed: b", message="not run: b failed"),
         ],
         at=T0 + timedelta(hours=1),
         trigger="admin: run again by ops",
@@ -119,10 +124,11 @@ def test_init_status_of_a_failed_latest_run(history: dict[str, int]) -> None:
         f"run {history['failed']}: failed   started 2025-03-04 11:00:00 UTC   took 0.2 s   "
         "by admin: run again by ops\n"
         "error: phase b failed: RuntimeError: b was told to fail\n"
-        "PHASE  STATE            PROGRESS  ATTEMPT  DURATION  MESSAGE\n"
-        f"a      cached           100%      0/1      -         {CACHED_MSG}\n"
-        "b      failed           25%       3/3      0.2 s     RuntimeError: b was told to fail\n"
-        "c      upstream_failed  0%        0/1      -         not run: b failed\n"
+        "PHASE  STATE            REASON            PROGRESS  ATTEMPT  DURATION  MESSAGE\n"
+        "a      cached           unchanged         100%      0/1      -\n"
+        "b      failed           code changed      25%       3/3      0.2 s     "
+        "RuntimeError: b was told to fail\n"
+        "c      upstream_failed  input changed: b  0%        0/1      -         not run: b failed\n"
         f"artifacts of generation {history['generation']}:\n"
         "  a_out  json  62 B     sha256 615f6f757461\n"
         "  b_out  npy   2.0 KiB  sha256 625f6f757462\n"
@@ -137,10 +143,11 @@ def test_init_status_of_an_older_run(history: dict[str, int]) -> None:
     assert out.splitlines()[1:6] == [
         f"run {history['first']}: succeeded   started 2025-03-04 10:00:00 UTC   took 1m16s   "
         "by start_init",
-        "PHASE  STATE      PROGRESS  ATTEMPT  DURATION  MESSAGE",
-        "a      succeeded  100%      1/1      1.5 s     step 10 of 10",
-        "b      succeeded  100%      1/1      1m15s",
-        f"c      cached     100%      0/1      -         {CACHED_MSG}",
+        # Planned before runs kept reasons: "-".
+        "PHASE  STATE      REASON  PROGRESS  ATTEMPT  DURATION  MESSAGE",
+        "a      succeeded  -       100%      1/1      1.5 s     step 10 of 10",
+        "b      succeeded  -       100%      1/1      1m15s",
+        f"c      cached     -       100%      0/1      -         {CACHED_MSG}",
     ]
 
 
@@ -204,6 +211,13 @@ def test_init_status_json(history: dict[str, int]) -> None:
     assert data["run"]["id"] == history["failed"]
     assert data["run"]["estimate_remaining"] is None
     assert [p["state"] for p in data["run"]["phases"]] == ["cached", "failed", "upstream_failed"]
+    assert [p["reason"] for p in data["run"]["phases"]] == [
+        "unchanged",
+        "code changed",
+        "input changed: b",
+    ]
+    code, out = init_status("--json", "--run", str(history["first"]))
+    assert [p["reason"] for p in json.loads(out)["run"]["phases"]] == [None, None, None]
 
 
 @pytest.mark.django_db

@@ -154,3 +154,46 @@ def test_system_checks_report_pipeline_problems(monkeypatch: pytest.MonkeyPatch)
 
 def test_project_pipeline_passes_the_checks() -> None:
     assert checks.run_checks(databases=[]) == []
+
+
+def test_fingerprint_covers_the_phase_function_s_code() -> None:
+    def other(ctx: Any) -> None:
+        ctx.save_json("y", 1)
+
+    before = make(*LINEAR).fingerprints()
+    reg = Registry()
+    for spec in LINEAR:
+        spec = dict(spec)
+        name = spec.pop("name")
+        reg.phase(name=name, **spec)(other if name == "b" else noop)
+    reg._discovered = True
+    after = reg.pipeline().fingerprints()
+    assert after["a"] == before["a"]
+    assert after["b"] != before["b"]
+    assert after["c"] != before["c"]
+
+
+def test_recipe_says_what_the_fingerprint_is_made_of() -> None:
+    pipeline = make(*LINEAR)
+    recipes = pipeline.fingerprint_recipes()
+    assert list(recipes) == ["a", "b", "c"]
+    c = recipes["c"].recipe
+    assert sorted(c) == ["code", "config", "inputs", "produces", "version"]
+    assert c["inputs"] == {"b": recipes["b"].value}
+    assert c["produces"] == ["z"]
+    assert c["code"] == pipeline["c"].code_hash.sha256
+    assert {name: fp.value for name, fp in recipes.items()} == pipeline.fingerprints()
+
+
+def test_legacy_fingerprints_are_what_earlier_versions_recorded() -> None:
+    # Computed by initpipeline before code counted in fingerprints: planning.py adopts the
+    # artifacts recorded under them once, so this recipe must never change.
+    assert make(*LINEAR).legacy_fingerprints() == {
+        "a": "8baf6c8fb9b0092e1447422d82b99e1093986c0b07fec6a732a9ec3d0e0ae90f",
+        "b": "c2554e58ea3670d4348946789238734dec4dceb428f3062207dfa189d05ad5b8",
+        "c": "423d14c54463fd89b20930b3d92928154fd5ea0e5081167a084c9e7ad54ac05a",
+    }
+    configured = make({"name": "a", "produces": "x", "config": {"k": 1, "j": [1, 2]}, "version": 3})
+    assert configured.legacy_fingerprints() == {
+        "a": "cbc9f804e74eeac22e4f3ad6629c407c889935bba267a10b942ef08197242b2b"
+    }

@@ -9,10 +9,12 @@ from typing import Any, NoReturn, TextIO
 
 from django.core import checks
 from django.core.management.base import BaseCommand, CommandError
-from django.db import OperationalError
+from django.db import DEFAULT_DB_ALIAS, OperationalError, connections
+from django.db.migrations.executor import MigrationExecutor
 
 from .. import services
 from ..formatters import plain_text
+from ..models import PipelineRun
 from ..reporting import RunReport
 from .progress import PlainProgress, RichProgress
 
@@ -59,6 +61,18 @@ class InitCommand(BaseCommand):
 
     def exit(self, code: int, reason: str) -> NoReturn:
         raise CommandError(reason, returncode=code)
+
+    def require_migrated(self) -> None:
+        """Exit 2 when the database lacks migrations of this app: its queries would fail.
+
+        A deploy pipeline may run ``start_init --dry-run`` before its ``migrate`` step.
+        """
+        executor = MigrationExecutor(connections[DEFAULT_DB_ALIAS])
+        leaves = executor.loader.graph.leaf_nodes(PipelineRun._meta.app_label)
+        missing = executor.migration_plan(leaves)
+        if missing:
+            names = ", ".join(f"{m.app_label}.{m.name}" for m, _ in missing)
+            self.exit(2, f"the database lacks migrations {names}: run `manage.py migrate` first")
 
     def write_json(self, payload: Any) -> None:
         self.stdout.write(json.dumps(payload, indent=2))

@@ -63,7 +63,15 @@ def _module_name(path: Path) -> str:
     return path.stem
 
 
-@phase(produces=["corpus", "titles"], version="3", config=_corpus_config, timeout=3600)
+# code=: the functions and modules outside the phase function whose code shapes its
+# artifacts count in its fingerprint too, so editing them re-runs it (README: Writing phases).
+@phase(
+    produces=["corpus", "titles"],
+    version="3",
+    config=_corpus_config,
+    code=[_source_files, _module_name],
+    timeout=3600,
+)
 def collect_docstrings(ctx: PhaseContext) -> None:
     """Parse every module and keep the docstrings of modules, classes and functions."""
     files = _source_files(ctx.config["scale"], ctx.config["max_files"])
@@ -92,7 +100,9 @@ def collect_docstrings(ctx: PhaseContext) -> None:
     ctx.save_json("titles", [[title, text.split("\n\n")[0][:240]] for title, text in docs])
 
 
-@phase(produces=["vocabulary", "idf", "tfidf"], after="collect_docstrings", version="1")
+@phase(
+    produces=["vocabulary", "idf", "tfidf"], after="collect_docstrings", version="1", code=[engine]
+)
 def build_tfidf(ctx: PhaseContext) -> None:
     """Tokenize, build the vocabulary and a sublinear TF-IDF matrix (CSR, rows unit length)."""
     from scipy import sparse
@@ -167,6 +177,9 @@ KNOWN_QUERIES = [
     produces="search_report",
     inputs=["corpus", "vocabulary", "idf", "lsa_docs", "lsa_terms"],
     version="1",
+    code=[engine],
+    # A module global is not code: the queries count as config.
+    config={"queries": KNOWN_QUERIES},
 )
 def check_queries(ctx: PhaseContext) -> None:
     """Run known queries; fail the run when the index cannot find what it obviously should."""

@@ -6,7 +6,7 @@ from django.core.management.base import CommandParser
 
 from ... import services
 from ...exceptions import EnqueueError, PipelineConfigError
-from ...formatters import summary_text
+from ...formatters import plan_text, summary_text
 from ...models import PipelineRun, RunState
 from ...reporting import run_outcome, run_report
 from ..base import InitCommand
@@ -14,9 +14,10 @@ from ..base import InitCommand
 
 class Command(InitCommand):
     help = (
-        "Start the init pipeline, or attach to the run in flight. Exit codes: 0 up to date, "
-        "enqueued, or (with --wait) succeeded; 1 the run failed or was cancelled; 2 bad usage "
-        "or configuration."
+        "Start the init pipeline, or attach to the run in flight; with --dry-run, print what "
+        "it would run and why, and start nothing. Exit codes: 0 up to date, enqueued, or "
+        "(with --wait) succeeded, and always with --dry-run; 1 the run failed or was "
+        "cancelled; 2 bad usage or configuration."
     )
 
     def add_arguments(self, parser: CommandParser) -> None:
@@ -31,6 +32,11 @@ class Command(InitCommand):
             "--only", nargs="+", default=[], metavar="PHASE", help="Re-run just these phases."
         )
         parser.add_argument("--json", action="store_true", help="Print one JSON object.")
+        parser.add_argument(
+            "--dry-run",
+            action="store_true",
+            help="Print each phase, run or cached, and why; create no run, send nothing.",
+        )
 
     def handle(
         self,
@@ -40,8 +46,15 @@ class Command(InitCommand):
         from_phase: str | None,
         only: list[str],
         json: bool,
+        dry_run: bool,
         **options: Any,
     ) -> None:
+        self.require_migrated()
+        if dry_run:
+            if wait:
+                self.exit(2, "--dry-run starts nothing to --wait for")
+            self.dry_run(force=force, from_phase=from_phase, only=only, json=json)
+            return
         try:
             result = services.start(
                 force=force, from_phase=from_phase, only=only, trigger="start_init"
@@ -79,3 +92,15 @@ class Command(InitCommand):
             )
         if wait and report is not None and report.state != RunState.SUCCEEDED:
             self.exit(1, f"run {report.id} {report.state}: {report.error}")
+
+    def dry_run(self, *, force: bool, from_phase: str | None, only: list[str], json: bool) -> None:
+        """The plan start() would follow now (services.plan), on stdout; reads only."""
+        try:
+            plan = services.plan(force=force, from_phase=from_phase, only=only)
+        except PipelineConfigError as exc:
+            self.exit(2, str(exc))
+        if json:
+            self.write_json(plan.as_dict())
+            return
+        in_flight = PipelineRun.objects.in_flight().values_list("pk", flat=True).first()
+        self.stdout.write(plan_text(plan, in_flight=in_flight))

@@ -1,0 +1,6 @@
+from django.apps import AppConfig
+
+
+class CodeAppConfig(AppConfig):
+    name = "tests.codeapp"
+    label = "codeapp"
