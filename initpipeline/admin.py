@@ -35,7 +35,7 @@ from .models import (
     trigger_label,
 )
 from .permissions import can_see_details
-from .reporting import run_report
+from .reporting import PhaseReport, run_report
 
 #: Runs that "Resume from failure" accepts: their done phases are cached by fingerprint.
 RESUMABLE = (RunState.FAILED, RunState.CANCELLED)
@@ -69,6 +69,17 @@ class PhaseRunInline(ReadOnlyMixin, admin.TabularInline):  # type: ignore[type-a
     ordering = ["position"]
 
 
+def _attempt_text(p: PhaseReport) -> str:
+    """ "1/3", with the losses and hand-offs (the page's script writes the same)."""
+    labels = _labels()
+    text = f"{p.attempt}/{p.max_attempts}"
+    if p.losses:
+        text += " · " + labels["lost_count"] % {"n": p.losses, "max": p.max_losses}
+    if p.handoffs:
+        text += " · " + labels["handoffs"] % {"n": p.handoffs}
+    return text
+
+
 def _status_url(run_id: int) -> str | None:
     """/init/status.json for this run, if the project includes initpipeline.urls."""
     try:
@@ -87,6 +98,9 @@ def _labels() -> dict[str, Any]:
         "cached": gettext("cached"),
         "previousRun": gettext("previous successful run"),
         "lost": gettext("Lost contact with the server; retrying."),
+        # Losses and hand-offs are not attempts: a worker vanished, or shut down.
+        "lost_count": gettext("%(n)s of %(max)s lost"),
+        "handoffs": gettext("%(n)s handed off"),
         "stopped": gettext("Live updates stopped: %(reason)s"),
     }
 
@@ -253,6 +267,7 @@ class PipelineRunAdmin(ReadOnlyMixin, admin.ModelAdmin):  # type: ignore[type-ar
                 {
                     "phase": p,
                     "duration": fmt_duration(p.duration),
+                    "attempt": _attempt_text(p),
                     "failed": p.state == PhaseState.FAILED,
                 }
                 for p in report.phases

@@ -29,6 +29,8 @@ _POSITIVE = (
     "RETRY_BACKOFF_MAX",
     "RETRY_AFTER",
     "SEND_TIMEOUT",
+    "HANDOFF_GRACE",
+    "SKEW_TIMEOUT",
 )
 _BOOLEANS = ("GC_AFTER_ACTIVATION", "START_ON_GUNICORN_READY")
 
@@ -85,6 +87,14 @@ def check_settings(app_configs: Sequence[AppConfig] | None = None, **kwargs: Any
             checks.Error(
                 f"INITPIPELINE['KEEP_GENERATIONS'] must be an integer >= 1, not {keep!r}.",
                 id="initpipeline.E015",
+            )
+        )
+    lost = conf.raw("LOST_LIMIT")
+    if isinstance(lost, bool) or not isinstance(lost, int) or lost < 0:
+        errors.append(
+            checks.Error(
+                f"INITPIPELINE['LOST_LIMIT'] must be an integer >= 0, not {lost!r}.",
+                id="initpipeline.E024",
             )
         )
     for key in _BOOLEANS:

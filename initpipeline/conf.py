@@ -29,6 +29,15 @@ DEFAULTS: dict[str, Any] = {
     "HEARTBEAT_INTERVAL": 5.0,
     # A running phase whose heartbeat is older than this many seconds is stale.
     "STALE_AFTER": 60.0,
+    # Times a phase may lose its worker (SIGKILL, OOM, a lost host) before the run fails.
+    # A loss is not an attempt: retries= counts exceptions and timeouts only.
+    "LOST_LIMIT": 3,
+    # Seconds a worker shutting down (SIGTERM) gives its running phase to checkpoint and
+    # hand itself back before the worker takes it back and exits.
+    "HANDOFF_GRACE": 10.0,
+    # Seconds a phase may wait for a worker running the code the run planned (a deploy
+    # with old workers still up) before the run fails with that reason.
+    "SKEW_TIMEOUT": 600.0,
     # Hard time limit of a phase that sets no timeout= of its own (seconds).
     "DEFAULT_TIMEOUT": 3600,
     # First retry waits this many seconds, doubling up to RETRY_BACKOFF_MAX (with jitter).
@@ -99,6 +108,18 @@ class Settings:
     @property
     def STALE_AFTER(self) -> float:
         return float(self.raw("STALE_AFTER"))
+
+    @property
+    def LOST_LIMIT(self) -> int:
+        return int(self.raw("LOST_LIMIT"))
+
+    @property
+    def HANDOFF_GRACE(self) -> float:
+        return float(self.raw("HANDOFF_GRACE"))
+
+    @property
+    def SKEW_TIMEOUT(self) -> float:
+        return float(self.raw("SKEW_TIMEOUT"))
 
     @property
     def DEFAULT_TIMEOUT(self) -> int:

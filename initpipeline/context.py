@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import shutil
@@ -14,8 +15,8 @@ from typing import TYPE_CHECKING, Any, BinaryIO
 
 from django.utils import timezone
 
-from . import formats, storage
-from .exceptions import PhaseCancelled, PipelineConfigError
+from . import checkpoints, formats, storage
+from .exceptions import PhaseCancelled, PhaseHandedOff, PipelineConfigError
 from .formatters import plain_text
 
 if TYPE_CHECKING:
@@ -35,6 +36,23 @@ class PhaseContext:
     phase that raises are never recorded. ``progress()`` and ``heartbeat()`` raise
     ``PhaseCancelled`` once the run is cancelled (or, after this copy's heartbeat went
     stale, another copy took the phase over); let it propagate.
+
+    A long phase checkpoints: ``checkpoint(state)`` stores a state it can resume from, and
+    the next attempt (after a lost worker, a worker's shutdown, a failure with retries, or
+    in the next run of the same fingerprint) finds it as ``resumed`` (None on a fresh
+    start)::
+
+        state = ctx.resumed or {"done": 0, "parts": []}
+        for i in range(state["done"], len(items)):
+            state["parts"].append(work(items[i]))
+            state["done"] = i + 1
+            if state["done"] % step == 0:
+                ctx.checkpoint(state)
+            ctx.progress(i + 1, len(items), checkpoint=lambda: state)
+
+    When the worker is shutting down, ``progress()`` and ``heartbeat()`` save the state
+    their ``checkpoint=`` callable returns (if given) and raise ``PhaseHandedOff``: let it
+    propagate, and the phase continues on another worker from that checkpoint.
     """
 
     def __init__(self, *, phase: Phase, phase_run: PhaseRun, pipeline: Pipeline) -> None:
@@ -45,29 +63,106 @@ class PhaseContext:
         self.config: dict[str, Any] = phase.resolved_config()
         self.logger = logging.getLogger(f"initpipeline.phases.{phase.name}")
         self._phase_run_id: int = phase_run.pk
+        self._lease: int = phase_run.lease
         self._pipeline = pipeline
         self._published: dict[str, tuple[storage.Published, str, dict[str, Any]]] = {}
         self._last_write = 0.0
         self._lock = threading.Lock()
+        self._checkpoint: dict[str, Any] | None = phase_run.checkpoint
+        self._resumed_from = phase_run.checkpoint
+        self._done: float | None = None
+        self._total: float | None = None
         self.cancelled = threading.Event()
+        self.handoff = threading.Event()
+
+    # -- resuming -------------------------------------------------------------------------
+
+    @functools.cached_property
+    def resumed(self) -> Any:
+        """The state of the checkpoint this attempt resumes from; None on a fresh start."""
+        if self._resumed_from is None:
+            return None
+        return checkpoints.load(self._resumed_from)
+
+    @property
+    def resumed_progress(self) -> tuple[float, float | None] | None:
+        """(done, total) when the checkpoint this attempt resumes from was saved."""
+        point = self._resumed_from
+        if point is None or point.get("done") is None:
+            return None
+        return float(point["done"]), point.get("total")
+
+    @property
+    def stopping(self) -> bool:
+        """True once the worker asked for the phase back (it is shutting down)."""
+        return self.handoff.is_set()
+
+    def checkpoint(
+        self, state: Any, *, done: float | None = None, total: float | None = None
+    ) -> None:
+        """Store ``state`` durably: the next attempt of this phase resumes from it.
+
+        JSON when JSON gives it back equal, else a pickle signed like ``save_pickle``;
+        tens of MB are fine (it is written like an artifact). ``done``/``total`` default
+        to the last progress reported, and the progress bar resumes from there.
+        """
+        self._raise_if_cancelled()
+        record = checkpoints.save(
+            state,
+            run_id=self.run_id,
+            done=self._done if done is None else done,
+            total=self._total if total is None else total,
+        )
+        owned = self._row().update(checkpoint=record, heartbeat_at=timezone.now())
+        previous, self._checkpoint = self._checkpoint, record
+        if not owned:
+            checkpoints.discard(record, previous=None)
+            self._raise_unless(owned)
+        checkpoints.discard(previous, previous=record)
+        self.logger.info(
+            "checkpoint saved (%s, %d bytes) at %s of %s",
+            record["format"],
+            record["size"],
+            record["done"],
+            record["total"],
+        )
 
     # -- progress -------------------------------------------------------------------------
 
-    def progress(self, done: float, total: float | None = None, message: str = "") -> None:
-        """Report ``done`` out of ``total`` units of work, with a short message."""
+    def progress(
+        self,
+        done: float,
+        total: float | None = None,
+        message: str = "",
+        *,
+        checkpoint: Callable[[], Any] | None = None,
+    ) -> None:
+        """Report ``done`` out of ``total`` units of work, with a short message.
+
+        ``checkpoint``: a callable returning the state to save if the worker asks for the
+        phase back (see the class docstring).
+        """
         self._raise_if_cancelled()
+        self._done, self._total = done, total
+        if self.handoff.is_set():
+            self._hand_off(checkpoint)
         now = time.monotonic()
         finished = total is not None and done >= total
         if not finished and now - self._last_write < PROGRESS_WRITE_INTERVAL:
             return
         self._last_write = now
-        owned = self._row().update(
-            progress_done=done,
-            progress_total=total,
-            message=plain_text(message)[:500],
-            heartbeat_at=timezone.now(),
+        written = (
+            self._row()
+            .filter(handoff_requested_at__isnull=True)
+            .update(
+                progress_done=done,
+                progress_total=total,
+                message=plain_text(message)[:500],
+                heartbeat_at=timezone.now(),
+            )
         )
-        self._raise_unless(owned)
+        if not written:
+            self._notice_handoff(checkpoint)
         self._send_event(done, total, message)
 
     def _send_event(self, done: float, total: float | None, message: str) -> None:
@@ -93,17 +188,41 @@ class PhaseContext:
         except Exception:
             self.logger.debug("could not send the task-progress event", exc_info=True)
 
-    def heartbeat(self) -> None:
-        """Say the phase is alive (a background thread also does it every HEARTBEAT_INTERVAL)."""
+    def heartbeat(self, *, checkpoint: Callable[[], Any] | None = None) -> None:
+        """Say the phase is alive (a background thread also does it every HEARTBEAT_INTERVAL).
+
+        ``checkpoint``: as for ``progress()``.
+        """
         self._raise_if_cancelled()
+        if self.handoff.is_set():
+            self._hand_off(checkpoint)
+        now = timezone.now()
+        if not self._row().filter(handoff_requested_at__isnull=True).update(heartbeat_at=now):
+            self._notice_handoff(checkpoint)
+
+    def _notice_handoff(self, checkpoint: Callable[[], Any] | None) -> None:
+        """A guarded write matched nothing: the worker wants the phase back, or it is lost."""
         self._raise_unless(self._row().update(heartbeat_at=timezone.now()))
+        self.handoff.set()
+        self._hand_off(checkpoint)
+
+    def _hand_off(self, checkpoint: Callable[[], Any] | None) -> None:
+        if checkpoint is not None:
+            try:
+                self.checkpoint(checkpoint())
+            except PhaseCancelled:
+                raise
+            except Exception:
+                # Handing off without a fresh checkpoint costs work, not correctness.
+                self.logger.exception("the checkpoint at hand-off failed")
+        raise PhaseHandedOff(f"phase {self.name}: its worker is shutting down; handing it back")
 
     def _row(self) -> Any:
-        # Only the attempt that owns the running row writes to it: once the run is cancelled
+        # Only the copy that owns the running row writes to it: once the run is cancelled
         # or a stale phase is taken over, this copy's writes go nowhere (execution.claim).
         from .models import PhaseRun
 
-        return PhaseRun.objects.owned(self._phase_run_id, self.attempt)
+        return PhaseRun.objects.owned(self._phase_run_id, self._lease)
 
     def _raise_unless(self, owned: int) -> None:
         if not owned:

@@ -27,6 +27,11 @@ class PhaseCancelled(InitPipelineError):
     """Raised inside a phase (at its next progress or heartbeat call) when its run is cancelled."""
 
 
+class PhaseHandedOff(InitPipelineError):
+    """Raised inside a phase (at its next progress or heartbeat call) when its worker is
+    shutting down: the phase goes back to the queue and resumes from its checkpoint."""
+
+
 class EnqueueError(InitPipelineError):
     """The broker refused the run's tasks; the run is marked failed."""
 

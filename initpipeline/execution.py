@@ -9,23 +9,28 @@ cancelled). The last step of a run, ``finish_run``, activates its generation.
 from __future__ import annotations
 
 import logging
+import os
 import random
 import socket
 import threading
 import time
 import traceback
 from datetime import datetime
+from pathlib import Path
 from typing import Any, NoReturn
 
 from django.db import connection, transaction
+from django.db.models import F, Value
+from django.db.models.functions import Coalesce
 from django.utils import timezone
 
-from . import dispatch, retention, storage
+from . import checkpoints, dispatch, retention, storage
 from .conf import settings
 from .context import PhaseContext
 from .exceptions import (
     PhaseCancelled,
     PhaseFailed,
+    PhaseHandedOff,
     PhaseSkipped,
     PipelineConfigError,
     RetryPhase,
@@ -41,7 +46,7 @@ from .models import (
     PipelineRun,
     RunState,
 )
-from .registry import descendants, get_pipeline
+from .registry import Pipeline, descendants, get_pipeline
 
 logger = logging.getLogger("initpipeline")
 
@@ -50,17 +55,26 @@ Published = dict[str, tuple[storage.Published, str, dict[str, Any]]]
 
 # -- claiming the phase -------------------------------------------------------------------
 
+HANDED_OFF = "handed_off"
+
+#: Seconds a worker with other code than planned waits before it hands a phase back, so
+#: that old workers do not pass its message between them in a tight loop.
+SKEW_PAUSE = 1.0
+
 
 def claim(run_id: int, phase_name: str, task_id: str, worker: str) -> PhaseRun:
     """Make this delivery the owner of the phase's row, or raise PhaseSkipped/PhaseFailed.
 
     The row is the lock: a copy runs the phase only when it is pending, or running with a
-    heartbeat older than STALE_AFTER (its worker is gone). Each claim takes the next attempt
-    number; (row, attempt) identifies the owner from then on (PhaseRun.objects.owned).
+    heartbeat older than STALE_AFTER (its worker is gone: a loss, which does not count as
+    an attempt, up to LOST_LIMIT). Each claim takes the next lease; (row, lease) identifies
+    the owner from then on (PhaseRun.objects.owned). A new attempt begins unless the last
+    one was interrupted (lost, or handed off at a worker's shutdown): that one continues,
+    from its checkpoint when it left one.
     """
     stale_after = settings.STALE_AFTER
     lost = ""
-    out_of_attempts = False
+    out_of_losses = False
     with transaction.atomic():
         pr = (
             PhaseRun.objects.select_for_update()
@@ -75,6 +89,7 @@ def claim(run_id: int, phase_name: str, task_id: str, worker: str) -> PhaseRun:
             raise PhaseSkipped(f"phase {phase_name} is already {pr.state} (duplicate delivery)")
         if pr.state not in PHASE_UNFINISHED:
             raise PhaseSkipped(f"phase {phase_name} is {pr.state}")
+        resume = pr.interrupted
         if pr.state == PhaseState.RUNNING:
             age = pr.heartbeat_age(now)
             if age < stale_after:
@@ -82,35 +97,113 @@ def claim(run_id: int, phase_name: str, task_id: str, worker: str) -> PhaseRun:
                 # once visibility_timeout has passed (celery#5935), under the same task id,
                 # so only the heartbeat tells a live copy from a lost one.
                 raise PhaseSkipped(
-                    f"phase {phase_name} attempt {pr.attempt} is running in task "
+                    f"phase {phase_name} lease {pr.lease} is running in task "
                     f"{pr.task_id} on {pr.worker} (heartbeat {age:.1f} s ago)"
                 )
             lost = pr.lost_reason(now)
-            if pr.attempt >= pr.max_attempts:
-                out_of_attempts = fail_phase(pr, f"{lost}; no attempts left", "")
-        if not out_of_attempts:
+            if pr.out_of_losses:
+                out_of_losses = fail_phase(pr, _out_of_losses(pr, lost), "")
+            pr.losses += 1
+            resume = True
+        if not out_of_losses:
             pr.state = PhaseState.RUNNING
-            pr.attempt += 1
+            pr.lease += 1
+            if not resume or pr.attempt == 0:
+                pr.attempt += 1
+            pr.interrupted = False
+            pr.handoff_requested_at = None
+            pr.waiting_since = None
             pr.task_id = task_id
             pr.worker = worker[:255]
+            pr.worker_pid = os.getpid()
             pr.started_at = pr.started_at or now
             pr.heartbeat_at = now
             pr.finished_at = None
-            if lost:
-                pr.message = f"attempt {pr.attempt} took over: {lost}"[:500]
+            point = pr.checkpoint or {}
+            pr.progress_done = float(point.get("done") or 0)
+            pr.progress_total = point.get("total")
+            pr.message = _claim_message(pr, lost)[:500]
             pr.save()
             if run.state == RunState.PENDING:
                 run.state = RunState.RUNNING
                 run.started_at = now
                 run.save(update_fields=["state", "started_at"])
-    if out_of_attempts:
-        logger.error("phase %s of run %s failed: %s; no attempts left", phase_name, run_id, lost)
-        raise PhaseFailed(f"{lost}; no attempts left")
+    if out_of_losses:
+        logger.error("phase %s of run %s failed: %s", phase_name, run_id, _out_of_losses(pr, lost))
+        raise PhaseFailed(_out_of_losses(pr, lost))
     if lost:
         logger.warning(
-            "phase %s of run %s: attempt %d takes over (%s)", pr.name, run_id, pr.attempt, lost
+            "phase %s of run %s: lease %d takes over (%s)", pr.name, run_id, pr.lease, lost
         )
     return pr
+
+
+def _out_of_losses(pr: PhaseRun, lost: str) -> str:
+    return f"{lost}; lost more often than LOST_LIMIT ({pr.max_losses}) allows"
+
+
+def _claim_message(pr: PhaseRun, lost: str) -> str:
+    parts = [f"took over: {lost}"] if lost else []
+    point = pr.checkpoint
+    if point:
+        total = point.get("total")
+        where = f" at {100 * point['done'] / total:.0f}%" if total and point.get("done") else ""
+        parts.append(f"resumed from its checkpoint{where}")
+    return "; ".join(parts)
+
+
+def wrong_code(run_id: int, phase_name: str, pipeline: Pipeline) -> tuple[PhaseRun, str] | None:
+    """The phase's row and this worker's fingerprint of it, when they differ from the plan.
+
+    A deploy restarts workers while the release step already planned a run with the new
+    code: an old worker must never publish its output under the new plan's fingerprint.
+    """
+    pr = PhaseRun.objects.filter(run_id=run_id, name=phase_name).first()
+    if pr is None:
+        raise PhaseSkipped(f"run {run_id} has no phase {phase_name}")
+    try:
+        mine = pipeline.fingerprints().get(phase_name, "") if phase_name in pipeline else ""
+    except PipelineConfigError:
+        mine = ""  # This worker's pipeline is broken: another worker's may not be.
+    return None if mine == pr.fingerprint else (pr, mine)
+
+
+def hand_back_for_planned_code(pr: PhaseRun, mine: str) -> NoReturn:
+    """Send the phase again for a worker running the planned code, or fail the run after
+    SKEW_TIMEOUT; raises PhaseSkipped (handed back) or PhaseFailed."""
+    now = timezone.now()
+    theirs = mine[:12] + "…" if mine else "none: this worker does not know the phase"
+    waiting = (
+        f"waiting for a worker running the planned code (planned fingerprint "
+        f"{pr.fingerprint[:12]}…, this worker's {theirs})"
+    )
+    if pr.state != PhaseState.PENDING:
+        raise PhaseSkipped(f"phase {pr.name} is {pr.state}; {waiting}")
+    PhaseRun.objects.filter(pk=pr.pk, state=PhaseState.PENDING).update(
+        message=waiting[:500], waiting_since=Coalesce(F("waiting_since"), Value(now))
+    )
+    pr.refresh_from_db()
+    since = pr.waiting_since or now
+    if (now - since).total_seconds() > settings.SKEW_TIMEOUT:
+        reason = (
+            f"no worker ran the planned code within SKEW_TIMEOUT ({settings.SKEW_TIMEOUT:.0f} s): "
+            f"{waiting}"
+        )
+        if fail_phase(pr, reason, ""):
+            logger.error("phase %s of run %s failed: %s", pr.name, pr.run_id, reason)
+            raise PhaseFailed(reason)
+        raise PhaseSkipped(reason)
+    logger.warning("phase %s of run %s: %s; handing it back", pr.name, pr.run_id, waiting)
+    time.sleep(SKEW_PAUSE)
+    resend_from(pr)
+    raise PhaseSkipped(f"{waiting}; handed back")
+
+
+def resend_from(pr: PhaseRun) -> None:
+    """Send the chain that starts at ``pr`` (pending again) as a new message."""
+    phases = list(PhaseRun.objects.filter(run_id=pr.run_id).order_by("position"))
+    chains = dispatch.plan_chains(phases, start=[pr.name])
+    dispatch.send_chain(pr.run_id, chains[0] if chains else [pr.name])
 
 
 # -- running it ---------------------------------------------------------------------------
@@ -121,13 +214,15 @@ class Heartbeat(threading.Thread):
 
     Once it does not (the run was cancelled, or a stale phase was taken over by recovery or
     by another delivery), the thread sets ``ctx.cancelled``: the phase stops at its next
-    progress() or heartbeat() call, and this copy records nothing.
+    progress() or heartbeat() call, and this copy records nothing. When the worker asks
+    for the phase back (it is shutting down), the thread sets ``ctx.handoff`` and keeps
+    beating while the phase checkpoints.
     """
 
     def __init__(self, pr: PhaseRun, ctx: PhaseContext) -> None:
         super().__init__(name=f"initpipeline-heartbeat-{pr.pk}", daemon=True)
         self.phase_run_id = pr.pk
-        self.attempt = pr.attempt
+        self.lease = pr.lease
         self.ctx = ctx
         self.stopped = threading.Event()
 
@@ -136,18 +231,27 @@ class Heartbeat(threading.Thread):
         try:
             while not self.stopped.wait(interval):
                 try:
-                    owned = PhaseRun.objects.owned(self.phase_run_id, self.attempt).update(
-                        heartbeat_at=timezone.now()
-                    )
+                    alive = self.beat()
                 except Exception:
                     logger.exception("heartbeat of phase run %s failed", self.phase_run_id)
                     continue
-                if not owned:
+                if not alive:
                     self.ctx.cancelled.set()
                     return
         finally:
             # Django connections are per thread: close this thread's own.
             connection.close()
+
+    def beat(self) -> bool:
+        """One heartbeat; False when this copy no longer owns the row."""
+        owned = PhaseRun.objects.owned(self.phase_run_id, self.lease)
+        now = timezone.now()
+        if owned.filter(handoff_requested_at__isnull=True).update(heartbeat_at=now):
+            return True
+        if not owned.update(heartbeat_at=now):
+            return False
+        self.ctx.handoff.set()
+        return True
 
     def stop(self) -> None:
         self.stopped.set()
@@ -162,25 +266,23 @@ def execute_phase(
     ``advance``: this phase ends its chain, so once it succeeds it sends the phases it
     unblocks (or the run's finish step, when no phase is left).
 
-    Returns succeeded, or cancelled when the run was cancelled while the phase ran. Raises
-    RetryPhase when it failed with attempts left, PhaseFailed when it failed for good (the
-    run is then failed), PhaseSkipped when this delivery must not run it, or lost the phase
-    to another copy while it ran (a stale phase taken over): such a copy records nothing.
+    Returns succeeded; cancelled when the run was cancelled while the phase ran; or
+    handed_off when this worker is shutting down and gave the phase back (sent again, to
+    resume from its checkpoint). Raises RetryPhase when it failed with attempts left,
+    PhaseFailed when it failed for good (the run is then failed), PhaseSkipped when this
+    delivery must not run it (a duplicate; other code than the run planned, handed back),
+    or lost the phase to another copy while it ran: such a copy records nothing.
     """
+    if worker_leaving(worker):
+        # A message a worker took while shutting down: left for another worker (this
+        # worker's main process sends the phase again as it exits).
+        raise PhaseSkipped(f"{worker} is shutting down; phase {phase_name} left for another")
     pipeline = get_pipeline()
+    skew = wrong_code(run_id, phase_name, pipeline)
+    if skew is not None:
+        hand_back_for_planned_code(*skew)
     pr = claim(run_id, phase_name, task_id, worker or socket.gethostname())
-    try:
-        phase = pipeline[phase_name]
-    except PipelineConfigError as exc:
-        fail_phase(pr, f"this worker does not know the phase: {exc}", "")
-        raise PhaseFailed(str(exc)) from exc
-    current = pipeline.fingerprints().get(phase_name)
-    if current != pr.fingerprint:
-        logger.warning(
-            "phase %s: this worker's code has another fingerprint than the run planned "
-            "(workers and the deploy step run different code or settings)",
-            phase_name,
-        )
+    phase = pipeline[phase_name]
     ctx = PhaseContext(phase=phase, phase_run=pr, pipeline=pipeline)
     beat = Heartbeat(pr, ctx)
     beat.start()
@@ -190,6 +292,8 @@ def execute_phase(
         published = ctx.published()
     except Exception as exc:
         beat.stop()
+        if isinstance(exc, PhaseHandedOff) and ctx.handoff.is_set():
+            return record_handed_off(pr, "handed back by its worker, which is shutting down")
         if isinstance(exc, PhaseCancelled) and ctx.cancelled.is_set():
             return record_stopped(pr, time.monotonic() - started)
         record_failed_attempt(pr, exc, traceback.format_exc())
@@ -202,16 +306,17 @@ def execute_phase(
 
 def _taken_over(pr: PhaseRun) -> PhaseSkipped:
     return PhaseSkipped(
-        f"phase {pr.name} of run {pr.run_id}: attempt {pr.attempt} no longer owns the phase "
-        "(cancelled, or taken over after its heartbeat went stale); recording nothing"
+        f"phase {pr.name} of run {pr.run_id}: lease {pr.lease} no longer owns the phase "
+        "(cancelled, taken over after its heartbeat went stale, or handed back); recording "
+        "nothing"
     )
 
 
 def record_stopped(pr: PhaseRun, seconds: float) -> str:
     """The phase stopped itself because it no longer owns its row."""
-    stopped = PhaseRun.objects.filter(
-        pk=pr.pk, attempt=pr.attempt, state=PhaseState.CANCELLED
-    ).update(finished_at=timezone.now(), message=f"cancelled; stopped after {seconds:.1f} s")
+    stopped = PhaseRun.objects.filter(pk=pr.pk, lease=pr.lease, state=PhaseState.CANCELLED).update(
+        finished_at=timezone.now(), message=f"cancelled; stopped after {seconds:.1f} s"
+    )
     if not stopped:
         raise _taken_over(pr)
     logger.info("phase %s of run %s stopped: run cancelled", pr.name, pr.run_id)
@@ -231,7 +336,7 @@ def record_failed_attempt(pr: PhaseRun, exc: BaseException, tb: str) -> NoReturn
         # Only while the run is in flight: a phase that fails after one beside it failed
         # the run has nothing to retry for, and fails below.
         retrying = (
-            PhaseRun.objects.owned(pr.pk, pr.attempt)
+            PhaseRun.objects.owned(pr.pk, pr.lease)
             .filter(run__state__in=IN_FLIGHT)
             .update(
                 state=PhaseState.PENDING,
@@ -272,9 +377,9 @@ def record_succeeded(
                 .values_list("state", flat=True)
                 .get()
             )
-        row = PhaseRun.objects.select_for_update().filter(pk=pr.pk).values("attempt", "state")
+        row = PhaseRun.objects.select_for_update().filter(pk=pr.pk).values("lease", "state")
         current = row.get()
-        mine = current["attempt"] == pr.attempt
+        mine = current["lease"] == pr.lease
         state = current["state"]
         if mine and state in (PhaseState.RUNNING, PhaseState.CANCELLED):
             # The files are complete and verified by checksum: a phase that finished as its
@@ -300,7 +405,9 @@ def record_succeeded(
                 progress_total=1,
                 error="",
                 traceback="",
+                worker_pid=None,
             )
+            transaction.on_commit(lambda: drop_checkpoints(pr))
             if advance and run_state in IN_FLIGHT:
                 _advance(pr)
     if not mine or state not in (PhaseState.RUNNING, PhaseState.CANCELLED):
@@ -314,6 +421,49 @@ def record_succeeded(
         return PhaseState.CANCELLED
     logger.info("phase %s of run %s succeeded in %.2f s", pr.name, pr.run_id, seconds)
     return PhaseState.SUCCEEDED
+
+
+def record_handed_off(pr: PhaseRun, why: str) -> str:
+    """Put the phase back in the queue, to continue (from its checkpoint) on another worker.
+
+    Neither an attempt nor a loss: the worker was asked to stop. Raises PhaseSkipped when
+    this copy no longer owns the row.
+    """
+    handed = PhaseRun.objects.owned(pr.pk, pr.lease).update(
+        state=PhaseState.PENDING,
+        handoffs=F("handoffs") + 1,
+        interrupted=True,
+        handoff_requested_at=None,
+        worker_pid=None,
+        heartbeat_at=timezone.now(),
+        message=f"{why}; sent again"[:500],
+    )
+    if not handed:
+        raise _taken_over(pr)
+    # Not sent again from here: a worker shutting down may still take messages (kombu's
+    # filesystem transport does, until its pool is idle). The worker's main process sends
+    # it as it exits (signals.py), and recovery does if the worker dies first.
+    logger.info("phase %s of run %s: %s", pr.name, pr.run_id, why)
+    return HANDED_OFF
+
+
+def leaving_marker(hostname: str) -> Path:
+    """The file that says, on this host, that worker ``hostname`` is shutting down."""
+    folder = storage.cache_dir() / "leaving"
+    folder.mkdir(exist_ok=True)
+    return folder / hostname.replace(os.sep, "_")
+
+
+def worker_leaving(hostname: str) -> bool:
+    return bool(hostname) and leaving_marker(hostname).exists()
+
+
+def drop_checkpoints(pr: PhaseRun) -> None:
+    """The phase succeeded: delete its checkpoints, this run's and those it could resume."""
+    try:
+        checkpoints.drop(name=pr.name, fingerprint=pr.fingerprint)
+    except Exception:
+        logger.exception("deleting the checkpoints of phase %s failed", pr.name)
 
 
 def _advance(pr: PhaseRun) -> None:
@@ -345,7 +495,7 @@ def fail_phase(pr: PhaseRun, error: str, tb: str, *, stale_before: datetime | No
     """
     now = timezone.now()
     with transaction.atomic():
-        mine = PhaseRun.objects.held(pr.pk, pr.attempt)
+        mine = PhaseRun.objects.held(pr.pk, pr.lease)
         if stale_before is not None:
             mine = mine.stale(stale_before)
         if not mine.update(state=PhaseState.FAILED, error=error, traceback=tb, finished_at=now):
@@ -384,6 +534,14 @@ def end_run(run_id: int, state: str, error: str, *, phase_state: str) -> None:
 # -- activation ---------------------------------------------------------------------------
 
 
+def _produces(pr: PhaseRun) -> list[str]:
+    """What the run planned the phase to produce; rows from before the plan kept it: the code."""
+    if pr.produces:
+        return list(pr.produces)
+    pipeline = get_pipeline()
+    return list(pipeline.phases[pr.name].produces) if pr.name in pipeline else []
+
+
 def finish_run(*, run_id: int) -> Generation | None:
     """Activate the run's generation in one transaction, if every phase is done."""
     with transaction.atomic():
@@ -401,11 +559,9 @@ def finish_run(*, run_id: int) -> Generation | None:
                 phase_state=PhaseState.UPSTREAM_FAILED,
             )
             return None
-        pipeline = get_pipeline()
         artifacts: list[Artifact] = []
         for pr in phases:
-            produces = pipeline.phases[pr.name].produces if pr.name in pipeline else ()
-            for name in produces:
+            for name in _produces(pr):
                 mine = pr.artifacts.filter(name=name).first()
                 record = mine or Artifact.objects.for_fingerprint(name, pr.fingerprint).first()
                 problem = None

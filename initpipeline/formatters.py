@@ -68,7 +68,7 @@ def first_line(text: str) -> str:
 
 
 def phase_rows(phases: Sequence[PhaseReport]) -> list[list[str]]:
-    rows = [["PHASE", "STATE", "REASON", "PROGRESS", "ATTEMPT", "DURATION", "MESSAGE"]]
+    rows = [["PHASE", "STATE", "REASON", "PROGRESS", "ATTEMPT", "LOST", "DURATION", "MESSAGE"]]
     for p in phases:
         rows.append(
             [
@@ -77,6 +77,7 @@ def phase_rows(phases: Sequence[PhaseReport]) -> list[list[str]]:
                 p.reason or "-",
                 f"{p.progress * 100:.0f}%",
                 f"{p.attempt}/{p.max_attempts}",
+                f"{p.losses}/{p.max_losses}",
                 fmt_duration(p.duration),
                 (
                     first_line(p.error)

@@ -106,18 +106,19 @@ class PipelineRun(models.Model):
 class PhaseRunQuerySet(models.QuerySet["PhaseRun"]):
     """Row guards: the conditions under which a copy of a phase task may write a row.
 
-    A phase's row is its lock. A copy owns it while the row is ``running`` with the copy's
-    attempt number; every write of a copy goes through ``owned()``, so a copy that lost the
-    row (the run was cancelled, or a stale phase was taken over) writes nothing.
+    A phase's row is its lock. Every claim of the row takes the next ``lease`` number, and a
+    copy owns the row while it is ``running`` under the copy's lease; every write of a copy
+    goes through ``owned()``, so a copy that lost the row (the run was cancelled, a stale
+    phase was taken over, the phase was handed back) writes nothing.
     """
 
-    def owned(self, pk: int, attempt: int) -> PhaseRunQuerySet:
-        """The row, while attempt ``attempt`` runs it."""
-        return self.filter(pk=pk, attempt=attempt, state=PhaseState.RUNNING)
+    def owned(self, pk: int, lease: int) -> PhaseRunQuerySet:
+        """The row, while the copy holding ``lease`` runs it."""
+        return self.filter(pk=pk, lease=lease, state=PhaseState.RUNNING)
 
-    def held(self, pk: int, attempt: int) -> PhaseRunQuerySet:
-        """The row, while it is at attempt ``attempt`` and not finished (running or waiting)."""
-        return self.filter(pk=pk, attempt=attempt, state__in=PHASE_UNFINISHED)
+    def held(self, pk: int, lease: int) -> PhaseRunQuerySet:
+        """The row, while it is at ``lease`` and not finished (running or waiting)."""
+        return self.filter(pk=pk, lease=lease, state__in=PHASE_UNFINISHED)
 
     def unfinished(self) -> PhaseRunQuerySet:
         return self.filter(state__in=PHASE_UNFINISHED)
@@ -157,8 +158,33 @@ class PhaseRun(models.Model):
         blank=True,
         help_text=_("Why the phase runs, or why it is cached, as planned when the run started."),
     )
-    attempt = models.PositiveIntegerField(_("attempt"), default=0)
+    attempt = models.PositiveIntegerField(
+        _("attempt"),
+        default=0,
+        help_text=_("Attempts count failures (exceptions, timeouts); retries= allows more."),
+    )
     max_attempts = models.PositiveIntegerField(_("attempts allowed"), default=1)
+    #: Claims of the row: the owner of a running row is (row, lease).
+    lease = models.PositiveIntegerField(_("lease"), default=0)
+    losses = models.PositiveIntegerField(
+        _("losses"),
+        default=0,
+        help_text=_("Times its worker vanished mid-phase; not attempts (LOST_LIMIT)."),
+    )
+    max_losses = models.PositiveIntegerField(_("losses allowed"), default=3)
+    handoffs = models.PositiveIntegerField(
+        _("hand-offs"), default=0, help_text=_("Times a worker shutting down handed it back.")
+    )
+    #: The attempt was interrupted (lost, handed off): the next claim continues it.
+    interrupted = models.BooleanField(default=False)
+    handoff_requested_at = models.DateTimeField(null=True, blank=True)
+    worker_pid = models.PositiveIntegerField(null=True, blank=True)
+    #: Since when workers running other code than planned have handed it back.
+    waiting_since = models.DateTimeField(null=True, blank=True)
+    #: The artifact names the phase was planned to produce (finish_run needs no code).
+    produces = models.JSONField(_("produces"), default=list, blank=True)
+    #: The latest checkpoint: storage key, sha256, size, format, progress, time.
+    checkpoint = models.JSONField(_("checkpoint"), null=True, blank=True)
     timeout = models.PositiveIntegerField(_("timeout (s)"), null=True, blank=True)
     progress_done = models.FloatField(default=0)
     progress_total = models.FloatField(null=True, blank=True)
@@ -211,9 +237,14 @@ class PhaseRun(models.Model):
         age = self.heartbeat_age(now)
         since = "ever" if age == float("inf") else f"{age:.0f} s"
         return (
-            f"worker {self.worker or '?'} lost during attempt {self.attempt} of "
-            f"{self.max_attempts}: no heartbeat for {since}"
+            f"worker {self.worker or '?'} lost (loss {self.losses + 1} of {self.max_losses} "
+            f"allowed) during attempt {self.attempt}: no heartbeat for {since}"
         )
+
+    @property
+    def out_of_losses(self) -> bool:
+        """One more loss would exceed LOST_LIMIT."""
+        return self.losses >= self.max_losses
 
 
 class GenerationQuerySet(models.QuerySet["Generation"]):

@@ -6,8 +6,9 @@ worker killed between two phases may never send the next one (celery#7924). The 
 do not lose anything: a running phase writes its heartbeat every HEARTBEAT_INTERVAL, so
 
 1. a **running** phase whose heartbeat is older than STALE_AFTER has lost its worker. It is
-   sent again with the rest of its chain (the next claim counts as a new attempt), or, out
-   of attempts, failed with the reason. The row is the lock: one conditional UPDATE decides
+   sent again with the rest of its chain (a loss, not an attempt: the next claim continues
+   the attempt from its checkpoint), or, past LOST_LIMIT losses, failed with the reason.
+   The row is the lock: one conditional UPDATE decides
    between several recoverers and a redelivered copy, so one copy runs the phase again.
 2. a run whose phases are all done but which is still in flight lost its finish step: it
    is finished here (finish_run is idempotent).
@@ -27,6 +28,7 @@ import logging
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
+from django.db.models import F
 from django.utils import timezone
 
 from . import dispatch
@@ -105,18 +107,22 @@ def _recover_running(
     run: PipelineRun, pr: PhaseRun, phases: list[PhaseRun], now: datetime, cutoff: datetime
 ) -> Recovered | None:
     reason = pr.lost_reason(now)
-    if pr.attempt >= pr.max_attempts:
-        reason = f"{reason}; no attempts left"
+    if pr.out_of_losses:
+        reason = f"{reason}; lost more often than LOST_LIMIT ({pr.max_losses}) allows"
         if fail_phase(pr, reason, "", stale_before=cutoff):
             return Recovered(run.pk, pr.name, FAILED, reason)
         return None
     # The conditional UPDATE is the lock: it matches only while nobody claimed the phase
-    # (the attempt number would have changed) and no copy heartbeated since we looked.
+    # (the lease would have changed) and no copy heartbeated since we looked. A loss is
+    # not an attempt: the next claim continues this one, from its checkpoint.
     taken = (
-        PhaseRun.objects.owned(pr.pk, pr.attempt)
+        PhaseRun.objects.owned(pr.pk, pr.lease)
         .stale(cutoff)
         .update(
             state=PhaseState.PENDING,
+            losses=F("losses") + 1,
+            interrupted=True,
+            worker_pid=None,
             heartbeat_at=now,
             message=f"{reason}; sent again"[:500],
         )
@@ -148,7 +154,7 @@ def _recover_pending(
         return None
     if idle_since is None or idle_since > cutoff:
         return None
-    if pr.attempt and pr.heartbeat_at is not None:
+    if pr.attempt and not pr.interrupted and pr.heartbeat_at is not None:
         # A failed attempt waits for its retry, which the worker holds until its countdown
         # ends: allow the longest backoff before calling the retry lost.
         due = pr.heartbeat_at + timedelta(seconds=backoff_ceiling(pr.attempt))
@@ -159,7 +165,7 @@ def _recover_pending(
         "was idle: its message was lost"
     )
     taken = (
-        PhaseRun.objects.filter(pk=pr.pk, state=PhaseState.PENDING, attempt=pr.attempt)
+        PhaseRun.objects.filter(pk=pr.pk, state=PhaseState.PENDING, lease=pr.lease)
         .stale(cutoff)
         .update(heartbeat_at=now, message=f"{reason}; sent again"[:500])
     )
@@ -215,8 +221,10 @@ def hard_timeout(*, run_id: int, phase_name: str, task_id: str) -> Recovered | N
         if fail_phase(pr, reason, ""):
             found = Recovered(run_id, phase_name, FAILED, reason)
     else:
-        taken = PhaseRun.objects.owned(pr.pk, pr.attempt).update(
+        taken = PhaseRun.objects.owned(pr.pk, pr.lease).update(
             state=PhaseState.PENDING,
+            interrupted=False,
+            worker_pid=None,
             error=reason,
             heartbeat_at=timezone.now(),
             message=f"attempt {pr.attempt} {reason}; sent again"[:500],

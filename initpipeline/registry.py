@@ -305,14 +305,15 @@ class Pipeline:
                 )
             for artifact_name in p.produces:
                 owners.setdefault(artifact_name, []).append(p.name)
-                if not valid_name(artifact_name):
+                if not valid_name(artifact_name) or artifact_name.startswith("_initpipeline"):
                     found.append(
                         Problem(
                             Fault.BAD_ARTIFACT_NAME,
                             f"phase {p.name!r} produces {artifact_name!r}, which is not a "
                             "valid artifact name.",
                             "An artifact name is a folder of the storage: letters, digits, "
-                            "'_', '-' and '.', not starting with '.', no '..', at most 200.",
+                            "'_', '-' and '.', not starting with '.' or '_initpipeline' (its "
+                            "own folders), no '..', at most 200.",
                             p.name,
                         )
                     )

@@ -44,6 +44,10 @@ class PhaseReport:
     message: str
     attempt: int
     max_attempts: int
+    losses: int
+    max_losses: int
+    handoffs: int
+    checkpoint_at: str | None
     timeout: int | None
     started_at: datetime | None
     finished_at: datetime | None
@@ -62,6 +66,10 @@ class PhaseReport:
             message=pr.message,
             attempt=pr.attempt,
             max_attempts=pr.max_attempts,
+            losses=pr.losses,
+            max_losses=pr.max_losses,
+            handoffs=pr.handoffs,
+            checkpoint_at=(pr.checkpoint or {}).get("at"),
             timeout=pr.timeout,
             started_at=pr.started_at,
             finished_at=pr.finished_at,
@@ -90,6 +98,10 @@ class PhaseReport:
             "message": self.message,
             "attempt": self.attempt,
             "max_attempts": self.max_attempts,
+            "losses": self.losses,
+            "max_losses": self.max_losses,
+            "handoffs": self.handoffs,
+            "checkpoint_at": self.checkpoint_at,
             "timeout": self.timeout,
             "started_at": _iso(self.started_at),
             "finished_at": _iso(self.finished_at),

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from django.db import IntegrityError, close_old_connections, transaction
 from django.utils import timezone
 
-from . import checks, dispatch
+from . import checkpoints, checks, dispatch
 from .conf import settings
 from .exceptions import EnqueueError
 from .execution import end_run, finish_run
@@ -23,7 +23,7 @@ from .models import (
     PipelineRun,
     RunState,
 )
-from .planning import Plan, make_plan
+from .planning import FORCED, Plan, make_plan
 from .recovery import recover_stale
 from .registry import Pipeline, get_pipeline
 from .reporting import RunReport, run_report
@@ -37,11 +37,13 @@ ATTACHED = "attached"
 
 @dataclass(frozen=True)
 class StartResult:
-    """What ``start()`` did: ``outcome`` is up_to_date, enqueued or attached."""
+    """What ``start()`` did: ``outcome`` is up_to_date, enqueued or attached; ``superseded``,
+    the run in flight it cancelled because that run was planned with other code."""
 
     outcome: str
     run: PipelineRun | None
     generation: Generation | None = None
+    superseded: PipelineRun | None = None
 
 
 def _forced(
@@ -98,8 +100,17 @@ def start(
     # is sent again (or failed, out of attempts) before we decide to attach to it.
     recover_stale()
     existing = PipelineRun.objects.in_flight().first()
+    superseded = None
     if existing is not None:
-        return StartResult(ATTACHED, existing)
+        planned = dict(existing.phases.values_list("name", "fingerprint"))
+        if planned == pipeline.fingerprints():
+            return StartResult(ATTACHED, existing)
+        # Planned with other code or settings (the previous deploy's): its output would
+        # be stale the moment it is active, and workers with the new code hand its phases
+        # back. It makes way; what it finished stays cached, its checkpoints are resumed.
+        superseded = cancel(
+            run_id=existing.pk, reason="superseded: the code or settings changed since it started"
+        )
 
     # Planning verifies artifacts before the write transaction: hashing large files must
     # not hold SQLite's write lock.
@@ -114,7 +125,7 @@ def start(
             if existing is not None:
                 return StartResult(ATTACHED, existing)
             run = PipelineRun.objects.create(trigger=trigger[:200], options=options)
-            PhaseRun.objects.bulk_create(
+            rows = [
                 PhaseRun(
                     run=run,
                     name=p.name,
@@ -124,12 +135,24 @@ def start(
                     reason=p.reason[:200],
                     version=pipeline.phases[p.name].version,
                     depends_on=pipeline.dependencies(p.name),
+                    produces=list(pipeline.phases[p.name].produces),
                     state=PhaseState.CACHED if p.cached else PhaseState.PENDING,
                     max_attempts=pipeline.phases[p.name].retries + 1,
+                    max_losses=settings.LOST_LIMIT,
                     timeout=pipeline.phases[p.name].timeout or settings.DEFAULT_TIMEOUT,
                 )
                 for position, p in enumerate(the_plan.phases)
+            ]
+            # A phase forced to run again starts from scratch; the others resume from the
+            # checkpoint an earlier run of the same code left, if any.
+            checkpoints.adopt(
+                [
+                    row
+                    for row, p in zip(rows, the_plan.phases, strict=True)
+                    if not p.cached and p.reason != FORCED
+                ]
             )
+            PhaseRun.objects.bulk_create(rows)
             _adopt(the_plan)
             to_run = the_plan.to_run
             transaction.on_commit(lambda: enqueue(run.pk, to_run))
@@ -144,7 +167,7 @@ def start(
     if run.state == RunState.FAILED:
         raise EnqueueError(run.error)
     logger.info("run %s enqueued: %s", run.pk, ", ".join(to_run) or "nothing to run")
-    return StartResult(ENQUEUED, run)
+    return StartResult(ENQUEUED, run, superseded=superseded)
 
 
 def _adopt(the_plan: Plan) -> None:
@@ -194,7 +217,7 @@ def enqueue(run_id: int, names: Sequence[str]) -> None:
         end_run(run_id, RunState.FAILED, reason, phase_state=PhaseState.CANCELLED)
 
 
-def cancel(*, run_id: int | None = None) -> PipelineRun | None:
+def cancel(*, run_id: int | None = None, reason: str = "cancelled") -> PipelineRun | None:
     """Cancel a run in flight (the latest one when no id is given); returns it, or None.
 
     None means there was nothing to cancel: no run in flight, or the run ended (say, its
@@ -211,7 +234,7 @@ def cancel(*, run_id: int | None = None) -> PipelineRun | None:
         # The run row decides the race with finish_run(), which activates a generation
         # only for a run still in flight, under the same row lock: exactly one of them wins.
         cancelled = PipelineRun.objects.filter(pk=run.pk, state__in=IN_FLIGHT).update(
-            state=RunState.CANCELLED, finished_at=now, error="cancelled"
+            state=RunState.CANCELLED, finished_at=now, error=reason
         )
         if not cancelled:
             return None
@@ -220,9 +243,7 @@ def cancel(*, run_id: int | None = None) -> PipelineRun | None:
             .exclude(task_id="")
             .values_list("task_id", flat=True)
         )
-        run.phases.unfinished().update(
-            state=PhaseState.CANCELLED, finished_at=now, message="cancelled"
-        )
+        run.phases.unfinished().update(state=PhaseState.CANCELLED, finished_at=now, message=reason)
     if task_ids:
         # Revoked ids are refused by every worker, so a redelivered copy never starts.
         # A running copy is not killed: it stops itself at its next heartbeat.

@@ -6,16 +6,23 @@ Connected from AppConfig.ready(); nothing here runs outside a worker's main proc
 
 from __future__ import annotations
 
+import atexit
 import logging
+import os
+import signal
 import threading
+import time
 from datetime import datetime
 from typing import Any
 
-from celery.signals import task_failure, worker_ready, worker_shutting_down
+from celery.signals import task_failure, worker_init, worker_ready, worker_shutting_down
 from django.db import close_old_connections, connection
 from django.utils import timezone
 
+from . import dispatch, execution
 from .conf import settings
+from .exceptions import PhaseSkipped
+from .models import IN_FLIGHT, PhaseRun, PhaseState, PipelineRun
 from .recovery import hard_timeout, recover_stale
 
 logger = logging.getLogger("initpipeline")
@@ -90,6 +97,119 @@ def stop_watchdogs(**kwargs: Any) -> None:
         _watchdogs.pop().stop()
 
 
+class HandOff(threading.Thread):
+    """A worker shutting down gives its running phases back instead of waiting for them.
+
+    On SIGTERM (warm shutdown) Celery waits for every running task, however long; past
+    systemd's TimeoutStopSec or Kubernetes' grace period the phase is SIGKILLed and its
+    work since the last checkpoint is lost anyway. So: ask each running phase of this
+    worker for a hand-off (its next progress() or heartbeat() checkpoints and raises
+    PhaseHandedOff, and it goes back to the queue); take back, after HANDOFF_GRACE, those
+    that did not, and stop their pool processes, so that the worker exits within the grace.
+    On a cold shutdown Celery stops the tasks itself: they are taken back at once.
+    """
+
+    def __init__(self, hostname: str, *, warm: bool) -> None:
+        super().__init__(name="initpipeline-handoff", daemon=False)
+        self.hostname = hostname
+        self.warm = warm
+
+    def run(self) -> None:
+        try:
+            close_old_connections()
+            self.hand_off()
+        except Exception:
+            # The phases are then lost instead, and recovery resumes them (slower, safe).
+            logger.exception("handing back the running phases of %s failed", self.hostname)
+        finally:
+            connection.close()
+
+    def hand_off(self) -> None:
+        mine = PhaseRun.objects.filter(
+            state=PhaseState.RUNNING, worker=self.hostname, run__state__in=IN_FLIGHT
+        )
+        rows = list(mine.values_list("pk", "lease", "worker_pid"))
+        if not rows:
+            return
+        mine.update(handoff_requested_at=timezone.now())
+        logger.warning(
+            "%s is shutting down: asking %d running phase(s) to hand themselves back",
+            self.hostname,
+            len(rows),
+        )
+        deadline = time.monotonic() + (settings.HANDOFF_GRACE if self.warm else 0.0)
+        while rows and time.monotonic() < deadline:
+            time.sleep(0.2)
+            rows = [r for r in rows if PhaseRun.objects.owned(r[0], r[1]).exists()]
+        for pk, lease, pid in rows:
+            pr = PhaseRun.objects.filter(pk=pk, lease=lease).first()
+            if pr is None:
+                continue
+            why = "taken back from its worker, which is shutting down"
+            if self.warm:
+                why += f" (the phase did not hand itself back within {settings.HANDOFF_GRACE:g} s)"
+            try:
+                execution.record_handed_off(pr, why)
+            except PhaseSkipped:
+                continue
+            if self.warm and pid and _is_our_child(pid):
+                # The worker waits for its pool processes: this one would run to the end.
+                os.kill(pid, signal.SIGKILL)
+
+
+def _is_our_child(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            fields = fh.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return False
+    return int(fields[1]) == os.getpid()
+
+
+def hand_off(sender: Any = None, how: str = "Warm", **kwargs: Any) -> None:
+    """worker_shutting_down (in the worker's main process): see HandOff."""
+    if not isinstance(sender, str) or not sender:
+        return
+    try:
+        # From now on this worker's pool processes claim nothing (execution.py).
+        execution.leaving_marker(sender).touch()
+    except Exception:
+        logger.exception("could not mark %s as shutting down", sender)
+    atexit.register(send_ready_phases, sender)
+    HandOff(sender, warm=how == "Warm").start()
+
+
+def send_ready_phases(hostname: str) -> None:
+    """As a worker's main process exits: send again every phase that is ready to run.
+
+    It covers the phases this worker handed back and the messages it took while shutting
+    down (and left). A phase whose message still waits in the queue gets a second one:
+    the claim on its row lets one copy run it, the other is skipped.
+    """
+    try:
+        close_old_connections()
+        for run in PipelineRun.objects.in_flight():
+            phases = list(run.phases.order_by("position"))
+            for names in dispatch.plan_chains(phases):
+                dispatch.send_chain(run.pk, names)
+                logger.info("%s, leaving: sent %s of run %s again", hostname, names[0], run.pk)
+    except Exception:
+        # The phases stay pending: an idle worker's recovery sends them (recovery.py).
+        logger.exception("%s, leaving: could not send the ready phases again", hostname)
+    finally:
+        connection.close()
+
+
+def forget_leaving(sender: Any = None, **kwargs: Any) -> None:
+    """worker_init: a worker starting under a name that shut down before takes work again."""
+    hostname = getattr(sender, "hostname", None)
+    if hostname:
+        try:
+            execution.leaving_marker(hostname).unlink(missing_ok=True)
+        except Exception:
+            logger.exception("could not clear the shutdown mark of %s", hostname)
+
+
 def on_task_failure(
     sender: Any = None,
     task_id: str | None = None,
@@ -118,3 +238,5 @@ def on_task_failure(
 worker_ready.connect(start_watchdog, dispatch_uid="initpipeline.start_watchdog", weak=False)
 task_failure.connect(on_task_failure, dispatch_uid="initpipeline.on_task_failure", weak=False)
 worker_shutting_down.connect(stop_watchdogs, dispatch_uid="initpipeline.stop_watchdogs", weak=False)
+worker_shutting_down.connect(hand_off, dispatch_uid="initpipeline.hand_off", weak=False)
+worker_init.connect(forget_leaving, dispatch_uid="initpipeline.forget_leaving", weak=False)

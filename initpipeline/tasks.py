@@ -37,8 +37,9 @@ def run_phase(self: Any, run_id: int, phase_name: str, advance: bool = False) ->
     except PhaseFailed:
         # Recorded by execution.py; raising stops the chain (no later phase runs).
         raise
-    if state == PhaseState.CANCELLED:
-        # The run is cancelled: send no next step.
+    if state in (PhaseState.CANCELLED, execution.HANDED_OFF):
+        # The run is cancelled, or the phase went back to the queue as a new message
+        # (this worker is shutting down): send no next step.
         raise Ignore()
     return state
 

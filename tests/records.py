@@ -150,6 +150,7 @@ def done(seconds_ago: float = 30) -> dict[str, Any]:
     return {
         "state": "succeeded",
         "attempt": 1,
+        "lease": 1,
         "started_at": ago(seconds_ago + 1),
         "heartbeat_at": ago(seconds_ago),
         "finished_at": ago(seconds_ago),
@@ -161,6 +162,7 @@ def running(heartbeat_ago: float, attempt: int = 1, task_id: str = "task-1") -> 
     return {
         "state": "running",
         "attempt": attempt,
+        "lease": attempt,
         "task_id": task_id,
         "worker": "w1@host",
         "started_at": ago(heartbeat_ago + 1),

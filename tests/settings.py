@@ -56,6 +56,9 @@ INITPIPELINE = {
     "REFRESH_INTERVAL": float(os.environ.get("INITPIPELINE_REFRESH_INTERVAL", "0.5")),
     "REQUIRED_ARTIFACTS": _REQUIRED.get(PIPELINE, ["b_out"]),
     "RETRY_AFTER": 1,
+    "HANDOFF_GRACE": 2.0,
+    "LOST_LIMIT": int(os.environ.get("INITPIPELINE_TEST_LOST_LIMIT", "3")),
+    "SKEW_TIMEOUT": float(os.environ.get("INITPIPELINE_TEST_SKEW_TIMEOUT", "600")),
     "START_ON_GUNICORN_READY": os.environ.get("INITPIPELINE_START_ON_READY") == "1",
     # Downloads of remote artifacts stay in this session's folder, not the shared temp one.
     "LOCAL_CACHE_DIR": os.environ.get(

@@ -105,6 +105,7 @@ def history() -> Iterator[dict[str, int]]:
                 message="step 2 of 8",
                 error="RuntimeError: b was told to fail",
                 traceback="Traceback (most recent call last):\nRuntimeError: b was told to fail",
+                extra={"losses": 1},
             ),
             Phase("c", "upstream_failed", reason="input changed: b", message="not run: b failed"),
         ],
@@ -124,11 +125,12 @@ def test_init_status_of_a_failed_latest_run(history: dict[str, int]) -> None:
         f"run {history['failed']}: failed   started 2025-03-04 11:00:00 UTC   took 0.2 s   "
         "by admin: run again by ops\n"
         "error: phase b failed: RuntimeError: b was told to fail\n"
-        "PHASE  STATE            REASON            PROGRESS  ATTEMPT  DURATION  MESSAGE\n"
-        "a      cached           unchanged         100%      0/1      -\n"
-        "b      failed           code changed      25%       3/3      0.2 s     "
+        "PHASE  STATE            REASON            PROGRESS  ATTEMPT  LOST  DURATION  MESSAGE\n"
+        "a      cached           unchanged         100%      0/1      0/3   -\n"
+        "b      failed           code changed      25%       3/3      1/3   0.2 s     "
         "RuntimeError: b was told to fail\n"
-        "c      upstream_failed  input changed: b  0%        0/1      -         not run: b failed\n"
+        "c      upstream_failed  input changed: b  0%        0/1      0/3   -         "
+        "not run: b failed\n"
         f"artifacts of generation {history['generation']}:\n"
         "  a_out  json  62 B     sha256 615f6f757461\n"
         "  b_out  npy   2.0 KiB  sha256 625f6f757462\n"
@@ -144,10 +146,10 @@ def test_init_status_of_an_older_run(history: dict[str, int]) -> None:
         f"run {history['first']}: succeeded   started 2025-03-04 10:00:00 UTC   took 1m16s   "
         "by start_init",
         # Planned before runs kept reasons: "-".
-        "PHASE  STATE      REASON  PROGRESS  ATTEMPT  DURATION  MESSAGE",
-        "a      succeeded  -       100%      1/1      1.5 s     step 10 of 10",
-        "b      succeeded  -       100%      1/1      1m15s",
-        f"c      cached     -       100%      0/1      -         {CACHED_MSG}",
+        "PHASE  STATE      REASON  PROGRESS  ATTEMPT  LOST  DURATION  MESSAGE",
+        "a      succeeded  -       100%      1/1      0/3   1.5 s     step 10 of 10",
+        "b      succeeded  -       100%      1/1      0/3   1m15s",
+        f"c      cached     -       100%      0/1      0/3   -         {CACHED_MSG}",
     ]
 
 

@@ -133,11 +133,14 @@ def test_failed_run_and_init_status_watch(stack: Stack) -> None:
             rf"run {run.pk}: failed   started \d{{4}}-\d\d-\d\d \d\d:\d\d:\d\d UTC   "
             rf"took {DURATION}   by start_init",
             "error: phase b failed: RuntimeError: b was told to fail",
-            r"PHASE  STATE            REASON       PROGRESS  ATTEMPT  DURATION  MESSAGE",
-            rf"a      succeeded        never built  100%      1/1      {DURATION} +step 40 of 40",
-            rf"b      failed           never built  100%      1/1      {DURATION} +RuntimeError: "
-            "b was told to fail",
-            r"c      upstream_failed  never built  0%        0/3      -         not run: b failed",
+            r"PHASE  STATE            REASON       PROGRESS  ATTEMPT  LOST  DURATION  "
+            "MESSAGE",
+            rf"a      succeeded        never built  100%      1/1      0/3   {DURATION} +"
+            "step 40 of 40",
+            rf"b      failed           never built  100%      1/1      0/3   {DURATION} +"
+            "RuntimeError: b was told to fail",
+            r"c      upstream_failed  never built  0%        0/3      0/3   -         not run: b "
+            "failed",
         ],
     )
     assert published.name == "a_out"

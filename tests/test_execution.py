@@ -37,15 +37,15 @@ pytestmark = pytest.mark.usefixtures("transactional_db")
 def test_redelivered_copy_with_the_same_task_id_is_skipped_while_the_heartbeat_is_fresh() -> None:
     # celery#5935: Redis hands out a task again while it runs, under the same task id.
     run = live_run(a=done(), b=running(heartbeat_ago=1, task_id="task-1"))
-    with pytest.raises(PhaseSkipped, match=r"attempt 1 is running in task task-1"):
+    with pytest.raises(PhaseSkipped, match=r"lease 1 is running in task task-1"):
         execution.claim(run.pk, "b", "task-1", "w2@host")
     b = phase_of(run, "b")
     assert (b.state, b.attempt, b.worker) == ("running", 1, "w1@host")
 
 
-def test_redelivered_copy_of_a_stale_phase_out_of_attempts_fails_it() -> None:
-    run = live_run(a=done(), b=running(heartbeat_ago=10, attempt=3))
-    with pytest.raises(PhaseFailed, match="no attempts left"):
+def test_redelivered_copy_of_a_stale_phase_out_of_losses_fails_it() -> None:
+    run = live_run(a=done(), b={**running(heartbeat_ago=10), "losses": 3})
+    with pytest.raises(PhaseFailed, match=r"lost more often than LOST_LIMIT \(3\) allows"):
         execution.claim(run.pk, "b", "task-1", "w2@host")
     assert phase_of(run, "b").state == "failed"
     assert PipelineRun.objects.get(pk=run.pk).state == "failed"
@@ -61,12 +61,13 @@ def published() -> dict[str, tuple[storage.Published, str, dict[str, Any]]]:
 def test_copy_that_lost_its_phase_records_nothing() -> None:
     run = live_run(a=done(), b=running(heartbeat_ago=10))
     old = phase_of(run, "b")
-    execution.claim(run.pk, "b", "task-2", "w2@host")  # took over: attempt 2
-    with pytest.raises(PhaseSkipped, match="attempt 1 no longer owns the phase"):
+    execution.claim(run.pk, "b", "task-2", "w2@host")  # took over: lease 2
+    with pytest.raises(PhaseSkipped, match="lease 1 no longer owns the phase"):
         execution.record_succeeded(old, published(), 1.0)
     assert not Artifact.objects.exists()
     b = phase_of(run, "b")
-    assert (b.state, b.attempt) == ("running", 2)
+    # A loss is not an attempt: the same attempt continues under a new lease.
+    assert (b.state, b.attempt, b.lease, b.losses) == ("running", 1, 2, 1)
 
 
 def test_heartbeat_stops_a_copy_that_lost_its_phase() -> None:
@@ -80,7 +81,7 @@ def test_heartbeat_stops_a_copy_that_lost_its_phase() -> None:
         time.sleep(0.7)
         assert not ctx.cancelled.is_set()
         assert phase_of(run, "b").heartbeat_age(timezone.now()) < 0.7
-        PhaseRun.objects.filter(pk=pr.pk).update(attempt=2)  # another copy claimed it
+        PhaseRun.objects.filter(pk=pr.pk).update(lease=2)  # another copy claimed it
         wait_for(ctx.cancelled.is_set, timeout=2)
     finally:
         beat.stop()

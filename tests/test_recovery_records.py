@@ -36,9 +36,10 @@ def test_stale_running_phase_is_sent_again_with_the_rest_of_its_run(sent: Sent) 
     assert [(f.run_id, f.phase, f.action) for f in found] == [(run.pk, "b", "resent")]
     assert sent == [(run.pk, ["b", "c"])]
     b = phase_of(run, "b")
-    assert (b.state, b.attempt) == ("pending", 1)
+    assert (b.state, b.attempt, b.losses, b.interrupted) == ("pending", 1, 1, True)
     assert (
-        b.message == "worker w1@host lost during attempt 1 of 3: no heartbeat for 10 s; sent again"
+        b.message == "worker w1@host lost (loss 1 of 3 allowed) during attempt 1: no heartbeat "
+        "for 10 s; sent again"
     )
     assert PipelineRun.objects.get(pk=run.pk).state == "running"
     # Sent once: the phase now waits for a worker, and only an idle worker re-sends that.
@@ -53,10 +54,13 @@ def test_running_phase_with_a_fresh_heartbeat_is_left_alone(sent: Sent) -> None:
     assert phase_of(run, "b").state == "running"
 
 
-def test_stale_phase_out_of_attempts_fails_the_run_with_the_reason(sent: Sent) -> None:
-    run = live_run(a=done(), b=running(heartbeat_ago=10, attempt=3))
+def test_stale_phase_out_of_losses_fails_the_run_with_the_reason(sent: Sent) -> None:
+    run = live_run(a=done(), b={**running(heartbeat_ago=10), "losses": 3})
     found = recovery.recover_stale()
-    reason = "worker w1@host lost during attempt 3 of 3: no heartbeat for 10 s; no attempts left"
+    reason = (
+        "worker w1@host lost (loss 4 of 3 allowed) during attempt 1: no heartbeat for 10 s; "
+        "lost more often than LOST_LIMIT (3) allows"
+    )
     assert [(f.phase, f.action, f.reason) for f in found] == [("b", "failed", reason)]
     assert sent == []
     states = dict(run.phases.values_list("name", "state"))
@@ -82,16 +86,17 @@ def test_recovery_backs_off_when_a_redelivered_copy_claimed_the_phase_first(sent
     run = live_run(a=done(), b=running(heartbeat_ago=10))
     seen = phase_of(run, "b")
     claimed = execution.claim(run.pk, "b", "task-1", "w2@host")  # Redis: same task id
-    assert claimed.attempt == 2
+    assert (claimed.attempt, claimed.lease, claimed.losses) == (1, 2, 1)
     assert claimed.message == (
-        "attempt 2 took over: worker w1@host lost during attempt 1 of 3: no heartbeat for 10 s"
+        "took over: worker w1@host lost (loss 1 of 3 allowed) during attempt 1: no heartbeat "
+        "for 10 s"
     )
     now = timezone.now()
     phases = list(run.phases.order_by("position"))
     assert recovery._recover_running(run, seen, phases, now, now - timedelta(seconds=5)) is None
     assert sent == []
     b = phase_of(run, "b")
-    assert (b.state, b.attempt, b.worker) == ("running", 2, "w2@host")
+    assert (b.state, b.lease, b.worker) == ("running", 2, "w2@host")
 
 
 # -- a pending phase whose message is gone ------------------------------------------------
@@ -133,7 +138,7 @@ def test_run_whose_phases_are_all_done_is_finished(sent: Sent) -> None:
 
 
 def test_start_recovers_a_stale_run_before_attaching_to_it(sent: Sent) -> None:
-    run = live_run(a=done(), b=running(heartbeat_ago=10, attempt=3))
+    run = live_run(a=done(), b={**running(heartbeat_ago=10), "losses": 3})
     result = services.start(trigger="test")
     # The stale run failed for good; start() began a new run instead of waiting on it.
     assert PipelineRun.objects.get(pk=run.pk).state == "failed"

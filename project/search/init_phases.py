@@ -73,19 +73,26 @@ def _module_name(path: Path) -> str:
     timeout=3600,
 )
 def collect_docstrings(ctx: PhaseContext) -> None:
-    """Parse every module and keep the docstrings of modules, classes and functions."""
+    """Parse every module and keep the docstrings of modules, classes and functions.
+
+    Checkpoints every tenth of its files: a worker killed mid-phase costs at most that
+    much, and one shutting down hands the phase over with everything parsed so far.
+    """
     files = _source_files(ctx.config["scale"], ctx.config["max_files"])
-    docs: list[list[str]] = []
-    for i, path in enumerate(files):
+    state = ctx.resumed or {"done": 0, "docs": []}
+    docs: list[list[str]] = state["docs"]
+    every = max(1, len(files) // 10)
+    for i in range(int(state["done"]), len(files)):
+        path = files[i]
         module = _module_name(path)
         try:
             tree = ast.parse(path.read_bytes(), filename=str(path))
         except (SyntaxError, ValueError, OSError):
-            continue
-        nodes: list[Any] = [tree]
+            tree = None
+        nodes: list[Any] = [] if tree is None else [tree]
         nodes.extend(
             n
-            for n in ast.walk(tree)
+            for n in (ast.walk(tree) if tree is not None else ())
             if isinstance(n, ast.FunctionDef | ast.AsyncFunctionDef | ast.ClassDef)
         )
         for node in nodes:
@@ -93,7 +100,15 @@ def collect_docstrings(ctx: PhaseContext) -> None:
             if doc and len(doc) >= 40:
                 title = module if node is tree else f"{module}.{node.name}"
                 docs.append([title, doc[:4000]])
-        ctx.progress(i + 1, len(files), f"parsed {module}")
+        done = i + 1
+        if done % every == 0 and done < len(files):
+            ctx.checkpoint({"done": done, "docs": docs}, done=done, total=len(files))
+        ctx.progress(
+            done,
+            len(files),
+            f"parsed {module}",
+            checkpoint=lambda done=done: {"done": done, "docs": docs},
+        )
     ctx.logger.info("collected %d docstrings from %d files", len(docs), len(files))
     ctx.save_json("corpus", docs, metadata={"documents": len(docs), "files": len(files)})
     # What the web page shows of each hit: small, so web workers never hold the corpus.

@@ -7,6 +7,9 @@ The control file (``$INITPIPELINE_VAR_DIR/control.json``) may hold:
   fail:     [phase, ...]   the phase raises
   sleep:    {phase: s}     the phase works this long, reporting progress
   message:  {phase: text}  the progress message, instead of "step i of n"
+  checkpoint: {phase: n}   the phase checkpoints {"step": i} every n steps (of its sleep's
+                           0.1 s steps), resumes from it, and hands off with it
+  quiet:    [phase, ...]   the phase sleeps without a progress() or heartbeat() call
   fail_attempts: {phase: n}  the phase raises on its first n attempts
   pickle:   [phase, ...]   a (or c) saves its artifact as a signed pickle instead of JSON
   slow_write: {phase: {"bytes": n, "seconds": s}}
@@ -16,7 +19,8 @@ The control file (``$INITPIPELINE_VAR_DIR/control.json``) may hold:
                            "writing ..." meanwhile
 
 Every start of a phase appends "<phase> <run> <attempt> <pid>" to
-``$INITPIPELINE_VAR_DIR/executions.log``, so tests can count how often a phase really ran.
+``$INITPIPELINE_VAR_DIR/executions.log``, so tests can count how often a phase really ran,
+and "<phase> <run> <first step> <steps>" to ``starts.log``: where it (re)started.
 
 ``retries=`` and ``timeout=`` are fixed when this module is imported. The environment
 variable ``TESTAPP_PHASE_OPTIONS`` (JSON, ``{phase: {"retries": n, "timeout": s}}``) changes

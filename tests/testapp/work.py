@@ -29,10 +29,25 @@ def do_work(ctx: PhaseContext) -> None:
     seconds = float(ctl.get("sleep", {}).get(ctx.name, 0))
     steps = max(1, int(seconds / 0.1))
     message = ctl.get("message", {}).get(ctx.name)
-    for i in range(steps):
+    every = int(ctl.get("checkpoint", {}).get(ctx.name, 0))
+    first = int(ctx.resumed["step"]) if every and ctx.resumed else 0
+    with open(var_dir() / "starts.log", "a") as log:
+        log.write(f"{ctx.name} {ctx.run_id} {first} {steps}\n")
+    if ctx.name in ctl.get("quiet", []):
+        time.sleep(seconds)  # no progress() or heartbeat() calls at all
+        steps = first
+    for i in range(first, steps):
         if seconds:
             time.sleep(seconds / steps)
-        ctx.progress(i + 1, steps, message or f"step {i + 1} of {steps}")
+        step = i + 1
+        if every and step % every == 0 and step < steps:
+            ctx.checkpoint({"step": step}, done=step, total=steps)
+        ctx.progress(
+            step,
+            steps,
+            message or f"step {step} of {steps}",
+            checkpoint=(lambda step=step: {"step": step}) if every else None,
+        )
     if ctx.name in ctl.get("fail", []):
         raise RuntimeError(f"{ctx.name} was told to fail")
     if ctx.attempt <= int(ctl.get("fail_attempts", {}).get(ctx.name, 0)):

@@ -4,7 +4,7 @@ from typing import Any
 
 from django.core.management.base import CommandParser
 
-from ... import retention
+from ... import checkpoints, retention
 from ..base import InitCommand
 
 
@@ -29,3 +29,8 @@ class Command(InitCommand):
             self.stdout.write(f"{verb} {art.storage_key} ({art.size} bytes)")
         total = sum(a.size for a in removed)
         self.stdout.write(f"{verb} {len(removed)} files, {total} bytes")
+        # Checkpoints that no phase of any run points at any more (a crash between saving
+        # one and recording it, runs long ended).
+        dropped = checkpoints.collect(dry_run=dry_run)
+        if dropped:
+            self.stdout.write(f"{verb} {len(dropped)} checkpoints nothing points at")

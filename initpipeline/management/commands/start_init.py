@@ -72,6 +72,10 @@ class Command(InitCommand):
                 self.stdout.write(f"run {run.pk} is already {run.state}; attached to it")
             else:
                 assert run is not None
+                if result.superseded is not None:
+                    self.stdout.write(
+                        f"run {result.superseded.pk} cancelled: {result.superseded.error}"
+                    )
                 self.stdout.write(f"run {run.pk} enqueued")
 
         report = None
@@ -86,6 +90,7 @@ class Command(InitCommand):
             self.write_json(
                 {
                     "outcome": result.outcome,
+                    "superseded": result.superseded.pk if result.superseded else None,
                     "generation": result.generation.pk if result.generation else None,
                     "run": None if report is None else report.as_dict(),
                 }

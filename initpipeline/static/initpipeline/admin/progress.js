@@ -17,7 +17,20 @@
         return text.replace(/%\((\w+)\)s/g, (_, key) => String(values[key]));
     }
 
-    /* Same output as initpipeline.render.fmt_duration. */
+    // "1/3", then the losses and hand-offs, which are not attempts (a worker vanished, or
+    // handed the phase back as it shut down): the same words as the page's first render.
+    function attemptText(p, labels) {
+        let text = `${p.attempt}/${p.max_attempts}`;
+        if (p.losses) {
+            text += ` · ${interpolate(labels.lost_count, {n: p.losses, max: p.max_losses})}`;
+        }
+        if (p.handoffs) {
+            text += ` · ${interpolate(labels.handoffs, {n: p.handoffs})}`;
+        }
+        return text;
+    }
+
+    /* Same output as initpipeline.formatters.fmt_duration. */
     function fmtDuration(seconds) {
         if (seconds === null || seconds === undefined) {
             return "-";
@@ -242,7 +255,7 @@
     }
 
     function splitError(text) {
-        /* phase_dict joins the error and its traceback with a blank line. */
+        /* PhaseReport.as_dict joins the error and its traceback with a blank line. */
         if (!text) {
             return ["", ""];
         }
@@ -258,7 +271,7 @@
         setBadge(row.querySelector('[data-field="state"]'), p.state, labels);
         setBar(row.querySelector('[role="progressbar"]'), p.progress, p.state === "failed");
         setText(row.querySelector('[data-field="message"]'), p.message);
-        setText(row.querySelector('[data-field="attempt"]'), `${p.attempt}/${p.max_attempts}`);
+        setText(row.querySelector('[data-field="attempt"]'), attemptText(p, labels));
         setText(row.querySelector('[data-field="duration"]'), fmtDuration(p.duration));
         const started = row.querySelector('[data-field="started"]');
         const shown = started.querySelector("time");

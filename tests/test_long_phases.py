@@ -1,0 +1,204 @@
+"""Hour-long phases lose nothing: a lost worker is not a failure, a checkpoint is resumed, a
+worker shutting down hands its phase back, and a worker with other code never publishes
+under the planned fingerprint. Real worker subprocesses, on the filesystem broker and Redis.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+
+import pytest
+
+from initpipeline.models import Artifact, PhaseRun, PipelineRun
+from tests.conftest import Stack, wait_for
+
+pytestmark = [pytest.mark.slow]
+
+BOTH = pytest.mark.parametrize("stack", ["filesystem", "redis"], indirect=True)
+STALE_AFTER = 5.0  # tests/settings.py
+
+
+def phase(run: PipelineRun, name: str) -> PhaseRun:
+    return PhaseRun.objects.get(run=run, name=name)
+
+
+def starts(stack: Stack, run: PipelineRun, name: str) -> list[int]:
+    """The step each start of phase ``name`` of ``run`` began at (tests/testapp/work.py)."""
+    path = stack.var / "starts.log"
+    rows = [line.split() for line in path.read_text().splitlines()] if path.exists() else []
+    return [int(r[2]) for r in rows if r[0] == name and int(r[1]) == run.pk]
+
+
+def kill(stack: Stack, n: int = 0) -> None:
+    """SIGKILL worker ``n`` and its pool processes: no code of ours runs at all."""
+    proc = stack.workers[n]
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+
+
+def ended(run: PipelineRun, stack: Stack, timeout: float = 120) -> PipelineRun:
+    def done() -> bool:
+        run.refresh_from_db()
+        return not run.is_in_flight
+
+    try:
+        wait_for(done, timeout=timeout, interval=0.2)
+    except AssertionError:
+        raise AssertionError("\n\n".join(stack.log(n) for n in range(len(stack.workers)))) from None
+    return run
+
+
+@BOTH
+def test_a_worker_killed_mid_phase_is_a_loss_and_the_run_completes_by_itself(
+    stack: Stack,
+) -> None:
+    # b has no retries (the default): before, a lost worker failed the run.
+    stack.control(sleep={"b": 3})
+    stack.start_worker()
+    assert stack.manage("start_init").returncode == 0
+    run = PipelineRun.objects.get()
+    wait_for(lambda: phase(run, "b").progress >= 0.2, timeout=60)
+    kill(stack)
+    stack.start_worker()  # nobody types a command
+    run = ended(run, stack)
+    assert run.state == "succeeded", run.error
+    b = phase(run, "b")
+    assert (b.attempt, b.max_attempts, b.losses, b.handoffs) == (1, 1, 1, 0)
+    assert starts(stack, run, "b") == [0, 0]  # no checkpoint: it started over
+
+
+@BOTH
+def test_a_worker_killed_after_a_checkpoint_resumes_from_it(stack: Stack) -> None:
+    stack.control(sleep={"b": 6}, checkpoint={"b": 10})  # 60 steps, a checkpoint every 10
+    stack.start_worker()
+    assert stack.manage("start_init").returncode == 0
+    run = PipelineRun.objects.get()
+
+    def past_a_checkpoint() -> int:
+        b = phase(run, "b")
+        saved = int((b.checkpoint or {}).get("done") or 0)
+        return saved if saved >= 20 and b.progress_done > saved else 0
+
+    saved = wait_for(past_a_checkpoint, timeout=60, interval=0.05)
+    kill(stack)
+    lost_at = phase(run, "b").progress_done
+    stack.start_worker()
+    run = ended(run, stack)
+    assert run.state == "succeeded", run.error
+    first, again = starts(stack, run, "b")
+    assert first == 0
+    # It resumed from its latest checkpoint: the work redone is what followed it, less than
+    # one checkpoint interval.
+    assert saved <= again <= lost_at
+    assert lost_at - again < 10
+    b = phase(run, "b")
+    assert (b.attempt, b.losses) == (1, 1)
+    # A phase that succeeds drops its checkpoints.
+    assert b.checkpoint is None
+
+
+@BOTH
+def test_sigterm_hands_the_phase_to_another_worker_from_its_checkpoint(stack: Stack) -> None:
+    stack.control(sleep={"b": 60}, checkpoint={"b": 50})  # 600 steps: a minute
+    stack.start_worker()
+    assert stack.manage("start_init").returncode == 0
+    run = PipelineRun.objects.get()
+    wait_for(lambda: phase(run, "b").progress_done >= 60, timeout=60, interval=0.05)
+    leaving = stack.workers[0]
+    os.kill(leaving.pid, signal.SIGTERM)  # a warm shutdown, as systemd or Kubernetes do
+    # The worker does not wait out the phase's remaining 50 s: it hands it back and exits.
+    try:
+        leaving.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        raise AssertionError(stack.log(0)) from None
+    b = phase(run, "b")
+    assert (b.state, b.handoffs) == ("pending", 1), stack.log(0)
+    assert b.message.startswith("handed back by its worker, which is shutting down")
+    # Handing off is neither an attempt nor a loss.
+    assert (b.attempt, b.losses) == (1, 0)
+    handed_at = int(b.checkpoint["done"])
+    assert 60 <= handed_at < 600  # the state at hand-off, not only the last periodic one
+    stack.control(sleep={"b": 6}, checkpoint={"b": 50})  # finish quicker on the next worker
+    stack.start_worker()
+    run = ended(run, stack)
+    assert run.state == "succeeded", run.error + stack.log(1)
+    assert starts(stack, run, "b") == [0, handed_at]
+
+
+def test_sigterm_takes_back_a_phase_that_does_not_hand_itself_back(stack: Stack) -> None:
+    # No progress() calls: the phase never sees the request, so the worker takes the
+    # phase back after HANDOFF_GRACE (2 s in the tests), stops its pool process and exits.
+    stack.control(sleep={"b": 60}, quiet=["b"])
+    stack.start_worker()
+    assert stack.manage("start_init").returncode == 0
+    run = PipelineRun.objects.get()
+    wait_for(lambda: phase(run, "b").state == "running", timeout=60)
+    leaving = stack.workers[0]
+    os.kill(leaving.pid, signal.SIGTERM)
+    try:
+        leaving.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        raise AssertionError(stack.log(0)) from None
+    b = phase(run, "b")
+    assert (b.state, b.handoffs, b.losses) == ("pending", 1, 0), b.message
+    assert "did not hand itself back within 2 s" in b.message
+
+
+def test_a_worker_running_other_code_never_publishes_under_the_plan(stack: Stack) -> None:
+    # The release step plans with the new code while a worker with the old code is up.
+    old = {"TESTAPP_PHASE_OPTIONS": json.dumps({"b": {"version": "old"}})}
+    stack.start_worker(env=old)
+    assert stack.manage("start_init").returncode == 0
+    run = PipelineRun.objects.get()
+    planned = phase(run, "b").fingerprint
+
+    def waiting() -> bool:
+        return "waiting for a worker running the planned code" in phase(run, "b").message
+
+    wait_for(waiting, timeout=60)
+    message = phase(run, "b").message
+    assert f"planned fingerprint {planned[:12]}…" in message
+    assert phase(run, "a").state == "succeeded"  # a's code is the same: the old worker ran it
+    assert not Artifact.objects.filter(name="b_out").exists()
+    stack.start_worker()  # the new code's worker
+    run = ended(run, stack)
+    assert run.state == "succeeded", run.error
+    b_out = Artifact.objects.get(name="b_out")
+    assert b_out.fingerprint == planned
+    # b ran once, in the new worker.
+    assert len(starts(stack, run, "b")) == 1
+    assert b_out.phase_run is not None and b_out.phase_run.worker.startswith("test1@")
+
+
+def test_no_worker_with_the_planned_code_fails_the_run_after_skew_timeout(stack: Stack) -> None:
+    stack.env["INITPIPELINE_TEST_SKEW_TIMEOUT"] = "3"
+    stack.start_worker(env={"TESTAPP_PHASE_OPTIONS": json.dumps({"b": {"version": "old"}})})
+    assert stack.manage("start_init").returncode == 0
+    run = ended(PipelineRun.objects.get(), stack, timeout=60)
+    assert run.state == "failed"
+    assert run.error.startswith(
+        "phase b failed: no worker ran the planned code within SKEW_TIMEOUT (3 s): waiting for "
+        "a worker running the planned code"
+    )
+    assert not Artifact.objects.filter(name="b_out").exists()
+
+
+def test_past_lost_limit_the_run_fails_with_the_reason(stack: Stack) -> None:
+    stack.env["INITPIPELINE_TEST_LOST_LIMIT"] = "1"
+    stack.control(sleep={"b": 30})
+    stack.start_worker()
+    assert stack.manage("start_init").returncode == 0
+    run = PipelineRun.objects.get()
+    for loss in (1, 2):
+        wait_for(lambda: phase(run, "b").state == "running", timeout=60)
+        kill(stack, len(stack.workers) - 1)
+        stack.start_worker()
+        if loss == 1:
+            wait_for(lambda: phase(run, "b").losses == 1, timeout=6 * STALE_AFTER)
+    run = ended(run, stack)
+    assert run.state == "failed"
+    assert "lost more often than LOST_LIMIT (1) allows" in run.error
+    assert phase(run, "b").losses == 1
