@@ -1,6 +1,7 @@
 # make demo  - create .venv, install, migrate and run web + worker + start_init (embedded default)
 # make test  - the whole suite: lint, type checks, unit and integration tests
 # make bench - benchmarks against the alternatives (bench/results/)
+# make soak  - a 10-minute pipeline with a 1 GiB artifact, its workers killed every 1-2 min
 # make test-postgres, test-rabbitmq, test-py312, test-install - the other legs of the CI
 #   matrix (.ci/run)
 PYTHON ?= python3
@@ -9,7 +10,7 @@ BIN    := $(VENV)/bin
 PORT   ?= 8000
 export PATH := $(abspath $(BIN)):$(PATH)
 
-.PHONY: venv demo demo-setup test lint format bench clean test-postgres test-rabbitmq test-py312 \
+.PHONY: venv demo demo-setup test lint format bench soak clean test-postgres test-rabbitmq test-py312 \
 	test-install
 
 $(BIN)/.installed: requirements.txt requirements-dev.txt pyproject.toml
@@ -105,6 +106,10 @@ test-install:
 
 bench: venv
 	$(BIN)/python -m bench
+
+# Not in make test: 15 minutes of a pipeline whose workers are killed every 1-2 minutes.
+soak: venv
+	$(BIN)/python -m bench.soak
 
 clean:
 	rm -rf var
