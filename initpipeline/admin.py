@@ -269,8 +269,9 @@ class PipelineRunAdmin(ReadOnlyMixin, admin.ModelAdmin):  # type: ignore[type-ar
                     "duration": fmt_duration(p.duration),
                     "attempt": _attempt_text(p),
                     "failed": p.state == PhaseState.FAILED,
+                    "shard": p.shard_index is not None,
                 }
-                for p in report.phases
+                for p in report.lanes()
             ],
             progress=report.progress,
             duration=fmt_duration(report.duration),

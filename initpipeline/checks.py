@@ -23,6 +23,7 @@ from .registry import MAX_TIMEOUT, Fault, Pipeline, get_pipeline
 _POSITIVE = (
     "REFRESH_INTERVAL",
     "HEARTBEAT_INTERVAL",
+    "PROGRESS_INTERVAL",
     "STALE_AFTER",
     "DEFAULT_TIMEOUT",
     "RETRY_BACKOFF",
@@ -168,6 +169,7 @@ PIPELINE_IDS: dict[Fault, str] = {
     Fault.PRODUCES_NOTHING: "initpipeline.E011",
     Fault.BAD_LIMITS: "initpipeline.E012",
     Fault.BAD_ARTIFACT_NAME: "initpipeline.E023",
+    Fault.BAD_SHARDS: "initpipeline.E025",
 }
 IMPORT_FAILED = "initpipeline.E009"
 

@@ -27,6 +27,8 @@ DEFAULTS: dict[str, Any] = {
     "REQUIRED_ARTIFACTS": [],
     # Seconds between two heartbeats of a running phase.
     "HEARTBEAT_INTERVAL": 5.0,
+    # A phase's progress() writes its record at most this often (seconds), and at 100 %.
+    "PROGRESS_INTERVAL": 0.5,
     # A running phase whose heartbeat is older than this many seconds is stale.
     "STALE_AFTER": 60.0,
     # Times a phase may lose its worker (SIGKILL, OOM, a lost host) before the run fails.
@@ -104,6 +106,10 @@ class Settings:
     @property
     def HEARTBEAT_INTERVAL(self) -> float:
         return float(self.raw("HEARTBEAT_INTERVAL"))
+
+    @property
+    def PROGRESS_INTERVAL(self) -> float:
+        return float(self.raw("PROGRESS_INTERVAL"))
 
     @property
     def STALE_AFTER(self) -> float:

@@ -16,16 +16,14 @@ from typing import TYPE_CHECKING, Any, BinaryIO
 from django.utils import timezone
 
 from . import checkpoints, formats, storage
+from .conf import settings
 from .exceptions import PhaseCancelled, PhaseHandedOff, PipelineConfigError
 from .formatters import plain_text
+from .shards import Shard, part_name
 
 if TYPE_CHECKING:
     from .models import PhaseRun
     from .registry import Phase, Pipeline
-
-# Progress is written at most this often (seconds), and always at 100 %.
-PROGRESS_WRITE_INTERVAL = 0.5
-
 
 class PhaseContext:
     """Handed to every phase function.
@@ -58,8 +56,15 @@ class PhaseContext:
     def __init__(self, *, phase: Phase, phase_run: PhaseRun, pipeline: Pipeline) -> None:
         self.phase = phase
         self.name = phase.name
+        #: Which shard this task is of a sharded phase (``ctx.shard.index``, ``.count``);
+        #: None for a phase that is not sharded, and in its merge.
+        self.shard: Shard | None = None
+        if phase_run.shard_of and phase_run.shard_index is not None and phase_run.shard_count:
+            self.shard = Shard(phase_run.shard_index, phase_run.shard_count)
         self.run_id: int = phase_run.run_id
         self.attempt: int = phase_run.attempt
+        #: The Celery worker running this copy (its node name, as on the phase's record).
+        self.worker: str = phase_run.worker
         self.config: dict[str, Any] = phase.resolved_config()
         self.logger = logging.getLogger(f"initpipeline.phases.{phase.name}")
         self._phase_run_id: int = phase_run.pk
@@ -148,7 +153,7 @@ class PhaseContext:
             self._hand_off(checkpoint)
         now = time.monotonic()
         finished = total is not None and done >= total
-        if not finished and now - self._last_write < PROGRESS_WRITE_INTERVAL:
+        if not finished and now - self._last_write < settings.PROGRESS_INTERVAL:
             return
         self._last_write = now
         written = (
@@ -180,6 +185,7 @@ class PhaseContext:
                 "task-progress",
                 retry=False,
                 phase=self.name,
+                shard=None if self.shard is None else self.shard.index,
                 run_id=self.run_id,
                 done=done,
                 total=total,
@@ -265,12 +271,36 @@ class PhaseContext:
             raise
         self._publish(name, path, fmt, metadata)
 
+    def _record_name(self, name: str) -> str:
+        """What artifact ``name`` is recorded as: a shard saves its part of it."""
+        if self.shard is None:
+            return name
+        return part_name(name, self.shard.index, self.shard.count)
+
     def _publish(self, name: str, path: Path, fmt: str, metadata: dict[str, Any] | None) -> None:
-        published = storage.publish(path, name=name, suffix=formats.SUFFIX[fmt])
+        recorded = self._record_name(name)
+        published = storage.publish(path, name=recorded, suffix=formats.SUFFIX[fmt])
         self._published[name] = (published, fmt, dict(metadata or {}))
         self.logger.info(
-            "published %s (%s, %d bytes, sha256 %s)", name, fmt, published.size, published.sha256
+            "published %s (%s, %d bytes, sha256 %s)",
+            recorded,
+            fmt,
+            published.size,
+            published.sha256,
         )
+
+    def save_prepared(
+        self,
+        name: str,
+        fmt: str,
+        write: Callable[[Path], None],
+        metadata: dict[str, Any] | None = None,
+    ) -> None:
+        """Publish artifact ``name`` in format ``fmt`` from a file that ``write(path)`` writes
+        (for merge functions that write large outputs piece by piece)."""
+        if fmt not in formats.SUFFIX:
+            raise PipelineConfigError(f"unknown artifact format {fmt!r}")
+        self._save(name, fmt, write, metadata)
 
     def save_json(self, name: str, value: Any, *, metadata: dict[str, Any] | None = None) -> None:
         """Publish ``value`` as JSON."""
@@ -355,12 +385,60 @@ class PhaseContext:
         path = storage.verify(record)
         return formats.read(path, record.format)
 
+    # -- merging the parts of a sharded phase -------------------------------------------
+
+    def _part_records(self, name: str) -> list[Any]:
+        from .models import Artifact, PhaseRun
+
+        if name not in self.phase.produces or self.shard is not None:
+            raise PipelineConfigError(
+                f"phase {self.name!r}: parts of {name!r} are read in the merge of a sharded "
+                "phase that produces it"
+            )
+        rows = PhaseRun.objects.filter(run_id=self.run_id, shard_of=self.name).order_by(
+            "shard_index"
+        )
+        records = []
+        for row in rows:
+            part = part_name(name, row.shard_index or 0, row.shard_count or 0)
+            record = Artifact.objects.for_fingerprint(part, row.fingerprint).first()
+            if record is None:
+                from .exceptions import ArtifactNotReady
+
+                raise ArtifactNotReady(
+                    f"shard {row.shard_index} of {self.name!r} saved no {name!r}"
+                )
+            records.append(record)
+        return records
+
+    def parts(self, name: str) -> list[Path]:
+        """The verified local paths of every shard's part of ``name``, in shard order."""
+        return [storage.verify(record) for record in self._part_records(name)]
+
+    def load_parts(self, name: str) -> list[Any]:
+        """Every shard's part of ``name``, loaded, in shard order."""
+        return [
+            formats.read(storage.verify(record), record.format)
+            for record in self._part_records(name)
+        ]
+
+    def part_format(self, name: str) -> str:
+        """The format the shards saved their parts of ``name`` in."""
+        found = {record.format for record in self._part_records(name)}
+        if len(found) != 1:
+            raise PipelineConfigError(
+                f"phase {self.name!r}: the shards saved {name!r} in several formats: "
+                f"{', '.join(sorted(found))}"
+            )
+        return str(found.pop())
+
     # -- used by execution ----------------------------------------------------------------
 
     def published(self) -> dict[str, tuple[storage.Published, str, dict[str, Any]]]:
+        """What the phase published, by the artifact names of its record."""
         missing = [n for n in self.phase.produces if n not in self._published]
         if missing:
             raise PipelineConfigError(
                 f"phase {self.name!r} returned without saving {', '.join(missing)}"
             )
-        return self._published
+        return {self._record_name(n): value for n, value in self._published.items()}

@@ -24,7 +24,7 @@ from django.db.models import F, Value
 from django.db.models.functions import Coalesce
 from django.utils import timezone
 
-from . import checkpoints, dispatch, retention, storage
+from . import checkpoints, dispatch, retention, shards, storage
 from .conf import settings
 from .context import PhaseContext
 from .exceptions import (
@@ -152,6 +152,21 @@ def _claim_message(pr: PhaseRun, lost: str) -> str:
     return "; ".join(parts)
 
 
+def planned_by_this_code(pipeline: Pipeline, pr: PhaseRun) -> str:
+    """The fingerprint this worker's code gives the phase (or shard) of row ``pr``; "" when
+    it does not know the phase or cannot compute it."""
+    phase_name = pr.shard_of or pr.name
+    try:
+        if phase_name not in pipeline:
+            return ""
+        mine = pipeline.fingerprints().get(phase_name, "")
+    except PipelineConfigError:
+        return ""  # This worker's pipeline is broken: another worker's may not be.
+    if pr.shard_of and pr.shard_index is not None and pr.shard_count:
+        return shards.fingerprint(mine, pr.shard_index, pr.shard_count)
+    return mine
+
+
 def wrong_code(run_id: int, phase_name: str, pipeline: Pipeline) -> tuple[PhaseRun, str] | None:
     """The phase's row and this worker's fingerprint of it, when they differ from the plan.
 
@@ -161,10 +176,7 @@ def wrong_code(run_id: int, phase_name: str, pipeline: Pipeline) -> tuple[PhaseR
     pr = PhaseRun.objects.filter(run_id=run_id, name=phase_name).first()
     if pr is None:
         raise PhaseSkipped(f"run {run_id} has no phase {phase_name}")
-    try:
-        mine = pipeline.fingerprints().get(phase_name, "") if phase_name in pipeline else ""
-    except PipelineConfigError:
-        mine = ""  # This worker's pipeline is broken: another worker's may not be.
+    mine = planned_by_this_code(pipeline, pr)
     return None if mine == pr.fingerprint else (pr, mine)
 
 
@@ -282,13 +294,17 @@ def execute_phase(
     if skew is not None:
         hand_back_for_planned_code(*skew)
     pr = claim(run_id, phase_name, task_id, worker or socket.gethostname())
-    phase = pipeline[phase_name]
+    phase = pipeline[pr.shard_of or phase_name]
     ctx = PhaseContext(phase=phase, phase_run=pr, pipeline=pipeline)
+    # A sharded phase's own row merges what its shards made; each shard runs the function.
+    work: Any = phase.func
+    if phase.sharded and not pr.shard_of:
+        work = phase.merge or shards.merge_default
     beat = Heartbeat(pr, ctx)
     beat.start()
     started = time.monotonic()
     try:
-        phase.func(ctx)
+        work(ctx)
         published = ctx.published()
     except Exception as exc:
         beat.stop()
@@ -561,6 +577,8 @@ def finish_run(*, run_id: int) -> Generation | None:
             return None
         artifacts: list[Artifact] = []
         for pr in phases:
+            if pr.shard_of:
+                continue  # A shard's parts serve its merge only; the merge's artifacts serve.
             for name in _produces(pr):
                 mine = pr.artifacts.filter(name=name).first()
                 record = mine or Artifact.objects.for_fingerprint(name, pr.fingerprint).first()

@@ -69,7 +69,7 @@ def first_line(text: str) -> str:
 
 def phase_rows(phases: Sequence[PhaseReport]) -> list[list[str]]:
     rows = [["PHASE", "STATE", "REASON", "PROGRESS", "ATTEMPT", "LOST", "DURATION", "MESSAGE"]]
-    for p in phases:
+    for p in (lane for phase in phases for lane in phase.lanes()):
         rows.append(
             [
                 p.name,

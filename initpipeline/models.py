@@ -185,6 +185,10 @@ class PhaseRun(models.Model):
     produces = models.JSONField(_("produces"), default=list, blank=True)
     #: The latest checkpoint: storage key, sha256, size, format, progress, time.
     checkpoint = models.JSONField(_("checkpoint"), null=True, blank=True)
+    #: A shard's phase (this row is one of its tasks); blank for a phase's own row.
+    shard_of = models.CharField(_("shard of"), max_length=200, blank=True)
+    shard_index = models.PositiveIntegerField(_("shard"), null=True, blank=True)
+    shard_count = models.PositiveIntegerField(_("shards"), null=True, blank=True)
     timeout = models.PositiveIntegerField(_("timeout (s)"), null=True, blank=True)
     progress_done = models.FloatField(default=0)
     progress_total = models.FloatField(null=True, blank=True)

@@ -5,6 +5,7 @@ runs. The reason says why, decided against the records of the phase in the activ
 generation (or, for a phase that has none, its latest build):
 
     never built, code changed, version changed, config changed, produces changed,
+    shards changed,
     input changed: NAMES, artifact missing, artifact corrupt, artifact unreadable, forced,
     built before code fingerprints (a phase whose old fingerprint matches, past adoption),
     fingerprint changed (none of the recorded parts differ: a recipe of another version)
@@ -33,6 +34,7 @@ CODE_CHANGED = "code changed"
 VERSION_CHANGED = "version changed"
 CONFIG_CHANGED = "config changed"
 PRODUCES_CHANGED = "produces changed"
+SHARDS_CHANGED = "shards changed"
 INPUT_CHANGED = "input changed"
 FINGERPRINT_CHANGED = "fingerprint changed"
 ARTIFACT_MISSING = "artifact missing"
@@ -170,8 +172,9 @@ def _changes(
             ("version", VERSION_CHANGED),
             ("config", CONFIG_CHANGED),
             ("produces", PRODUCES_CHANGED),
+            ("shards", SHARDS_CHANGED),
         ):
-            if old.get(key) != recipe[key]:
+            if old.get(key) != recipe.get(key):
                 parts.append(reason)
         before, now = old.get("inputs", {}), recipe["inputs"]
         names = [n for n in pipeline.order() if n in before or n in now]

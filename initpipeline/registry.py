@@ -35,6 +35,9 @@ def valid_name(name: str) -> bool:
 #: brokers' redelivery timeouts and the PhaseRun.timeout column all need a bound.
 MAX_TIMEOUT = 7 * 24 * 3600
 
+#: The most shards a phase may have: each is a task and a record of its own.
+MAX_SHARDS = 10_000
+
 
 @dataclass(frozen=True)
 class Phase:
@@ -52,12 +55,18 @@ class Phase:
     #: Code outside the function that counts in the fingerprint (``code=``): modules,
     #: classes, functions.
     code: tuple[Any, ...] = ()
+    #: How many tasks the phase is split into (``shards=``): a number, or a callable of the
+    #: phase's config; None: one task, not sharded.
+    shards: int | Callable[[dict[str, Any]], int] | None = None
+    #: Publishes the phase's artifacts from its shards' parts; None: shards.merge_default.
+    merge: Callable[[PhaseContext], Any] | None = None
     #: The hash of the function's code and of ``code``; computed when the phase is made,
     #: from the source that was just imported (a file changed later on disk does not count).
     code_hash: CodeHash = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "code_hash", phase_code_hash(self.func, self.code))
+        code = (*self.code, self.merge) if self.merge is not None else self.code
+        object.__setattr__(self, "code_hash", phase_code_hash(self.func, code))
 
     @property
     def origin(self) -> str:
@@ -67,6 +76,21 @@ class Phase:
         """The phase's config as a plain dict (a callable config is called now)."""
         config = self.config() if callable(self.config) else self.config
         return dict(config or {})
+
+    @property
+    def sharded(self) -> bool:
+        return self.shards is not None
+
+    def shard_count(self) -> int | None:
+        """How many shards the phase has now (``shards=`` resolved); None when not sharded."""
+        if self.shards is None:
+            return None
+        count = self.shards(self.resolved_config()) if callable(self.shards) else self.shards
+        if isinstance(count, bool) or not isinstance(count, int):
+            raise PipelineConfigError(
+                f"shards of phase {self.name!r} must be a whole number, not {count!r}"
+            )
+        return count
 
 
 class Fault(StrEnum):
@@ -81,6 +105,7 @@ class Fault(StrEnum):
     PRODUCES_NOTHING = "phase produces nothing"
     BAD_LIMITS = "bad retries or timeout"
     BAD_ARTIFACT_NAME = "artifact name not a safe path segment"
+    BAD_SHARDS = "bad shards or merge"
 
 
 @dataclass(frozen=True)
@@ -99,6 +124,38 @@ class Problem:
     msg: str
     hint: str | None = None
     obj: str | None = None
+
+
+def _shard_problems(p: Phase) -> list[Problem]:
+    hint = f"shards= takes a whole number from 1 to {MAX_SHARDS}, or a callable returning one."
+    if p.merge is not None and p.shards is None:
+        return [
+            Problem(
+                Fault.BAD_SHARDS, f"phase {p.name!r} has a merge= but no shards=.", hint, p.name
+            )
+        ]
+    if p.merge is not None and not callable(p.merge):
+        return [
+            Problem(
+                Fault.BAD_SHARDS, f"the merge= of phase {p.name!r} is not callable.", hint, p.name
+            )
+        ]
+    if p.shards is None:
+        return []
+    try:
+        count = p.shard_count()
+    except Exception as exc:
+        return [
+            Problem(
+                Fault.BAD_SHARDS,
+                f"the shards of phase {p.name!r} cannot be used: {type(exc).__name__}: {exc}",
+                hint,
+                p.name,
+            )
+        ]
+    if count is None or not 1 <= count <= MAX_SHARDS:
+        return [Problem(Fault.BAD_SHARDS, f"phase {p.name!r} has shards={count!r}.", hint, p.name)]
+    return []
 
 
 def descendants(depends_on: Mapping[str, Iterable[str]], name: str) -> set[str]:
@@ -147,6 +204,8 @@ class Registry:
         retries: int = 0,
         config: Mapping[str, Any] | Callable[[], Mapping[str, Any]] | None = None,
         code: Sequence[Any] = (),
+        shards: int | Callable[[dict[str, Any]], int] | None = None,
+        merge: Callable[[PhaseContext], Any] | None = None,
         name: str | None = None,
     ) -> Callable[[F], F]:
         """Register a function as an init phase.
@@ -166,6 +225,14 @@ class Registry:
         config     dict (or a callable returning one) of JSON values; part of the fingerprint
         code       modules, classes or functions the phase calls whose code must count in
                    its fingerprint too (a module counts whole)
+        shards     split the phase into this many tasks (a number, or a callable of the
+                   config): each runs the function with ``ctx.shard.index`` and
+                   ``ctx.shard.count`` and saves its part of every artifact with the usual
+                   ``save_*``; then ``merge`` publishes the artifacts from the parts
+        merge      ``merge(ctx)``: read the parts with ``ctx.parts(name)`` (paths) or
+                   ``ctx.load_parts(name)`` (values) and save the artifacts; by default JSON
+                   lists are concatenated, arrays stacked, bytes and files joined, in shard
+                   order
         name       the phase's name; defaults to the function's name
 
         The fingerprint sees the function's own code, nested functions included, with
@@ -195,6 +262,8 @@ class Registry:
                 retries=retries,
                 config=config,
                 code=named,
+                shards=shards,
+                merge=merge,
             )
             old = self._phases.get(phase_name)
             if old is not None and old.origin != new.origin:
@@ -338,6 +407,8 @@ class Pipeline:
                             p.name,
                         )
                     )
+        for p in self.phases.values():
+            found.extend(_shard_problems(p))
         for artifact_name, names in sorted(owners.items()):
             if len(names) > 1:
                 found.append(
@@ -461,13 +532,16 @@ class Pipeline:
         result: dict[str, Fingerprint] = {}
         for name in self.order():
             p = self.phases[name]
-            recipe = {
+            recipe: dict[str, Any] = {
                 "code": p.code_hash.sha256,
                 "version": p.version,
                 "config": hashlib.sha256(_canonical(p.resolved_config()).encode()).hexdigest(),
                 "produces": list(p.produces),
                 "inputs": {dep: result[dep].value for dep in sorted(self._known_deps(name))},
             }
+            if p.sharded:
+                # How the work is split shapes the parts, and the parts are cached.
+                recipe["shards"] = p.shard_count()
             value = hashlib.sha256(_canonical({"phase": name, **recipe}).encode()).hexdigest()
             result[name] = Fingerprint(value, recipe)
         return result

@@ -8,7 +8,7 @@ Building a report never writes (web reads poll it every second).
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime
 from typing import Any
 
@@ -55,6 +55,11 @@ class PhaseReport:
     error: str
     traceback: str
     depends_on: list[str]
+    worker: str = ""
+    #: A shard's index; None for a phase's own row.
+    shard_index: int | None = None
+    #: A sharded phase's shards (its progress is theirs and its merge's); None otherwise.
+    shards: list[PhaseReport] | None = None
 
     @classmethod
     def of(cls, pr: PhaseRun) -> PhaseReport:
@@ -77,7 +82,20 @@ class PhaseReport:
             error=pr.error,
             traceback=pr.traceback,
             depends_on=list(pr.depends_on),
+            worker=pr.worker,
+            shard_index=pr.shard_index if pr.shard_of else None,
         )
+
+    def with_shards(self, shards: list[PhaseReport]) -> PhaseReport:
+        """This phase's report with its shards: its progress counts theirs and its merge's."""
+        progress = self.progress
+        if not self.done and shards:
+            progress = (sum(s.progress for s in shards) + self.progress) / (len(shards) + 1)
+        return replace(self, shards=shards, progress=progress)
+
+    def lanes(self) -> list[PhaseReport]:
+        """This phase, then its shards (what a display shows one line each of)."""
+        return [self, *(self.shards or [])]
 
     @property
     def done(self) -> bool:
@@ -107,6 +125,16 @@ class PhaseReport:
             "finished_at": _iso(self.finished_at),
             "duration": self.duration,
             "error": (self.error + ("\n\n" + self.traceback if self.traceback else "")) or None,
+            **(
+                {}
+                if self.shards is None
+                else {
+                    "shards": [
+                        {**s.as_dict(), "index": s.shard_index, "worker": s.worker}
+                        for s in self.shards
+                    ]
+                }
+            ),
         }
 
     def public(self) -> dict[str, Any]:
@@ -181,6 +209,10 @@ class RunReport:
         """From 0 to 1: the mean of its phases' (a cached phase counts as done)."""
         return history.overall_progress(self.phases)
 
+    def lanes(self) -> list[PhaseReport]:
+        """Every phase, each sharded one followed by its shards."""
+        return [lane for p in self.phases for lane in p.lanes()]
+
     @property
     def done_count(self) -> int:
         return sum(p.done for p in self.phases)
@@ -233,9 +265,24 @@ def run_report(
         finished_at=run.finished_at,
         duration=run.duration,
         error=run.error,
-        phases=[PhaseReport.of(p) for p in rows],
+        phases=_grouped(rows),
         estimate_remaining=None if seconds is None else round(seconds, 1),
     )
+
+
+def _grouped(rows: Sequence[PhaseRun]) -> list[PhaseReport]:
+    """The phases of a run, each sharded one with its shards under it."""
+    shards: dict[str, list[PhaseReport]] = {}
+    for pr in rows:
+        if pr.shard_of:
+            shards.setdefault(pr.shard_of, []).append(PhaseReport.of(pr))
+    return [
+        PhaseReport.of(pr).with_shards(shards.get(pr.name, []))
+        if pr.shard_count is not None
+        else PhaseReport.of(pr)
+        for pr in rows
+        if not pr.shard_of
+    ]
 
 
 @dataclass(frozen=True)

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from django.db import IntegrityError, close_old_connections, transaction
 from django.utils import timezone
 
-from . import checkpoints, checks, dispatch
+from . import checkpoints, checks, dispatch, shards, storage
 from .conf import settings
 from .exceptions import EnqueueError
 from .execution import end_run, finish_run
@@ -102,7 +102,7 @@ def start(
     existing = PipelineRun.objects.in_flight().first()
     superseded = None
     if existing is not None:
-        planned = dict(existing.phases.values_list("name", "fingerprint"))
+        planned = dict(existing.phases.filter(shard_of="").values_list("name", "fingerprint"))
         if planned == pipeline.fingerprints():
             return StartResult(ATTACHED, existing)
         # Planned with other code or settings (the previous deploy's): its output would
@@ -125,36 +125,20 @@ def start(
             if existing is not None:
                 return StartResult(ATTACHED, existing)
             run = PipelineRun.objects.create(trigger=trigger[:200], options=options)
-            rows = [
-                PhaseRun(
-                    run=run,
-                    name=p.name,
-                    position=position,
-                    fingerprint=p.fingerprint,
-                    recipe=p.recipe,
-                    reason=p.reason[:200],
-                    version=pipeline.phases[p.name].version,
-                    depends_on=pipeline.dependencies(p.name),
-                    produces=list(pipeline.phases[p.name].produces),
-                    state=PhaseState.CACHED if p.cached else PhaseState.PENDING,
-                    max_attempts=pipeline.phases[p.name].retries + 1,
-                    max_losses=settings.LOST_LIMIT,
-                    timeout=pipeline.phases[p.name].timeout or settings.DEFAULT_TIMEOUT,
-                )
-                for position, p in enumerate(the_plan.phases)
-            ]
+            rows = _rows(run, pipeline, the_plan)
             # A phase forced to run again starts from scratch; the others resume from the
             # checkpoint an earlier run of the same code left, if any.
+            forced_now = {p.name for p in the_plan.phases if p.reason == FORCED}
             checkpoints.adopt(
                 [
-                    row
-                    for row, p in zip(rows, the_plan.phases, strict=True)
-                    if not p.cached and p.reason != FORCED
+                    r
+                    for r in rows
+                    if r.state == PhaseState.PENDING and (r.shard_of or r.name) not in forced_now
                 ]
             )
             PhaseRun.objects.bulk_create(rows)
             _adopt(the_plan)
-            to_run = the_plan.to_run
+            to_run = [r.name for r in rows if r.state == PhaseState.PENDING]
             transaction.on_commit(lambda: enqueue(run.pk, to_run))
     except IntegrityError:
         # Another start won the race between our check and our insert: the partial
@@ -195,6 +179,69 @@ def _adopt(the_plan: Plan) -> None:
                 p.name,
                 ", ".join(a.name for a in p.adopt),
             )
+
+
+def _rows(run: PipelineRun, pipeline: Pipeline, the_plan: Plan) -> list[PhaseRun]:
+    """The records of a new run: a row per phase, and one per shard of a sharded phase that
+    runs (its shards before it; it waits for them all and merges their parts)."""
+    rows: list[PhaseRun] = []
+    for p in the_plan.phases:
+        phase = pipeline.phases[p.name]
+        common = {
+            "run": run,
+            "version": phase.version,
+            "max_attempts": phase.retries + 1,
+            "max_losses": settings.LOST_LIMIT,
+            "timeout": phase.timeout or settings.DEFAULT_TIMEOUT,
+        }
+        depends_on = pipeline.dependencies(p.name)
+        count = phase.shard_count() if phase.sharded else None
+        shard_names = []
+        for index in range(0 if p.cached else count or 0):
+            fingerprint = shards.fingerprint(p.fingerprint, index, count or 0)
+            parts = [shards.part_name(a, index, count or 0) for a in phase.produces]
+            cached = p.reason != FORCED and _parts_cached(parts, fingerprint)
+            shard_names.append(shards.row_name(p.name, index))
+            rows.append(
+                PhaseRun(
+                    name=shard_names[-1],
+                    position=len(rows),
+                    fingerprint=fingerprint,
+                    recipe=p.recipe,
+                    reason="unchanged" if cached else p.reason[:200],
+                    depends_on=depends_on,
+                    produces=parts,
+                    state=PhaseState.CACHED if cached else PhaseState.PENDING,
+                    shard_of=p.name,
+                    shard_index=index,
+                    shard_count=count,
+                    **common,
+                )
+            )
+        rows.append(
+            PhaseRun(
+                name=p.name,
+                position=len(rows),
+                fingerprint=p.fingerprint,
+                recipe=p.recipe,
+                reason=p.reason[:200],
+                depends_on=shard_names or depends_on,
+                produces=list(phase.produces),
+                state=PhaseState.CACHED if p.cached else PhaseState.PENDING,
+                shard_count=count,
+                **common,
+            )
+        )
+    return rows
+
+
+def _parts_cached(parts: Sequence[str], fingerprint: str) -> bool:
+    """A shard is cached when every part it saved under its fingerprint can serve."""
+    for name in parts:
+        record = Artifact.objects.for_fingerprint(name, fingerprint).first()
+        if record is None or not storage.is_valid(record):
+            return False
+    return True
 
 
 def enqueue(run_id: int, names: Sequence[str]) -> None:

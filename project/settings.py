@@ -136,6 +136,8 @@ INITPIPELINE = {
 SEARCH_SCALE = float(os.environ.get("SEARCH_SCALE", "1"))
 # Cap the corpus (tests use a small one); 0 = no cap.
 SEARCH_MAX_DOCS = int(os.environ.get("SEARCH_MAX_DOCS", "0"))
+# The shards of the first phase: enough to give both of make demo's worker processes work.
+SEARCH_SHARDS = int(os.environ.get("SEARCH_SHARDS", "4"))
 
 LOGGING = {
     "version": 1,

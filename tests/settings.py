@@ -40,12 +40,23 @@ elif DATABASES["default"]["ENGINE"] == "django.db.backends.postgresql":
 
 # "small": tests/testapp's fast, controllable pipeline a -> b -> c; "parallel":
 # tests/parallelapp's two independent branches and their join; "code": tests/codeapp's
-# x -> y -> z, whose source the tests rewrite; "demo": the real demo workload.
+# x -> y -> z, whose source the tests rewrite; "shards": tests/shardapp's sharded phase;
+# "demo": the real demo workload.
 PIPELINE = os.environ.get("INITPIPELINE_TEST_PIPELINE", "small")
-_APPS = {"small": "tests.testapp", "parallel": "tests.parallelapp", "code": "tests.codeapp"}
+_APPS = {
+    "small": "tests.testapp",
+    "parallel": "tests.parallelapp",
+    "code": "tests.codeapp",
+    "shards": "tests.shardapp",
+}
 if PIPELINE in _APPS:
     INSTALLED_APPS = [a for a in INSTALLED_APPS if a != "project.search"] + [_APPS[PIPELINE]]
-_REQUIRED = {"demo": ["lsa_docs"], "parallel": ["join_out"], "code": ["z_out"]}
+_REQUIRED = {
+    "demo": ["lsa_docs"],
+    "parallel": ["join_out"],
+    "code": ["z_out"],
+    "shards": ["total"],
+}
 
 INITPIPELINE = {
     **INITPIPELINE,

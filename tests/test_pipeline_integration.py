@@ -168,6 +168,7 @@ def test_demo_pipeline_through_a_worker(stack: Stack) -> None:
     assert result.returncode == 0, result.stderr + stack.log()
     run = PipelineRun.objects.get()
     assert states(run) == {
+        **{f"collect_docstrings#{i}": "succeeded" for i in range(4)},  # SEARCH_SHARDS
         "collect_docstrings": "succeeded",
         "build_tfidf": "succeeded",
         "compute_lsa": "succeeded",

@@ -197,3 +197,26 @@ def test_legacy_fingerprints_are_what_earlier_versions_recorded() -> None:
     assert configured.legacy_fingerprints() == {
         "a": "cbc9f804e74eeac22e4f3ad6629c407c889935bba267a10b942ef08197242b2b"
     }
+
+
+@pytest.mark.parametrize(
+    ("spec", "message"),
+    [
+        ({"shards": 0}, "phase 'a' has shards=0."),
+        ({"shards": 10_001}, "phase 'a' has shards=10001."),
+        ({"shards": lambda config: "many"}, "the shards of phase 'a' cannot be used"),
+        ({"merge": lambda ctx: None}, "phase 'a' has a merge= but no shards=."),
+    ],
+)
+def test_bad_shards_are_e025(spec: dict[str, Any], message: str) -> None:
+    pipeline = make({"name": "a", "produces": "x", **spec})
+    problems = pipeline.problems()
+    assert [PIPELINE_IDS[p.fault] for p in problems] == ["initpipeline.E025"]
+    assert problems[0].msg.startswith(message)
+
+
+def test_the_shard_count_is_part_of_the_fingerprint() -> None:
+    two = make({"name": "a", "produces": "x", "shards": 2}).fingerprints()
+    three = make({"name": "a", "produces": "x", "shards": 3}).fingerprints()
+    plain = make({"name": "a", "produces": "x"}).fingerprints()
+    assert len({two["a"], three["a"], plain["a"]}) == 3

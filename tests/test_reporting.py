@@ -114,3 +114,63 @@ def test_previous_timings_take_one_query(django_assert_num_queries: object) -> N
 def test_unknown_run_is_a_config_error() -> None:
     with pytest.raises(PipelineConfigError, match="there is no run 42"):
         reporting.status_report(run_id=42)
+
+
+def sharded_run() -> int:
+    shard = {"shard_of": "b", "shard_count": 2}
+    run = make_run(
+        "running",
+        [
+            Phase("a", start=0, took=1),
+            Phase("b#0", "succeeded", start=1, took=2, extra={**shard, "shard_index": 0}),
+            Phase(
+                "b#1",
+                "running",
+                start=1,
+                done=1,
+                total=4,
+                extra={**shard, "shard_index": 1, "depends_on": ["a"], "worker": "w2@host"},
+            ),
+            Phase("b", "pending", extra={"shard_count": 2, "depends_on": ["b#0", "b#1"]}),
+        ],
+        at=T0 + timedelta(hours=2),
+    )
+    return run.pk
+
+
+def test_a_sharded_phase_reports_its_shards_under_it() -> None:
+    sharded_run()
+    report = reporting.latest_run_report()
+    assert report is not None
+    assert [p.name for p in report.phases] == ["a", "b"]
+    b = report.phases[1]
+    assert [s.name for s in b.shards or []] == ["b#0", "b#1"]
+    # The phase's progress is its shards' and its merge's: (1 + 0.25 + 0) / 3.
+    assert b.progress == pytest.approx(1.25 / 3)
+    data = b.as_dict()
+    assert [(s["index"], s["state"], s["progress"], s["worker"]) for s in data["shards"]] == [
+        (0, "succeeded", 1.0, ""),
+        (1, "running", 0.25, "w2@host"),
+    ]
+    assert [p.name for p in report.lanes()] == ["a", "b", "b#0", "b#1"]
+    assert "shards" not in report.phases[0].as_dict()
+
+
+def test_the_admin_and_the_terminal_show_each_shard(client: Client) -> None:
+    from initpipeline import formatters
+
+    run_id = sharded_run()
+    staff = User.objects.create_user("ops", password="x", is_staff=True)
+    staff.user_permissions.add(Permission.objects.get(codename="view_pipelinerun"))
+    client.force_login(staff)
+    page = client.get(reverse("admin:initpipeline_pipelinerun_progress_run", args=[run_id]))
+    html = page.content.decode()
+    for name in ("b#0", "b#1"):
+        assert f'<tr data-phase="{name}" class="ip-shard">' in html
+    report = reporting.latest_run_report()
+    assert report is not None
+    names = [
+        line.split()[0]
+        for line in formatters.table(formatters.phase_rows(report.phases)).splitlines()
+    ]
+    assert names == ["PHASE", "a", "b", "b#0", "b#1"]

@@ -52,7 +52,7 @@ class PlainProgress:
         self.out.flush()
 
     def __call__(self, run: RunReport) -> None:
-        for p in run.phases:
+        for p in run.lanes():
             seen = self.seen.setdefault(p.name, _Seen())
             if seen.ended:
                 continue
@@ -123,7 +123,7 @@ class RichProgress:
         self.progress.stop()
 
     def __call__(self, run: RunReport) -> None:
-        for p in run.phases:
+        for p in run.lanes():
             fields: dict[str, Any] = {
                 "name": p.name,
                 "state": p.state,

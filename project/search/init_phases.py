@@ -24,7 +24,11 @@ from . import engine
 
 def _corpus_config() -> dict[str, Any]:
     scale = float(settings.SEARCH_SCALE)
-    return {"scale": scale, "max_files": int(settings.SEARCH_MAX_DOCS)}
+    return {
+        "scale": scale,
+        "max_files": int(settings.SEARCH_MAX_DOCS),
+        "shards": int(settings.SEARCH_SHARDS),
+    }
 
 
 def _lsa_config() -> dict[str, Any]:
@@ -63,6 +67,15 @@ def _module_name(path: Path) -> str:
     return path.stem
 
 
+def _merge_corpus(ctx: PhaseContext) -> None:
+    """Join the shards' corpus and titles in shard order (the files' order)."""
+    docs = [doc for part in ctx.load_parts("corpus") for doc in part]
+    files = len(_source_files(ctx.config["scale"], ctx.config["max_files"]))
+    ctx.logger.info("collected %d docstrings from %d files", len(docs), files)
+    ctx.save_json("corpus", docs, metadata={"documents": len(docs), "files": files})
+    ctx.save_json("titles", [title for part in ctx.load_parts("titles") for title in part])
+
+
 # code=: the functions and modules outside the phase function whose code shapes its
 # artifacts count in its fingerprint too, so editing them re-runs it (README: Writing phases).
 @phase(
@@ -71,14 +84,21 @@ def _module_name(path: Path) -> str:
     config=_corpus_config,
     code=[_source_files, _module_name],
     timeout=3600,
+    # Split over every worker process: each shard parses its share of the files, and
+    # _merge_corpus joins the shards' lists in order.
+    shards=lambda config: config["shards"],
+    merge=_merge_corpus,
 )
 def collect_docstrings(ctx: PhaseContext) -> None:
-    """Parse every module and keep the docstrings of modules, classes and functions.
+    """Parse this shard's share of the modules and keep the docstrings of modules, classes
+    and functions.
 
     Checkpoints every tenth of its files: a worker killed mid-phase costs at most that
     much, and one shutting down hands the phase over with everything parsed so far.
     """
-    files = _source_files(ctx.config["scale"], ctx.config["max_files"])
+    assert ctx.shard is not None
+    every_file = _source_files(ctx.config["scale"], ctx.config["max_files"])
+    files = [every_file[i] for i in ctx.shard.slice(len(every_file))]
     state = ctx.resumed or {"done": 0, "docs": []}
     docs: list[list[str]] = state["docs"]
     every = max(1, len(files) // 10)

@@ -30,6 +30,12 @@
         return text;
     }
 
+    // Every phase, each sharded one followed by its shards: one table row and one timeline
+    // lane each (a shard's name is its record's, "phase#3").
+    function lanes(run) {
+        return run.phases.flatMap((p) => [p, ...(p.shards || [])]);
+    }
+
     /* Same output as initpipeline.formatters.fmt_duration. */
     function fmtDuration(seconds) {
         if (seconds === null || seconds === undefined) {
@@ -191,10 +197,10 @@
         const top = 6;
         const rowHeight = previous ? 30 : 22;
         const axisHeight = 22;
-        const height = top + run.phases.length * rowHeight + axisHeight;
+        const height = top + lanes(run).length * rowHeight + axisHeight;
         const origin = run.started_at ? Date.parse(run.started_at) : null;
         const now = serverNow(run);
-        const current = run.phases.map((p) => {
+        const current = lanes(run).map((p) => {
             const offset = origin !== null && p.started_at
                 ? Math.max(0, (Date.parse(p.started_at) - origin) / 1000) : null;
             let duration = p.duration;
@@ -218,7 +224,7 @@
         const x = (t) => labelWidth + (t / axisEnd) * (width - labelWidth - right);
 
         const svg = svgEl("svg", {viewBox: `0 0 ${width} ${height}`, "aria-hidden": "true"});
-        const axisY = top + run.phases.length * rowHeight;
+        const axisY = top + lanes(run).length * rowHeight;
         for (let t = 0; t <= axisEnd + 1e-9; t += step) {
             svg.appendChild(svgEl("line", {class: "ip-tl-grid", x1: x(t), x2: x(t), y1: top, y2: axisY}));
             svg.appendChild(svgEl("text", {x: x(t), y: axisY + 15, "text-anchor": "middle"}, fmtTick(t)));
@@ -317,7 +323,7 @@
             const runError = box.querySelector('[data-field="run-error"]');
             runError.hidden = !run.error;
             setText(runError, run.error || "");
-            for (const p of run.phases) {
+            for (const p of lanes(run)) {
                 updatePhase(table, p, labels, clock);
             }
             for (const form of box.querySelectorAll("form[data-when]")) {

@@ -1,0 +1,6 @@
+from django.apps import AppConfig
+
+
+class ShardAppConfig(AppConfig):
+    name = "tests.shardapp"
+    label = "shardapp"
