@@ -25,6 +25,7 @@ if TYPE_CHECKING:
     from .models import PhaseRun
     from .registry import Phase, Pipeline
 
+
 class PhaseContext:
     """Handed to every phase function.
 

@@ -603,7 +603,7 @@ def finish_run(*, run_id: int) -> Generation | None:
                 artifacts.append(record)
         now = timezone.now()
         generation = Generation.objects.create(
-            run=run, fingerprints={p.name: p.fingerprint for p in phases}
+            run=run, fingerprints={p.name: p.fingerprint for p in phases if not p.shard_of}
         )
         generation.artifacts.set(artifacts)
         Generation.objects.filter(is_active=True).update(is_active=False)

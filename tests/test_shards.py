@@ -98,6 +98,9 @@ def test_shards_run_side_by_side_on_two_worker_processes_and_merge(shards: Stack
         "finished_at",
     }
     assert "squares#0" not in {p["name"] for p in data["run"]["phases"]}
+    # Nothing changed: the next deploy has nothing to run.
+    again = shards.manage("start_init")
+    assert again.stdout.startswith("up to date: generation"), again.stdout + again.stderr
 
 
 def test_a_worker_killed_mid_shard_costs_only_that_shard(shards: Stack) -> None:
