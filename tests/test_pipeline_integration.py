@@ -12,10 +12,10 @@ import pytest
 
 from initpipeline import storage
 from initpipeline.models import Artifact, Generation, PhaseRun, PipelineRun
-from tests.conftest import ROOT, Stack
+from tests.conftest import ROOT, Stack, brokers
 
 pytestmark = [pytest.mark.slow]
-BOTH = pytest.mark.parametrize("stack", ["filesystem", "redis"], indirect=True)
+BOTH = brokers("filesystem", "redis")
 EVERY_BROKER = pytest.mark.parametrize("stack", ["filesystem", "redis", "rabbitmq"], indirect=True)
 
 
