@@ -150,6 +150,9 @@ def test_ten_concurrent_start_init_create_exactly_one_run(stack: Stack) -> None:
     [
         (["--from", "nosuch"], "CommandError: unknown phase 'nosuch' (known: a, b, c)"),
         (["--only", "a", "zz"], "CommandError: unknown phase 'zz' (known: a, b, c)"),
+        # --wait changes nothing: the run never starts, so there is nothing to wait for.
+        (["--wait", "--from", "nosuch"], "CommandError: unknown phase 'nosuch' (known: a, b, c)"),
+        (["--wait", "--only", "zz"], "CommandError: unknown phase 'zz' (known: a, b, c)"),
     ],
 )
 def test_bad_usage_exits_2_with_a_one_line_reason(
