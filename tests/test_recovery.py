@@ -515,6 +515,47 @@ def test_cancel_mid_phase_stops_it_at_its_next_write_and_the_old_generation_serv
     assert again.stderr.strip() == f"CommandError: nothing to cancel: run {run.pk} is cancelled"
 
 
+def test_a_phase_that_only_heartbeats_stops_at_its_next_heartbeat_after_a_cancel(
+    stack: Stack,
+) -> None:
+    stack.control(heartbeat={"b": 120})
+    stack.start_worker()
+    assert stack.manage("start_init").returncode == 0
+    run = PipelineRun.objects.get()
+    wait_for(lambda: any(c.phase == "b" for c in stack.calls(run.pk)), timeout=60)
+    assert stack.manage("cancel_init").returncode == 0
+    wait_for(lambda: phase(run, "b").message.startswith("cancelled; stopped after"), 60)
+    calls = [c for c in stack.calls(run.pk) if c.phase == "b"]
+    assert {c.kind for c in calls} == {"heartbeat"}  # never a progress() call
+    # heartbeat() writes: the first one after the cancel, which no longer counts, stops it.
+    assert len(calls_after_last_beat(stack, run, "b")) == 1
+    assert calls[-1].step < 1200  # of its 120 s of heartbeats
+    task_ended(stack, phase(run, "b"), "ignored")
+    assert [name for name, _ in executions(stack, run)] == ["a", "b"]
+
+
+def test_heartbeat_calls_alone_keep_a_phase_alive_and_silence_does_not(stack: Stack) -> None:
+    # No heartbeat thread (its interval is an hour): a phase shows it is alive by its own
+    # calls only, and a worker checks every STALE_AFTER/2 for phases silent for STALE_AFTER.
+    stale_after = 2.0
+    overrides = {"HEARTBEAT_INTERVAL": 3600, "STALE_AFTER": stale_after}
+    stack.env["INITPIPELINE_TEST_SETTINGS"] = json.dumps(overrides)
+    # a calls heartbeat() for more than twice STALE_AFTER; b, silent, waits to be taken over.
+    stack.control(heartbeat={"a": 2 * stale_after + 0.5}, silent={"b": 60})
+    stack.start_worker()
+    assert stack.manage("start_init", env=RETRIES).returncode == 0
+    run = wait_ended(PipelineRun.objects.get(), stack)
+    assert run.state == "succeeded", run.error + stack.log()
+    a, b = phase(run, "a"), phase(run, "b")
+    assert a.attempt == 1
+    assert a.started_at and a.finished_at
+    assert (a.finished_at - a.started_at).total_seconds() > 2 * stale_after
+    assert {c.kind for c in stack.calls(run.pk) if c.phase == "a"} == {"heartbeat"}
+    assert b.attempt == 2
+    assert f"recovery: run {run.pk}, b resent: worker " in stack.log()
+    assert executions(stack, run) == [("a", 1), ("b", 1), ("b", 2), ("c", 1)]
+
+
 def test_cancel_init_exit_codes(stack: Stack) -> None:
     nothing = stack.manage("cancel_init")
     assert (nothing.returncode, nothing.stderr.strip()) == (
