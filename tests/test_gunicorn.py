@@ -306,17 +306,18 @@ def test_keep_alive_survives_slow_in_worker_init(
         proc.wait()
 
 
-def start_init_processes(session: int) -> list[int]:
-    """The live processes of a session that run start_init (the when_ready hook's)."""
+def start_init_processes(master: int) -> list[int]:
+    """The live start_init processes under Gunicorn's master (the when_ready hook's): they
+    keep the sid that start_new_session gave the master."""
     found = []
     for stat in Path("/proc").glob("[0-9]*/stat"):
         try:
-            # After the command's name: state, ppid, process group, session, ...
+            # After the command's name: state, ppid, pgrp, sid, ...
             fields = stat.read_text().rsplit(")", 1)[1].split()
             cmdline = (stat.parent / "cmdline").read_bytes()
         except (OSError, IndexError):
             continue  # it ended meanwhile
-        if int(fields[3]) == session and fields[0] != "Z" and b"start_init" in cmdline:
+        if int(fields[3]) == master and fields[0] != "Z" and b"start_init" in cmdline:
             found.append(int(stat.parent.name))
     return found
 
