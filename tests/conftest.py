@@ -6,11 +6,13 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 from collections.abc import Callable, Iterator
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import pytest
 from django.conf import settings
@@ -87,8 +89,13 @@ class Stack:
         self.worker_logs: list[Path] = []
 
     def control(self, **values: Any) -> None:
-        """Write tests/testapp's control file (versions, fail, sleep)."""
-        (self.var / "control.json").write_text(json.dumps(values))
+        """Write tests/testapp's control file (versions, fail, sleep, hold...).
+
+        Replaced whole, never rewritten in place: a held phase reads it while it changes.
+        """
+        scratch = self.var / "control.json.new"
+        scratch.write_text(json.dumps(values))
+        os.replace(scratch, self.var / "control.json")
 
     def manage(
         self, *args: str, timeout: float = 120, env: dict[str, str] | None = None
@@ -102,18 +109,39 @@ class Stack:
             timeout=timeout,
         )
 
-    def start_worker(self, concurrency: int = 1, env: dict[str, str] | None = None) -> None:
+    def start_worker(
+        self, concurrency: int = 1, env: dict[str, str] | None = None, args: tuple[str, ...] = ()
+    ) -> str:
+        """Start worker subprocess n (args: more options, such as -Q); returns its name,
+        which PhaseRun.worker records for the phases it runs."""
         n = len(self.workers)
         log = self.tmp / f"worker{n}.log"
-        cmd = celery_worker("-n", f"test{n}@%h", concurrency=concurrency)
+        cmd = celery_worker("-n", f"test{n}@%h", *args, concurrency=concurrency)
         proc = spawn(cmd, {**self.env, **(env or {})}, log, cwd=ROOT)
         # Listed before the wait, so that teardown stops a worker that never got ready.
         self.workers.append(proc)
         self.worker_logs.append(log)
         wait_worker_ready(proc, log)
+        return f"test{n}@{socket.gethostname()}"
 
     def log(self, n: int = 0) -> str:
         return self.worker_logs[n].read_text(errors="replace")
+
+    def executions(self, run_id: int) -> list[tuple[str, int]]:
+        """(phase, attempt) of every time a phase of the run really started, in order."""
+        path = self.var / "executions.log"
+        rows = [line.split() for line in path.read_text().splitlines()] if path.exists() else []
+        return [(r[0], int(r[2])) for r in rows if int(r[1]) == run_id]
+
+    def calls(self, run_id: int) -> list[Call]:
+        """The progress() and heartbeat() calls of the run's phases, in order."""
+        path = self.var / "calls.log"
+        rows = [line.split() for line in path.read_text().splitlines()] if path.exists() else []
+        return [
+            Call(r[0], int(r[2]), r[3], int(r[4]), datetime.fromtimestamp(float(r[5]), UTC))
+            for r in rows
+            if int(r[1]) == run_id
+        ]
 
     def stop_workers(self) -> None:
         # Teardown only: an idle worker's warm shutdown takes seconds on these transports,
@@ -122,9 +150,26 @@ class Stack:
             kill_group(proc)
 
 
+class Call(NamedTuple):
+    """A progress() or heartbeat() call of a tests/testapp phase (its calls.log)."""
+
+    phase: str
+    attempt: int
+    kind: str
+    step: int
+    at: datetime
+
+
 # The broker of tests that do not name one; a CI leg sets it to run them all on Redis or
 # RabbitMQ too.
 DEFAULT_BROKER = os.environ.get("INITPIPELINE_TEST_BROKER", "filesystem")
+
+
+def brokers(*names: str) -> pytest.MarkDecorator:
+    """Run the test on a stack of each of these brokers, and of DEFAULT_BROKER: the CI leg
+    that sets INITPIPELINE_TEST_BROKER=rabbitmq (-k rabbitmq) runs it on RabbitMQ too."""
+    chosen = [*names, *([] if DEFAULT_BROKER in names else [DEFAULT_BROKER])]
+    return pytest.mark.parametrize("stack", chosen, indirect=True)
 
 
 @pytest.fixture(params=[DEFAULT_BROKER])
@@ -140,6 +185,9 @@ def stack(
         rabbitmq.purge()
         s.env["CELERY_BROKER_URL"] = rabbitmq.url
     s.control()
+    # Those of earlier tests, whose run ids a fresh database may hand out again.
+    for name in ("executions.log", "calls.log"):
+        (s.var / name).unlink(missing_ok=True)
     yield s
     s.stop_workers()
     (s.var / "control.json").unlink(missing_ok=True)

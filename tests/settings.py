@@ -5,6 +5,7 @@ with DATABASE_URL) and the same artifact storage, so a worker subprocess sees wh
 test wrote and the other way round.
 """
 
+import json
 import os
 from pathlib import Path
 
@@ -75,6 +76,8 @@ INITPIPELINE = {
     "LOCAL_CACHE_DIR": os.environ.get(
         "INITPIPELINE_TEST_CACHE_DIR", str(Path(os.environ["INITPIPELINE_VAR_DIR"]) / "cache")
     ),
+    # What a test's worker and CLI processes need on top (QUEUE, STALE_AFTER, ...), as JSON.
+    **json.loads(os.environ.get("INITPIPELINE_TEST_SETTINGS") or "{}"),
 }
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import pty
 import re
@@ -10,11 +11,13 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from datetime import datetime
+from typing import Any
 
 import pytest
 
 from initpipeline.formatters import fmt_size
-from initpipeline.models import Artifact, Generation, PipelineRun
+from initpipeline.models import Artifact, Generation, PhaseRun, PipelineRun
 from tests.conftest import ROOT, Stack, free_port, wait_for
 from tests.servers import SilentServer
 
@@ -23,7 +26,7 @@ pytestmark = [pytest.mark.slow]
 CLOCK = r"\d\d:\d\d:\d\d"
 DURATION = r"(\d+\.\d s|\d+m\d\ds)"
 # Progress lines depend on when the poll happens to look: they may or may not be there.
-PROGRESS = re.compile(rf"{CLOCK} [abc] \d+% step \d+ of \d+")
+PROGRESS = re.compile(rf"{CLOCK} [abc] \d+% (step \d+ of \d+|held: step \d+)")
 
 
 def events(stdout: str) -> list[str]:
@@ -328,3 +331,185 @@ def test_a_locked_database_is_one_line_and_exit_2(stack: Stack) -> None:
     assert result.stderr.splitlines() == [
         "CommandError: the database cannot be used: database is locked"
     ]
+
+
+# -- what start_init runs, and its JSON ------------------------------------------------------
+
+
+def ran(stack: Stack, run: PipelineRun) -> list[str]:
+    """The phases of ``run`` that really ran (tests/testapp's executions log)."""
+    return [name for name, _ in stack.executions(run.pk)]
+
+
+def latest() -> PipelineRun:
+    run = PipelineRun.objects.latest_first().first()
+    assert run is not None
+    return run
+
+
+def test_only_and_from_rerun_exactly_the_named_phases(stack: Stack) -> None:
+    stack.start_worker()
+    assert stack.manage("start_init", "--wait").returncode == 0
+
+    # --only: just these, not what depends on them (c's fingerprint is unchanged: cached).
+    result = stack.manage("start_init", "--wait", "--only", "a", "b")
+    assert result.returncode == 0, result.stderr + stack.log()
+    run = latest()
+    assert dict(run.phases.values_list("name", "state")) == {
+        "a": "succeeded",
+        "b": "succeeded",
+        "c": "cached",
+    }
+    assert ran(stack, run) == ["a", "b"]
+    assert run.options == {"force": False, "from": None, "only": ["a", "b"]}
+
+    # --from: the phase and its dependants, nothing upstream.
+    result = stack.manage("start_init", "--wait", "--from", "b")
+    assert result.returncode == 0, result.stderr + stack.log()
+    run = latest()
+    assert dict(run.phases.values_list("name", "state")) == {
+        "a": "cached",
+        "b": "succeeded",
+        "c": "succeeded",
+    }
+    assert ran(stack, run) == ["b", "c"]
+
+    # Nothing named: nothing runs.
+    result = stack.manage("start_init")
+    generation = Generation.objects.get(is_active=True)
+    assert result.stdout == f"up to date: generation {generation.pk} is active\n"
+    assert generation.run_id == run.pk
+
+
+def iso(value: datetime | None) -> str | None:
+    return None if value is None else value.isoformat()
+
+
+def phase_json(pr: PhaseRun) -> dict[str, Any]:
+    """What start_init --json and init_status --json say of a phase record (README)."""
+    return {
+        "name": pr.name,
+        "state": pr.state,
+        "progress": round(pr.progress, 4),
+        "message": pr.message,
+        "attempt": pr.attempt,
+        "max_attempts": pr.max_attempts,
+        "timeout": pr.timeout,
+        "started_at": iso(pr.started_at),
+        "finished_at": iso(pr.finished_at),
+        "duration": pr.duration,
+        "error": None,
+    }
+
+
+def run_json(run: PipelineRun, estimate: float | None = None) -> dict[str, Any]:
+    run.refresh_from_db()
+    return {
+        "id": run.pk,
+        "state": run.state,
+        "trigger": "start_init",
+        "created_at": iso(run.created_at),
+        "started_at": iso(run.started_at),
+        "finished_at": iso(run.finished_at),
+        "error": None,
+        "phases": [phase_json(p) for p in run.phases.order_by("position")],
+        "estimate_remaining": estimate,
+    }
+
+
+def start_json(stack: Stack, *args: str) -> dict[str, Any]:
+    result = stack.manage("start_init", "--json", *args)
+    assert result.returncode == 0, result.stderr + stack.log()
+    data: dict[str, Any] = json.loads(result.stdout)
+    return data
+
+
+def test_start_init_json_of_each_outcome_and_init_status_until_the_first_run_ends(
+    stack: Stack,
+) -> None:
+    stack.control(hold=["a"])
+    # No worker yet: the run waits in the queue.
+    enqueued = start_json(stack)
+    run = PipelineRun.objects.get()
+    assert run.state == "pending"
+    assert [(p.name, p.max_attempts, p.timeout) for p in run.phases.order_by("position")] == [
+        ("a", 1, 3600),
+        ("b", 1, 3600),
+        ("c", 3, 3600),
+    ]
+    assert enqueued == {"outcome": "enqueued", "generation": None, "run": run_json(run)}
+    assert start_json(stack) == {"outcome": "attached", "generation": None, "run": run_json(run)}
+
+    # The first run in flight, pending then running: not ready yet.
+    status = stack.manage("init_status")
+    assert (status.returncode, status.stdout.splitlines()[0]) == (
+        3,
+        "state: not_ready   active generation: none",
+    )
+    stack.start_worker()
+    wait_for(lambda: run.phases.filter(name="a", state="running").exists(), timeout=60)
+    status = stack.manage("init_status", "--json")
+    assert status.returncode == 3
+    assert json.loads(status.stdout)["state"] == "not_ready"
+    assert json.loads(status.stdout)["run"]["phases"][0]["state"] == "running"
+
+    stack.control()  # a may end
+    wait_for(lambda: PipelineRun.objects.get().state == "succeeded", timeout=60)
+    assert stack.manage("init_status").returncode == 0
+    generation = Generation.objects.get(is_active=True)
+    assert start_json(stack) == {"outcome": "up_to_date", "generation": generation.pk, "run": None}
+
+    # --wait: one object, once the run has ended.
+    waited = start_json(stack, "--wait", "--force")
+    second = latest()
+    assert second.pk != run.pk and second.state == "succeeded"
+    assert waited == {
+        "outcome": "enqueued",
+        "generation": None,
+        "run": run_json(second, estimate=0.0),  # nothing left of a run that succeeded
+    }
+    assert [p["state"] for p in waited["run"]["phases"]] == ["succeeded"] * 3
+
+
+def test_start_init_wait_exits_1_when_the_run_is_cancelled(stack: Stack) -> None:
+    stack.control(hold=["b"])
+    stack.start_worker()
+    waiting = subprocess.Popen(
+        [sys.executable, str(ROOT / "manage.py"), "start_init", "--wait"],
+        cwd=ROOT,
+        env=stack.env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        run = wait_for(lambda: PipelineRun.objects.first(), timeout=60)
+        wait_for(lambda: run.phases.filter(name="b", state="running").exists(), timeout=60)
+        cancelled = stack.manage("cancel_init")
+        assert cancelled.returncode == 0, cancelled.stderr
+        out, err = waiting.communicate(timeout=120)
+    finally:
+        if waiting.poll() is None:
+            waiting.kill()
+            waiting.wait()
+    assert waiting.returncode == 1, out + err
+    assert err.splitlines()[-1] == f"CommandError: run {run.pk} cancelled: cancelled"
+    assert_lines(
+        events(out),
+        [
+            f"run {run.pk} enqueued",
+            f"{CLOCK} a running",
+            f"{CLOCK} a succeeded in {DURATION}",
+            f"{CLOCK} b running",
+            # The run ends at the cancel; b records that it stopped a moment later.
+            rf"{CLOCK} b cancelled(; stopped after \d+\.\d s)?",
+            f"{CLOCK} c cancelled",
+            f"run {run.pk} cancelled in {DURATION}",
+            f"  a  succeeded  {DURATION}",
+            f"  b  cancelled  {DURATION}",
+            r"  c  cancelled  -",
+            "artifacts published, not active:",
+            r"  a_out  json  \d+ B  sha256 [0-9a-f]{12}",
+            "error: cancelled",
+        ],
+    )

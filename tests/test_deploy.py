@@ -51,9 +51,12 @@ def test_systemd_units_verify(tmp_path: Path) -> None:
         "myapp-web.service",
         "myapp-worker.service",
     ]
-    # verify also checks that every ExecStart program exists: point them at this checkout.
+    # verify also checks that every ExecStart program exists: point them at the programs
+    # beside this interpreter (its venv, wherever the checkout keeps it) and at this checkout.
+    bin_dir = str(Path(sys.executable).parent)
     for unit in units:
-        (tmp_path / unit.name).write_text(unit.read_text().replace("/srv/myapp", str(ROOT)))
+        text = unit.read_text().replace("/srv/myapp/.venv/bin", bin_dir)
+        (tmp_path / unit.name).write_text(text.replace("/srv/myapp", str(ROOT)))
     result = subprocess.run(
         [analyze, "verify", *(u.name for u in units)],
         cwd=tmp_path,

@@ -6,10 +6,10 @@ tests/test_recovery.py and tests/test_parallel.py run the same code in real work
 
 from __future__ import annotations
 
-import time
 from typing import Any
 
 import pytest
+from django.test import override_settings
 from django.utils import timezone
 
 from initpipeline import execution, services, storage
@@ -78,11 +78,12 @@ def test_heartbeat_stops_a_copy_that_lost_its_phase() -> None:
     beat = execution.Heartbeat(pr, ctx)
     beat.start()
     try:
-        time.sleep(0.7)
+        # It writes the heartbeat while the copy owns the phase ...
+        wait_for(lambda: phase_of(run, "b").heartbeat_at != pr.heartbeat_at, timeout=30)
         assert not ctx.cancelled.is_set()
-        assert phase_of(run, "b").heartbeat_age(timezone.now()) < 0.7
         PhaseRun.objects.filter(pk=pr.pk).update(lease=2)  # another copy claimed it
-        wait_for(ctx.cancelled.is_set, timeout=2)
+        # ... and tells the phase to stop once it does not.
+        wait_for(ctx.cancelled.is_set, timeout=30)
     finally:
         beat.stop()
     with pytest.raises(PhaseCancelled):
@@ -124,6 +125,25 @@ def test_finish_before_cancel_leaves_nothing_to_cancel() -> None:
     run.refresh_from_db()
     assert run.state == "succeeded"
     assert Generation.objects.get(is_active=True).pk == generation.pk
+
+
+# -- retries ------------------------------------------------------------------------------
+
+
+@override_settings(INITPIPELINE={"RETRY_BACKOFF": 5.0, "RETRY_BACKOFF_MAX": 600.0})
+def test_backoff_stays_in_the_upper_half_of_a_ceiling_that_doubles_up_to_the_max(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    ceilings = [execution.backoff_ceiling(attempt) for attempt in range(1, 11)]
+    assert ceilings == [5, 10, 20, 40, 80, 160, 320, 600, 600, 600]
+    for attempt, ceiling in enumerate(ceilings, start=1):
+        delays = [execution.backoff(attempt) for _ in range(200)]
+        assert all(ceiling / 2 <= d <= ceiling for d in delays), (attempt, delays)
+        assert len(set(delays)) > 1  # jittered
+    # Both ends of the range are reachable.
+    for pick, share in [(min, 0.5), (max, 1.0)]:
+        monkeypatch.setattr(execution.random, "uniform", lambda a, b, pick=pick: pick(a, b))
+        assert [execution.backoff(n) for n in (1, 4, 12)] == [share * c for c in (5, 40, 600)]
 
 
 # -- the join barrier ---------------------------------------------------------------------

@@ -25,7 +25,14 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import ROOT, RedisServer, free_port, missing_service, wait_for
+from tests.conftest import (
+    REQUIRE_SERVICES,
+    ROOT,
+    RedisServer,
+    free_port,
+    missing_service,
+    wait_for,
+)
 from tests.servers import MotoServer, PostgresServer, ServiceUnavailable
 
 pytestmark = [pytest.mark.slow]
@@ -39,7 +46,8 @@ class Network:
     """One network namespace per host, joined by a bridge whose address serves the services.
 
     Without the rights to make namespaces, every host shares the loopback interface (the
-    processes and folders stay apart), and the test says so.
+    processes and folders stay apart), and the test says so; where
+    INITPIPELINE_REQUIRE_SERVICES=1 (CI) that is a failure.
     """
 
     def __init__(self) -> None:
@@ -77,10 +85,12 @@ class Network:
         except (OSError, subprocess.CalledProcessError) as exc:
             detail = getattr(exc, "stderr", "") or str(exc)
             self.down()
-            warnings.warn(
-                f"no network namespaces here ({detail.strip()}): the hosts share loopback",
-                stacklevel=1,
-            )
+            reason = f"no network namespaces here ({detail.strip()})"
+            if REQUIRE_SERVICES:
+                pytest.fail(
+                    f"{reason} (INITPIPELINE_REQUIRE_SERVICES=1: the hosts must not share loopback)"
+                )
+            warnings.warn(f"{reason}: the hosts share loopback", stacklevel=1)
             self.gateway = "127.0.0.1"
             self.addresses = dict.fromkeys(HOSTS, "127.0.0.1")
             return

@@ -8,7 +8,10 @@ from typing import Any
 
 import numpy as np
 import pytest
+from django.conf import settings
+from django.db import connection
 from django.test import Client, override_settings
+from django.test.utils import CaptureQueriesContext
 from django.utils import timezone
 
 from initpipeline import formats, loading, storage
@@ -158,6 +161,21 @@ def test_readyz_is_503_with_progress_until_the_required_artifacts_are_active() -
         "description": "artifacts ready",
         "checks": {"artifact:b_out": [{"componentType": "artifact", "status": "pass"}]},
     }
+
+
+def test_readyz_makes_no_query_once_ready(django_assert_num_queries: Any) -> None:
+    # Within REFRESH_INTERVAL, which the test stretches over its whole length.
+    with override_settings(INITPIPELINE={**settings.INITPIPELINE, "REFRESH_INTERVAL": 3600}):
+        with CaptureQueriesContext(connection) as queries:
+            assert Client().get("/init/readyz").status_code == 503
+        assert len(queries) > 0  # not ready: it reads the run's progress
+        activate(b_out=[1, 2])
+        loading.active.refresh()
+        with django_assert_num_queries(0):
+            for _ in range(20):
+                response = Client().get("/init/readyz")
+                assert (response.status_code, response.json()["status"]) == (200, "pass")
+            assert Client().get("/init/readyz?artifact=b_out").status_code == 200
 
 
 def test_readyz_for_one_artifact_and_an_unknown_one() -> None:

@@ -12,10 +12,10 @@ import pytest
 
 from initpipeline import storage
 from initpipeline.models import Artifact, Generation, PhaseRun, PipelineRun
-from tests.conftest import ROOT, Stack
+from tests.conftest import ROOT, Stack, brokers
 
 pytestmark = [pytest.mark.slow]
-BOTH = pytest.mark.parametrize("stack", ["filesystem", "redis"], indirect=True)
+BOTH = brokers("filesystem", "redis")
 EVERY_BROKER = pytest.mark.parametrize("stack", ["filesystem", "redis", "rabbitmq"], indirect=True)
 
 
@@ -128,6 +128,22 @@ def test_phase_out_of_retries_fails_the_run(stack: Stack) -> None:
     assert not Generation.objects.exists()
 
 
+def test_phase_tasks_go_to_the_queue_setting(stack: Stack) -> None:
+    # Every process of the deployment reads QUEUE; a worker consumes it only when told to.
+    stack.env["INITPIPELINE_TEST_SETTINGS"] = json.dumps({"QUEUE": "init"})
+    stack.start_worker()  # the default queue only
+    dedicated = stack.start_worker(args=("-Q", "init"))
+    result = stack.manage("start_init", "--wait")
+    assert result.returncode == 0, result.stderr + stack.log(1)
+    run = PipelineRun.objects.get()
+    assert states(run) == {"a": "succeeded", "b": "succeeded", "c": "succeeded"}
+    # Both workers were ready before the run started: only the one on "init" got its tasks,
+    # the finish step included.
+    assert set(run.phases.values_list("worker", flat=True)) == {dedicated}
+    assert "Task initpipeline.finish_run" in stack.log(1)
+    assert "Task initpipeline." not in stack.log(0)
+
+
 def test_ten_concurrent_start_init_create_exactly_one_run(stack: Stack) -> None:
     # No worker: the run stays in flight while all ten race to start it.
     cmd = [sys.executable, str(ROOT / "manage.py"), "start_init"]
@@ -150,6 +166,9 @@ def test_ten_concurrent_start_init_create_exactly_one_run(stack: Stack) -> None:
     [
         (["--from", "nosuch"], "CommandError: unknown phase 'nosuch' (known: a, b, c)"),
         (["--only", "a", "zz"], "CommandError: unknown phase 'zz' (known: a, b, c)"),
+        # --wait changes nothing: the run never starts, so there is nothing to wait for.
+        (["--wait", "--from", "nosuch"], "CommandError: unknown phase 'nosuch' (known: a, b, c)"),
+        (["--wait", "--only", "zz"], "CommandError: unknown phase 'zz' (known: a, b, c)"),
     ],
 )
 def test_bad_usage_exits_2_with_a_one_line_reason(

@@ -5,12 +5,15 @@ from io import StringIO
 from pathlib import Path
 
 import pytest
+from django.conf import settings
 from django.core.management import call_command
 from django.core.management.base import CommandError
+from django.test import override_settings
 from django.utils import timezone
 
-from initpipeline import formats, retention, storage
+from initpipeline import execution, formats, retention, storage
 from initpipeline.models import Artifact, Generation, PhaseRun, PipelineRun
+from tests.records import done, live_run, record_artifacts
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -144,3 +147,27 @@ def test_scratch_files_of_ended_runs_are_removed_at_once() -> None:
     assert not left.exists()
     assert writing.exists()
     writing.unlink()
+
+
+def finished(run: PipelineRun) -> PipelineRun:
+    """Give every phase of the test pipeline's ``run`` a file of its own, and activate it."""
+    record_artifacts(run, "a", "b", "c")
+    assert execution.finish_run(run_id=run.pk) is not None
+    return run
+
+
+@pytest.mark.parametrize("gc", [True, False])
+def test_gc_after_activation_deletes_the_files_of_generations_no_longer_kept(
+    artifacts_dir: Path, gc: bool
+) -> None:
+    options = {**settings.INITPIPELINE, "GC_AFTER_ACTIVATION": gc, "KEEP_GENERATIONS": 1}
+    with override_settings(INITPIPELINE=options):
+        first = finished(live_run(a=done(), b=done(), c=done()))
+        old = [artifacts_dir / a.storage_key for a in Artifact.objects.filter(run=first)]
+        assert len(old) == 3 and all(path.exists() for path in old)
+        second = finished(live_run(a=done(), b=done(), c=done()))
+    new = [artifacts_dir / a.storage_key for a in Artifact.objects.filter(run=second)]
+    assert Generation.objects.get(is_active=True).run_id == second.pk
+    assert all(path.exists() for path in new)
+    # The second activation ran init_gc (KEEP_GENERATIONS=1): the first run's files are gone.
+    assert [path.exists() for path in old] == [not gc] * 3

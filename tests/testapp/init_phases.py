@@ -17,10 +17,22 @@ The control file (``$INITPIPELINE_VAR_DIR/control.json``) may hold:
                            over s seconds, then publishes it with save_file (format "file",
                            so only for c, which nothing loads); its progress message says
                            "writing ..." meanwhile
+  heartbeat: {phase: s}    the phase works this long calling ctx.heartbeat() every 0.1 s and
+                           never progress() (it wins over sleep)
+  hold:     [phase, ...]   after its work, the phase reports progress every 0.1 s for as long
+                           as it is listed here (read again at each step, up to 120 s): a
+                           test holds a run in flight until it rewrites the control file
+  silent:   {phase: s}     until it is first lost, the phase calls neither progress() nor
+                           heartbeat(): it only reads its record until that is no longer its
+                           own (recovery took the phase over), at most s seconds; the copy
+                           that takes it over works as usual
 
 Every start of a phase appends "<phase> <run> <attempt> <pid>" to
 ``$INITPIPELINE_VAR_DIR/executions.log``, so tests can count how often a phase really ran,
-and "<phase> <run> <first step> <steps>" to ``starts.log``: where it (re)started.
+"<phase> <run> <first step> <steps>" to ``starts.log`` (where it (re)started), and every
+progress() or heartbeat() call it makes appends, just before the call,
+"<phase> <run> <attempt> progress|heartbeat <step> <unix time>" to ``calls.log`` beside it,
+so tests can tell what a phase did after an event recorded in the database.
 
 ``retries=`` and ``timeout=`` are fixed when this module is imported. The environment
 variable ``TESTAPP_PHASE_OPTIONS`` (JSON, ``{phase: {"retries": n, "timeout": s}}``) changes
