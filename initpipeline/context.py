@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any, BinaryIO
 
 from django.utils import timezone
 
-from . import checkpoints, formats, storage
+from . import checkpoints, events, formats, storage
 from .conf import settings
 from .exceptions import PhaseCancelled, PhaseHandedOff, PipelineConfigError
 from .formatters import plain_text
@@ -179,21 +179,17 @@ class PhaseContext:
         task = current_task
         if task is None or not task.request.id:
             return
-        try:
-            # retry=False: with the broker down, progress() must not block the phase
-            # for the publish retry policy's seconds; an event is worth losing.
-            task.send_event(
-                "task-progress",
-                retry=False,
-                phase=self.name,
-                shard=None if self.shard is None else self.shard.index,
-                run_id=self.run_id,
-                done=done,
-                total=total,
-                message=plain_text(message)[:200],
-            )
-        except Exception:
-            self.logger.debug("could not send the task-progress event", exc_info=True)
+        events.send(
+            task.app,
+            hostname=task.request.hostname,
+            uuid=task.request.id,
+            phase=self.name,
+            shard=None if self.shard is None else self.shard.index,
+            run_id=self.run_id,
+            done=done,
+            total=total,
+            message=plain_text(message)[:200],
+        )
 
     def heartbeat(self, *, checkpoint: Callable[[], Any] | None = None) -> None:
         """Say the phase is alive (a background thread also does it every HEARTBEAT_INTERVAL).

@@ -48,3 +48,25 @@ def test_progress_is_sent_as_task_progress_events(stack: Stack) -> None:
     assert 1 <= first["done"] <= 20
     assert first["message"].startswith("step ")
     assert first["uuid"]  # the task id, which Flower groups events by
+
+
+def test_a_broker_that_never_answers_does_not_slow_progress() -> None:
+    """progress() only queues the event; a thread of its own sends it (events.py)."""
+    import time
+
+    from initpipeline import events
+    from tests.servers import SilentServer
+
+    silent = SilentServer()
+    silent.start()
+    try:
+        hung = Celery(broker=f"redis://127.0.0.1:{silent.port}/0", set_as_current=False)
+        started = time.monotonic()
+        for n in range(3 * events.BACKLOG):
+            events.send(hung, hostname="w@h", uuid="t", phase="a", done=n, total=None)
+        # Every call returned at once: the sender thread is the one stuck on the broker,
+        # and the backlog stays bounded.
+        assert events._queue.qsize() <= events.BACKLOG
+        assert time.monotonic() - started < 30  # blocking would mean for ever: no clock race
+    finally:
+        silent.stop()

@@ -56,9 +56,7 @@ def do_work(ctx: PhaseContext) -> None:
         # No sign of life: read (never write) the record until recovery takes it from us.
         from initpipeline.models import PhaseRun
 
-        mine = PhaseRun.objects.filter(
-            run_id=ctx.run_id, name=ctx.name, losses=0, state="running"
-        )
+        mine = PhaseRun.objects.filter(run_id=ctx.run_id, name=ctx.name, losses=0, state="running")
         deadline = time.monotonic() + silent
         while mine.exists() and time.monotonic() < deadline:
             time.sleep(0.1)
