@@ -45,18 +45,21 @@ elif DATABASES["default"]["ENGINE"] == "django.db.backends.postgresql":
 # "demo": the real demo workload.
 PIPELINE = os.environ.get("INITPIPELINE_TEST_PIPELINE", "small")
 _APPS = {
-    "small": "tests.testapp",
-    "parallel": "tests.parallelapp",
-    "code": "tests.codeapp",
-    "shards": "tests.shardapp",
+    "small": ["tests.testapp"],
+    "parallel": ["tests.parallelapp"],
+    "code": ["tests.codeapp"],
+    "shards": ["tests.shardapp"],
+    # tests/test_hosts.py: parallel phases and a sharded one, over several hosts.
+    "hosts": ["tests.parallelapp", "tests.shardapp"],
 }
 if PIPELINE in _APPS:
-    INSTALLED_APPS = [a for a in INSTALLED_APPS if a != "project.search"] + [_APPS[PIPELINE]]
+    INSTALLED_APPS = [a for a in INSTALLED_APPS if a != "project.search"] + _APPS[PIPELINE]
 _REQUIRED = {
     "demo": ["lsa_docs"],
     "parallel": ["join_out"],
     "code": ["z_out"],
     "shards": ["total"],
+    "hosts": ["join_out", "total"],
 }
 
 INITPIPELINE = {

@@ -153,6 +153,13 @@ class Host:
         log = self.var / "executions.log"
         return [line.split()[0] for line in log.read_text().splitlines()] if log.exists() else []
 
+    def shards(self) -> list[int]:
+        """The shards of squares this host ran (tests/shardapp writes the log)."""
+        log = self.var / "shards.log"
+        return (
+            [int(line.split()[1]) for line in log.read_text().splitlines()] if log.exists() else []
+        )
+
     def stop(self) -> None:
         for proc in self.procs:
             if proc.poll() is None:
@@ -215,7 +222,7 @@ def hosts(network: Network, services: dict[str, Any], tmp_path: Path) -> Iterato
     env = {
         **keep,
         "DJANGO_SETTINGS_MODULE": "tests.settings",
-        "INITPIPELINE_TEST_PIPELINE": "parallel",
+        "INITPIPELINE_TEST_PIPELINE": "hosts",
         "DATABASE_URL": services["postgres"].url(DATABASE),
         "CELERY_BROKER_URL": services["redis"].url,
         "INITPIPELINE_TEST_S3_ENDPOINT": services["moto"].url,
@@ -234,9 +241,11 @@ def test_web_host_and_two_worker_hosts_share_only_the_services(
     network: Network, hosts: dict[str, Host]
 ) -> None:
     web, worker1, worker2 = hosts["web"], hosts["worker1"], hosts["worker2"]
-    # Left and right each work long enough that one worker host cannot take both.
-    for host in (worker1, worker2):
-        (host.var / "control.json").write_text(json.dumps({"sleep": {"left": 3, "right": 3}}))
+    # Left and right each work long enough that one worker host cannot take both; so does
+    # each of the two shards of squares.
+    control = {"sleep": {"left": 3, "right": 3, "squares": 3}, "shards": 2}
+    for host in (web, worker1, worker2):
+        (host.var / "control.json").write_text(json.dumps(control))
 
     # The release step, on the web host: the schema, in the shared database.
     migrate = web.run("manage.py", "migrate", "--noinput")
@@ -276,6 +285,11 @@ def test_web_host_and_two_worker_hosts_share_only_the_services(
     assert sorted(ran["worker1"] + ran["worker2"]) == ["join", "left", "right"], ran
     assert ran["worker1"] and ran["worker2"], ran
     assert web.executions() == []
+    # The sharded phase ran over both worker hosts: one shard each.
+    shards = {"worker1": worker1.shards(), "worker2": worker2.shards()}
+    assert sorted(shards["worker1"] + shards["worker2"]) == [0, 1], shards
+    assert shards["worker1"] and shards["worker2"], shards
+    assert web.shards() == []
 
     status = web.run("manage.py", "init_status", "--json")
     assert status.returncode == 0, status.stderr
