@@ -18,6 +18,8 @@ from typing import Any
 
 import numpy as np
 
+from initpipeline.shards import Shard
+
 
 class PlainContext:
     """Just enough of PhaseContext for the demo phases: files in a folder."""
@@ -29,11 +31,19 @@ class PlainContext:
         self.attempt = 1
         self.logger = logging.getLogger(f"plain.{phase.name}")
         self.outdir = outdir
+        # A sharded phase runs whole, as its one shard; nothing to resume.
+        self.shard = Shard(0, 1)
+        self.resumed = None
 
-    def progress(self, done: float, total: float | None = None, message: str = "") -> None:
+    def progress(
+        self, done: float, total: float | None = None, message: str = "", **kw: Any
+    ) -> None:
         pass
 
-    def heartbeat(self) -> None:
+    def heartbeat(self, **kw: Any) -> None:
+        pass
+
+    def checkpoint(self, state: Any, **kw: Any) -> None:
         pass
 
     def scratch_path(self, suffix: str = "") -> Path:

@@ -95,10 +95,10 @@ def test_code_edit_is_planned_before_any_worker_and_reruns_only_its_phase_and_de
     assert status.returncode == 0, status.stderr
     lines = status.stdout.splitlines()[2:6]
     patterns = [
-        "PHASE  STATE      REASON            PROGRESS  ATTEMPT  DURATION  MESSAGE",
-        "x      cached     unchanged         100%      0/1      -",
-        r"y      succeeded  code changed      100%      1/1      \d+\.\d s",
-        r"z      succeeded  input changed: y  100%      1/1      \d+\.\d s",
+        "PHASE  STATE      REASON            PROGRESS  ATTEMPT  LOST  DURATION  MESSAGE",
+        "x      cached     unchanged         100%      0/1      0/3   -",
+        r"y      succeeded  code changed      100%      1/1      0/3   \d+\.\d s",
+        r"z      succeeded  input changed: y  100%      1/1      0/3   \d+\.\d s",
     ]
     for line, pattern in zip(lines, patterns, strict=True):
         assert re.fullmatch(pattern, line), f"{line!r} !~ {pattern!r}"
