@@ -231,3 +231,37 @@ def test_resume_from_failure_reruns_from_the_failed_phase(
     states = [page.text_content(f"tr[data-phase={n}] [data-field=state]") for n in "abc"]
     assert states == ["cached", "succeeded", "succeeded"]
     assert resumed.trigger == f"admin: resume run {failed.pk} by ops"
+
+
+def test_progress_page_shows_each_shard_and_a_lane_for_each(
+    stack: Stack, live_server: Any, browser: Any, tmp_path: Path
+) -> None:
+    sharded = {"INITPIPELINE_TEST_PIPELINE": "shards"}
+    stack.env.update(sharded)
+    stack.control(sleep={"squares": 2.0})
+    stack.start_worker()
+    stack.start_worker()
+    result = stack.manage("start_init")
+    assert result.returncode == 0, result.stderr
+    run = latest_run()
+    page = log_in(browser, live_server.url)
+    page.goto(f"{live_server.url}/admin/initpipeline/pipelinerun/progress/{run.pk}/")
+    # Each shard has its row under its phase, and the rows follow the run to its end.
+    for i in range(4):
+        assert page.get_attribute(f'tr[data-phase="squares#{i}"]', "class") == "ip-shard"
+    page.wait_for_function(
+        "() => document.querySelector('[data-field=run-state]').textContent === 'succeeded'",
+        timeout=60_000,
+    )
+    for name in ["numbers", "squares", "total", *(f"squares#{i}" for i in range(4))]:
+        row = f'tr[data-phase="{name}"]'
+        assert page.text_content(f"{row} [data-field=state]") == "succeeded", name
+        assert page.get_attribute(f"{row} [role=progressbar]", "aria-valuenow") == "100"
+    # The timeline: a lane per phase and per shard.
+    assert page.locator("#ip-timeline svg rect.ip-tl-bar").count() == 3 + 4
+    shot = ROOT / "docs" / "admin-shards.png"
+    if shot.exists() and os.environ.get("INITPIPELINE_SCREENSHOTS") != "1":
+        shot = tmp_path / shot.name
+    page.wait_for_timeout(1000)  # the bars' CSS transitions, for the picture
+    page.screenshot(path=str(shot), full_page=True)
+    assert shot.read_bytes().startswith(b"\x89PNG")
