@@ -27,7 +27,7 @@ from django.test import Client
 from django.utils import timezone
 
 from initpipeline import formats, loading, storage
-from initpipeline.context import PROGRESS_WRITE_INTERVAL
+from initpipeline.conf import settings as conf
 from initpipeline.exceptions import ArtifactCorrupt, ArtifactSignatureError
 from initpipeline.models import Artifact, Generation, PhaseRun, PipelineRun
 from tests.conftest import (
@@ -493,11 +493,11 @@ def test_cancel_mid_phase_stops_it_at_its_next_write_and_the_old_generation_serv
     assert (run.state, run.error) == ("cancelled", "cancelled")
     assert states(run) == {"a": "cached", "b": "cancelled", "c": "cancelled"}
     # It stopped at its first write after the cancel: a progress() write (progress() writes
-    # at most every PROGRESS_WRITE_INTERVAL) or the heartbeat thread's, whichever came
+    # at most every PROGRESS_INTERVAL) or the heartbeat thread's, whichever came
     # first. So after its last write that counted it made at most one write interval's
     # calls, 0.1 s apart or more, the last of which stopped it.
     after = calls_after_last_beat(stack, run, "b")
-    assert len(after) <= PROGRESS_WRITE_INTERVAL / STEP + 1, after
+    assert len(after) <= conf.PROGRESS_INTERVAL / STEP + 1, after
 
     # Nothing of the run goes on once b's task has ended.
     task_ended(stack, phase(run, "b"), "ignored")
