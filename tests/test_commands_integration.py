@@ -390,10 +390,15 @@ def phase_json(pr: PhaseRun) -> dict[str, Any]:
     return {
         "name": pr.name,
         "state": pr.state,
+        "reason": pr.reason or None,
         "progress": round(pr.progress, 4),
         "message": pr.message,
         "attempt": pr.attempt,
         "max_attempts": pr.max_attempts,
+        "losses": pr.losses,
+        "max_losses": pr.max_losses,
+        "handoffs": pr.handoffs,
+        "checkpoint_at": (pr.checkpoint or {}).get("at"),
         "timeout": pr.timeout,
         "started_at": iso(pr.started_at),
         "finished_at": iso(pr.finished_at),
@@ -437,8 +442,18 @@ def test_start_init_json_of_each_outcome_and_init_status_until_the_first_run_end
         ("b", 1, 3600),
         ("c", 3, 3600),
     ]
-    assert enqueued == {"outcome": "enqueued", "generation": None, "run": run_json(run)}
-    assert start_json(stack) == {"outcome": "attached", "generation": None, "run": run_json(run)}
+    assert enqueued == {
+        "outcome": "enqueued",
+        "superseded": None,
+        "generation": None,
+        "run": run_json(run),
+    }
+    assert start_json(stack) == {
+        "outcome": "attached",
+        "superseded": None,
+        "generation": None,
+        "run": run_json(run),
+    }
 
     # The first run in flight, pending then running: not ready yet.
     status = stack.manage("init_status")
@@ -457,7 +472,12 @@ def test_start_init_json_of_each_outcome_and_init_status_until_the_first_run_end
     wait_for(lambda: PipelineRun.objects.get().state == "succeeded", timeout=60)
     assert stack.manage("init_status").returncode == 0
     generation = Generation.objects.get(is_active=True)
-    assert start_json(stack) == {"outcome": "up_to_date", "generation": generation.pk, "run": None}
+    assert start_json(stack) == {
+        "outcome": "up_to_date",
+        "superseded": None,
+        "generation": generation.pk,
+        "run": None,
+    }
 
     # --wait: one object, once the run has ended.
     waited = start_json(stack, "--wait", "--force")
@@ -465,6 +485,7 @@ def test_start_init_json_of_each_outcome_and_init_status_until_the_first_run_end
     assert second.pk != run.pk and second.state == "succeeded"
     assert waited == {
         "outcome": "enqueued",
+        "superseded": None,
         "generation": None,
         "run": run_json(second, estimate=0.0),  # nothing left of a run that succeeded
     }
