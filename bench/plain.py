@@ -29,8 +29,16 @@ class PlainContext:
         self.attempt = 1
         self.logger = logging.getLogger(f"plain.{phase.name}")
         self.outdir = outdir
+        # A plain process never resumes: it starts over.
+        self.resumed = None
+        self.stopping = False
 
-    def progress(self, done: float, total: float | None = None, message: str = "") -> None:
+    def checkpoint(self, state: Any, **kw: Any) -> None:
+        pass
+
+    def progress(
+        self, done: float, total: float | None = None, message: str = "", **kw: Any
+    ) -> None:
         pass
 
     def heartbeat(self) -> None:
