@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import functools
 import logging
-import os
-import shutil
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -265,8 +263,18 @@ class PhaseContext:
             raise
         self._publish(name, path, fmt, metadata)
 
-    def _publish(self, name: str, path: Path, fmt: str, metadata: dict[str, Any] | None) -> None:
-        published = storage.publish(path, name=name, suffix=formats.SUFFIX[fmt])
+    def _publish(
+        self,
+        name: str,
+        path: Path,
+        fmt: str,
+        metadata: dict[str, Any] | None,
+        *,
+        copy_from: Path | None = None,
+    ) -> None:
+        published = storage.publish(
+            path, name=name, suffix=formats.SUFFIX[fmt], copy_from=copy_from
+        )
         self._published[name] = (published, fmt, dict(metadata or {}))
         self.logger.info(
             "published %s (%s, %d bytes, sha256 %s)", name, fmt, published.size, published.sha256
@@ -293,17 +301,17 @@ class PhaseContext:
     def save_file(
         self, name: str, source: str | Path, *, metadata: dict[str, Any] | None = None
     ) -> None:
-        """Publish a file the phase wrote (moved if from ``scratch_path()``, else copied)."""
+        """Publish a file the phase wrote: moved if from ``scratch_path()``, else copied
+        (by the kernel, while a thread hashes it). Never the whole file in memory."""
         source = Path(source)
-
-        def move_or_copy(path: Path) -> None:
-            if source.parent == path.parent:
-                source.rename(path)  # Written with scratch_path(): move, don't copy.
-            else:
-                shutil.copyfile(source, path)  # Streams: never the whole file in memory.
-            storage.fsync_file(path)
-
-        self._save(name, "file", move_or_copy, {"filename": source.name, **(metadata or {})})
+        meta = {"filename": source.name, **(metadata or {})}
+        self._reserve(name)
+        path = self._scratch("")
+        if source.parent == path.parent:
+            source.rename(path)  # Written with scratch_path(): move, don't copy.
+            self._publish(name, path, "file", meta)
+        else:
+            self._publish(name, path, "file", meta, copy_from=source)
 
     @contextmanager
     def open_artifact(
@@ -317,14 +325,13 @@ class PhaseContext:
 
         Readers get it as a file (format "file"). Nothing is kept in memory, and an
         exception inside the block publishes nothing and leaves no partial file.
+        Publishing hashes the file while it syncs it to disk (storage.hash_and_sync).
         """
         self._reserve(name)
         path = self._scratch("")
         try:
             with open(path, "wb") as fh:
                 yield fh
-                fh.flush()
-                os.fsync(fh.fileno())
         except BaseException:
             path.unlink(missing_ok=True)
             raise
