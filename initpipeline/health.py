@@ -23,9 +23,10 @@ def missing_artifacts(names: list[str]) -> list[str]:
         records = active.snapshot().records
         missing = [n for n in names if n not in records]
         if missing:
-            # Not ready is the transient state worth noticing at once: look again now
-            # rather than up to REFRESH_INTERVAL later. Once ready, this costs nothing.
-            records = active.refresh().records
+            # Not ready is the transient state worth noticing soon: look again after a
+            # fraction of a second (not_ready_interval) rather than up to
+            # REFRESH_INTERVAL later, and not once per request. Once ready, it is free.
+            records = active.recent().records
     except ArtifactNotReady:
         return list(names)
     return [n for n in names if n not in records]
@@ -58,9 +59,17 @@ def _phase_status(state: str) -> str:
 
 
 def public_progress() -> dict[str, Any]:
-    """Progress anyone may see: phase names, states and fractions; no messages or errors."""
-    report = latest_run_report()
-    return NO_RUN_PUBLIC if report is None else report.public()
+    """Progress anyone may see: phase names, states and fractions; no messages or errors.
+
+    Read from the database at most every ``not_ready_interval()`` per process (the
+    warming-up page and /init/readyz show it to every visitor of the warm-up).
+    """
+
+    def build() -> dict[str, Any]:
+        report = latest_run_report()
+        return NO_RUN_PUBLIC if report is None else report.public()
+
+    return active.progress(build)
 
 
 def readiness(artifact_name: str | None = None) -> tuple[dict[str, Any], bool]:
