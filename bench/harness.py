@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -68,6 +69,7 @@ class Proc:
 
     def __init__(self, cmd: list[str], env: dict[str, str], name: str) -> None:
         VAR.mkdir(parents=True, exist_ok=True)
+        self.name = name
         self.log_path = VAR.parent / f"bench-{name}.log"
         self.proc = spawn(cmd, env, self.log_path, cwd=ROOT)
 
@@ -147,6 +149,67 @@ def wait_http(
         wait_for(answered, timeout, interval)
     except AssertionError:
         raise SystemExit(f"{url} not ready after {timeout} s:\n{proc.log()[-3000:]}") from None
+    return time.monotonic() - start
+
+
+def run_failure(env: Env) -> str:
+    """What `init_status --json` says about the latest run: its error and its failed phases'."""
+    result = manage(env, "init_status", "--json", timeout=120)
+    try:
+        run = json.loads(result.stdout)["run"] or {}
+    except ValueError:
+        return f"init_status said: {result.stdout[-1000:]}{result.stderr[-1000:]}"
+    lines = [f"run {run.get('id')} is {run.get('state')}: {run.get('error') or 'no error'}"]
+    for phase in run.get("phases", []):
+        if phase["state"] == "failed":
+            lines.append(f"{phase['name']}: {(phase['error'] or '')[-1500:]}")
+    return "\n".join(lines)
+
+
+def wait_ready(
+    port: int, env: Env, procs: list[Proc], timeout: float = 3600, interval: float = 0.1
+) -> float:
+    """Seconds until /init/readyz answers 200, polled every interval seconds.
+
+    Stops at once, with the reason, when a phase of the run failed (readyz reports it) or
+    one of procs (the web server, the worker) exited: a failed run never turns ready, and
+    waiting for it would take the whole timeout.
+    """
+    url = f"http://127.0.0.1:{port}/init/readyz"
+    start = time.monotonic()
+
+    def answered() -> bool:
+        for proc in procs:
+            if proc.proc.poll() is not None:
+                raise SystemExit(
+                    f"{proc.name} exited while waiting for readyz:\n{proc.log()[-3000:]}"
+                )
+        try:
+            code, body = http_get(url, timeout=2)
+        except OSError:
+            return False
+        if code == 200:
+            return True
+        try:
+            checks = json.loads(body).get("checks", {})
+        except ValueError:
+            return False
+        failed = [
+            name[len("phase:") :]
+            for name, entries in checks.items()
+            if name.startswith("phase:") and entries and entries[0].get("status") == "fail"
+        ]
+        if failed:
+            raise SystemExit(
+                f"the run failed ({', '.join(failed)}), so it will never be ready:\n"
+                f"{run_failure(env)}"
+            )
+        return False
+
+    try:
+        wait_for(answered, timeout, interval)
+    except AssertionError:
+        raise SystemExit(f"{url} not ready after {timeout} s:\n{run_failure(env)}") from None
     return time.monotonic() - start
 
 

@@ -42,3 +42,45 @@ def test_bench_quick_writes_every_figure(tmp_path: Path) -> None:
     assert data["hot_path"]["artifact_get_ns"] > 0
     assert (tmp_path / "latest.png").read_bytes().startswith(b"\x89PNG")
     assert "**1. Time to first response**" in (tmp_path / "latest.md").read_text()
+
+
+def test_the_bench_stops_at_once_when_the_run_failed(monkeypatch: pytest.MonkeyPatch) -> None:
+    import threading
+    import time
+    from http.server import BaseHTTPRequestHandler, HTTPServer
+    from types import SimpleNamespace
+
+    from bench import harness
+
+    class Failed(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # /init/readyz of a run whose last phase failed
+            body = {
+                "status": "fail",
+                "checks": {
+                    "artifact:lsa_docs": [{"componentType": "artifact", "status": "fail"}],
+                    "phase:compute_lsa": [{"componentType": "phase", "status": "pass"}],
+                    "phase:check_queries": [{"componentType": "phase", "status": "fail"}],
+                },
+            }
+            data = json.dumps(body).encode()
+            self.send_response(503)
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = HTTPServer(("127.0.0.1", 0), Failed)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    reason = "run 1 is failed: phase check_queries failed: AssertionError: only 1 of 5"
+    monkeypatch.setattr(harness, "run_failure", lambda env: reason)
+    running = SimpleNamespace(name="deploy-web", proc=SimpleNamespace(poll=lambda: None))
+    started = time.monotonic()
+    try:
+        with pytest.raises(SystemExit, match="the run failed \\(check_queries\\)") as stopped:
+            harness.wait_ready(server.server_port, harness.Env(files=40), [running])  # type: ignore[list-item]
+    finally:
+        server.shutdown()
+    assert reason in str(stopped.value)
+    assert time.monotonic() - started < 5
