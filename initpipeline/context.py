@@ -169,7 +169,9 @@ class PhaseContext:
         from celery import current_task
 
         task = current_task
-        if task is None or not task.request.id:
+        # A proxy: "is None" is never true of it, but it is false outside a task (a phase
+        # run in-process, by a test or a command), where there is no event to send.
+        if not task or not task.request.id:
             return
         try:
             # retry=False: with the broker down, progress() must not block the phase
