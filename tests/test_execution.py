@@ -217,3 +217,11 @@ def test_a_phase_logs_where_its_time_in_initpipeline_went(
         r"claim [\d.]+ s, record [\d.]+ s",
         lines[0],
     ), lines[0]
+
+
+def test_a_phase_runs_with_the_workers_heap_set_aside() -> None:
+    import gc
+
+    with execution.heap_set_aside():
+        assert gc.get_freeze_count() > 0
+    assert gc.get_freeze_count() == 0
