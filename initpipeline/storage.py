@@ -330,22 +330,39 @@ def _key_id(key: str) -> str:
     return hashlib.sha256(b"initpipeline.signer:" + key.encode()).hexdigest()[:16]
 
 
-def _record_path(sha: str) -> Path:
+def _record_path(sha: str, *, create: bool = False) -> Path:
     folder = cache_dir() / "verified"
-    folder.mkdir(exist_ok=True)
+    if create:
+        folder.mkdir(exist_ok=True)
     return folder / f"{sha}.json"
 
 
+#: sha256 -> (the record file's identity, its content): a record is read and parsed again
+#: only when a process of the host replaced it (os.replace gives it another inode).
+_records_read: dict[str, tuple[tuple[int, int, int], dict[str, Any] | None]] = {}
+
+
 def _read_record(sha: str) -> dict[str, Any] | None:
+    path = _record_path(sha)
     try:
-        data = json.loads(_record_path(sha).read_text())
+        st = path.stat()
+    except OSError:
+        return None
+    seen = (st.st_ino, st.st_size, st.st_mtime_ns)
+    cached = _records_read.get(sha)
+    if cached is not None and cached[0] == seen:
+        return cached[1]
+    try:
+        data = json.loads(path.read_text())
     except (OSError, ValueError):
         return None
-    return data if isinstance(data, dict) else None
+    record = data if isinstance(data, dict) else None
+    _records_read[sha] = (seen, record)
+    return record
 
 
 def _write_record(sha: str, path: Path, st: os.stat_result, **fields: Any) -> None:
-    target = _record_path(sha)
+    target = _record_path(sha, create=True)
     tmp = target.with_name(f".{uuid.uuid4().hex}.tmp")
     tmp.write_text(json.dumps({"path": str(path), "identity": _identity(st), **fields}))
     os.replace(tmp, target)
@@ -513,6 +530,22 @@ def verify(artifact: Artifact) -> Path:
     return path
 
 
+#: storage key -> local_path(), for problem(): resolving a path (realpath, to refuse a
+#: symlink out of the storage) on every probe cost more than the rest of the probe. The
+#: file's first use still resolves it: verify() does not use this.
+_probed_paths: dict[tuple[str | None, ...], Path] = {}
+
+
+def _probed_path(artifact: Artifact) -> Path:
+    root = _local_root(get_storage())
+    where = str(root) if root is not None else settings.LOCAL_CACHE_DIR
+    key = (where, artifact.storage_key, artifact.sha256)
+    path = _probed_paths.get(key)
+    if path is None:
+        path = _probed_paths[key] = local_path(artifact)
+    return path
+
+
 def problem(artifact: Artifact) -> str | None:
     """What is wrong with the artifact's file on this host, from a stat: cheap enough for
     every readiness probe. None when nothing is known to be wrong (a file this host has
@@ -520,7 +553,7 @@ def problem(artifact: Artifact) -> str | None:
     if artifact.failed_check:
         return artifact.failed_check
     try:
-        path = local_path(artifact)
+        path = _probed_path(artifact)
     except ArtifactCorrupt as exc:
         return str(exc)
     remote = _local_root(get_storage()) is None
