@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 from . import storage
@@ -72,6 +73,31 @@ def public_progress() -> dict[str, Any]:
     return active.progress(build)
 
 
+#: (artifact, missing, corrupt) -> (the progress it shows, the encoded body): see
+#: readiness_json().
+_bodies: dict[tuple[Any, ...], tuple[dict[str, Any], bytes]] = {}
+
+
+def readiness_json(artifact_name: str | None = None) -> tuple[bytes, bool]:
+    """readiness(), encoded; a not-ready body is encoded once per look at the progress
+    (public_progress), not once per probe."""
+    names = [artifact_name] if artifact_name else required_artifacts()
+    missing = missing_artifacts(names)
+    corrupt = corrupt_artifacts(names)
+    if not missing and not corrupt:
+        body, ready = _readiness(names, missing, corrupt)
+        return json.dumps(body).encode(), ready
+    key = (tuple(names), tuple(missing), tuple(sorted(corrupt.items())))
+    progress = public_progress()
+    cached = _bodies.get(key)
+    if cached is not None and cached[0] is progress:
+        return cached[1], False
+    body, ready = _readiness(names, missing, corrupt, progress)
+    encoded = json.dumps(body).encode()
+    _bodies[key] = (progress, encoded)
+    return encoded, ready
+
+
 def readiness(artifact_name: str | None = None) -> tuple[dict[str, Any], bool]:
     """The body of /init/readyz and whether the required artifacts are active and sound.
 
@@ -79,8 +105,15 @@ def readiness(artifact_name: str | None = None) -> tuple[dict[str, Any], bool]:
     query, so probes stay cheap. When not, it adds a check per phase with its progress.
     """
     names = [artifact_name] if artifact_name else required_artifacts()
-    missing = missing_artifacts(names)
-    corrupt = corrupt_artifacts(names)
+    return _readiness(names, missing_artifacts(names), corrupt_artifacts(names))
+
+
+def _readiness(
+    names: list[str],
+    missing: list[str],
+    corrupt: dict[str, str],
+    progress: dict[str, Any] | None = None,
+) -> tuple[dict[str, Any], bool]:
     checks: dict[str, list[dict[str, Any]]] = {}
     for name in names:
         status = "fail" if name in missing or name in corrupt else "pass"
@@ -93,7 +126,7 @@ def readiness(artifact_name: str | None = None) -> tuple[dict[str, Any], bool]:
         checks[f"artifact:{name}"] = [entry]
     ready = not missing and not corrupt
     if not ready:
-        for phase in public_progress()["phases"]:
+        for phase in (progress or public_progress())["phases"]:
             checks[f"phase:{phase['name']}"] = [
                 {
                     "componentType": "phase",

@@ -9,7 +9,7 @@ from django.views.decorators.cache import never_cache
 
 from .conf import settings
 from .exceptions import PipelineConfigError
-from .health import readiness
+from .health import readiness_json
 from .permissions import can_see_details
 from .registry import get_pipeline
 from .reporting import status_report
@@ -36,8 +36,8 @@ def readyz(request: HttpRequest) -> HttpResponse:
             status=404,
             content_type=HEALTH_JSON,
         )
-    body, ready = readiness(name)
-    response = JsonResponse(body, status=200 if ready else 503, content_type=HEALTH_JSON)
+    body, ready = readiness_json(name)
+    response = HttpResponse(body, status=200 if ready else 503, content_type=HEALTH_JSON)
     if not ready:
         expected_unavailable(request)
         response["Retry-After"] = str(settings.RETRY_AFTER)

@@ -294,3 +294,53 @@ def test_a_database_that_is_down_is_not_asked_again_for_every_request(
         assert not loading.artifact("b_out").ready()
     # One look per interval: _query turns a DatabaseError into this ArtifactNotReady.
     assert calls == [1]
+
+
+@override_settings(INITPIPELINE={**settings.INITPIPELINE, "REFRESH_INTERVAL": 3600})
+def test_a_crowd_gets_answers_built_once_per_look_at_the_progress(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from initpipeline import health, responses
+
+    monkeypatch.setattr(loading, "NOT_READY_INTERVAL", 3600)
+    rendered: list[str] = []
+    built: list[list[str]] = []
+    real_render, real_build = responses.render_to_string, health._readiness
+
+    def render(*args: Any, **kwargs: Any) -> str:
+        rendered.append(args[0])
+        return real_render(*args, **kwargs)
+
+    def build(names: list[str], *args: Any) -> Any:
+        built.append(names)
+        return real_build(names, *args)
+
+    monkeypatch.setattr(responses, "render_to_string", render)
+    monkeypatch.setattr(health, "_readiness", build)
+    _start_a_run()
+    client = Client()
+    pages = {client.get("/test/b-total").content for _ in range(10)}
+    probes = {client.get("/init/readyz").content for _ in range(10)}
+    assert (len(pages), len(rendered), len(probes), len(built)) == (1, 1, 1, 1)
+    # A new look at the progress (here: forced) builds them again.
+    loading.active._progress = None
+    client.get("/test/b-total")
+    client.get("/init/readyz")
+    assert (len(rendered), len(built)) == (2, 2)
+
+
+def test_an_overridden_warming_up_page_is_rendered_for_each_request(tmp_path: Path) -> None:
+    from initpipeline import responses
+
+    folder = tmp_path / "initpipeline"
+    folder.mkdir()
+    (folder / "warming_up.html").write_text("Hello {{ request.GET.name }}: {{ progress }}")
+    templates = [{**settings.TEMPLATES[0], "DIRS": [str(tmp_path)]}]
+    responses._page_is_ours.cache_clear()
+    try:
+        with override_settings(TEMPLATES=templates):
+            client = Client()
+            assert client.get("/test/b-total?name=ann").content == b"Hello ann: 0.0"
+            assert client.get("/test/b-total?name=bob").content == b"Hello bob: 0.0"
+    finally:
+        responses._page_is_ours.cache_clear()
