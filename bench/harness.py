@@ -42,6 +42,9 @@ def http_get(url: str, timeout: float = 5) -> tuple[int, bytes]:
         return err.code, err.read()
 
 
+BLAS_THREADS = {"OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+
+
 @dataclass
 class Env:
     """What the bench's processes run with: the workload's size, the broker, extra variables."""
@@ -49,12 +52,20 @@ class Env:
     files: int
     broker_url: str = "filesystem://"
     extra: dict[str, str] = field(default_factory=dict)
+    settings: str = "bench.settings"
+    var: Path = VAR
 
     def vars(self) -> dict[str, str]:
         env = {
+            # One BLAS thread per process (unless the environment says otherwise), for the
+            # plain process, the peers and the worker alike. The demo's SVD otherwise runs
+            # two spinning threads on this 2-core machine, and beside a busy web server
+            # they fight for the cores: compute_lsa took 0.5 s alone and 4.5-19.6 s while
+            # wrk hammered the site (README, Benchmarks).
+            **BLAS_THREADS,
             **os.environ,
-            "DJANGO_SETTINGS_MODULE": "bench.settings",
-            "INITPIPELINE_VAR_DIR": str(VAR),
+            "DJANGO_SETTINGS_MODULE": self.settings,
+            "INITPIPELINE_VAR_DIR": str(self.var),
             "CELERY_BROKER_URL": self.broker_url,
             "SEARCH_MAX_DOCS": str(self.files),
             "PYTHONUNBUFFERED": "1",
@@ -100,10 +111,22 @@ def manage(env: Env, *args: str, timeout: float = 1800) -> subprocess.CompletedP
     )
 
 
+def compile_bytecode(*folders: Path) -> None:
+    """Compile the modules of folders to bytecode, as `pip install` does for a package.
+
+    A process with PYTHONDONTWRITEBYTECODE=1 (this machine's environment, and many a
+    Dockerfile's) would otherwise compile initpipeline's source at every start, and the
+    start-up figures would count it.
+    """
+    subprocess.run(
+        [PY, "-m", "compileall", "-q", *map(str, folders)], check=True, stdout=subprocess.DEVNULL
+    )
+
+
 def reset(env: Env) -> None:
     """A new database and no artifacts: nothing is cached."""
-    shutil.rmtree(VAR, ignore_errors=True)
-    VAR.mkdir(parents=True)
+    shutil.rmtree(env.var, ignore_errors=True)
+    env.var.mkdir(parents=True)
     result = manage(env, "migrate", "--noinput")
     if result.returncode:
         raise SystemExit(f"migrate failed:\n{result.stderr}")
