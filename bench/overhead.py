@@ -75,8 +75,9 @@ CAUSE_TEXT = {
     "heartbeats": "heartbeats the phases ask for",
     "loads": "looking up and checking upstream artifacts",
     "record": "recording each phase's outcome",
-    "other": "the rest of the phases' difference (CPU shared with the web and the worker's "
-    "main process, noise)",
+    "other": "the rest of the phases' difference: below zero where the worker's heap, set "
+    "aside from the garbage collector, makes them faster than alone; CPU shared with the web "
+    "and the worker's main process; noise",
 }
 
 

@@ -168,10 +168,19 @@ def markdown(results: dict[str, Any]) -> str:
                 f" Load average {meta['load_before'][0]:.1f} at the start, "
                 f"{meta['load_after'][0]:.1f} at the end."
             )
+        groups: dict[tuple[Any, ...], list[str]] = {}
+        for name, m in meta.get("remeasured", {}).items():
+            when = (m["date"], m["reps"], m["load_before"][0], m["load_after"][0])
+            groups.setdefault(when, []).append(f"`{name}`")
+        again = "".join(
+            f" Measured again with --only on {date}, median of {reps} runs (load average "
+            f"{before:.1f} to {after:.1f}): {', '.join(names)}."
+            for (date, reps, before, after), names in groups.items()
+        )
         lines += [
             f"Measured {meta['date']} on {meta['machine']} (Python {meta['python']}), demo "
             f"capped to {meta['files']} source files, median of {meta['reps']} runs"
-            f"{' (--quick)' if meta.get('quick') else ''}.{load}",
+            f"{' (--quick)' if meta.get('quick') else ''}.{load}{again}",
             "",
         ]
     rows = goals(results)
