@@ -77,7 +77,10 @@ class ActiveGeneration:
         self.corrupt: dict[str, str] = {}
 
     def snapshot(self) -> Snapshot:
-        return self._within(settings.REFRESH_INTERVAL)
+        interval = settings.REFRESH_INTERVAL
+        if time.monotonic() - self._checked_at < interval and self._error is None:
+            return self._snapshot  # The hot path of every artifact().get(): no call more.
+        return self._within(interval)
 
     def recent(self) -> Snapshot:
         """The snapshot, looked at again if older than ``not_ready_interval()``: for a
