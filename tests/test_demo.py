@@ -1,7 +1,7 @@
 """The demo's init holds in any environment: its quality check at every size we use.
 
 The demo's phases register into the pipeline when imported, so they run in a subprocess
-with the demo's own settings, not in this test session's (small) pipeline.
+with the demo's own settings, not in the small pipeline these tests run with.
 """
 
 from __future__ import annotations
