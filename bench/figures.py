@@ -1,4 +1,8 @@
-"""The seven measurements, each a function that runs its processes and returns plain data."""
+"""Measurements against the peers, each a function that runs its processes and returns data.
+
+Deploy to ready is in bench/overhead.py, the large artifacts in bench/big.py, the warm-up
+crowd in bench/warmup.py and the start-up against startproject in bench/startup.py.
+"""
 
 from __future__ import annotations
 
@@ -8,7 +12,6 @@ import re
 import shutil
 import statistics
 import subprocess
-import tempfile
 import threading
 import time
 from pathlib import Path
@@ -26,7 +29,6 @@ from bench.harness import (
     reset,
     running,
     wait_http,
-    worker,
 )
 from tests.servers import free_port
 
@@ -69,97 +71,7 @@ def time_to_first_response(env: Env, reps: int, workers_list: list[int]) -> dict
     return out
 
 
-# -- 2, 3, 7. deploy to ready, unchanged redeploy, scale -----------------------------------
-
-
-def plain_run(env: Env) -> tuple[float, dict[str, float]]:
-    outdir = Path(tempfile.mkdtemp(prefix="plain-"))
-    started = time.monotonic()
-    result = subprocess.run(
-        [PY, "-m", "bench.plain", str(outdir)],
-        cwd=ROOT,
-        env=env.vars(),
-        capture_output=True,
-        text=True,
-        timeout=3600,
-    )
-    total = time.monotonic() - started
-    shutil.rmtree(outdir, ignore_errors=True)
-    if result.returncode:
-        raise SystemExit(f"plain run failed:\n{result.stderr}")
-    return total, json.loads(result.stdout.strip().splitlines()[-1])
-
-
-def phase_durations(env: Env) -> dict[str, float]:
-    from datetime import datetime
-
-    data = json.loads(manage(env, "init_status", "--json").stdout)
-    out = {}
-    for p in data["run"]["phases"]:
-        if p["started_at"] and p["finished_at"]:
-            out[p["name"]] = (
-                datetime.fromisoformat(p["finished_at"]) - datetime.fromisoformat(p["started_at"])
-            ).total_seconds()
-    return out
-
-
-def deploy_to_ready(env: Env) -> tuple[float, dict[str, float]]:
-    """From `start_init` to the first 200 of /init/readyz, with web and worker running."""
-    reset(env)
-    port = free_port()
-    cmd = gunicorn_cmd("project.wsgi:application", port, 2, "-c", "project/gunicorn.conf.py")
-    with worker(env), running(cmd, env.vars(), "deploy-web") as web:
-        wait_http(f"http://127.0.0.1:{port}/init/livez", web, 60, lambda c: c == 200)
-        started = time.monotonic()
-        result = manage(env, "start_init")
-        if result.returncode:
-            raise SystemExit(f"start_init failed:\n{result.stderr}")
-        # Every 100 ms: a not-ready probe queries the database, and probing every few
-        # milliseconds would take CPU from the phases it measures (Kubernetes probes every
-        # few seconds).
-        wait_http(
-            f"http://127.0.0.1:{port}/init/readyz", web, 3600, lambda c: c == 200, interval=0.1
-        )
-        total = time.monotonic() - started
-    return total, phase_durations(env)
-
-
-def deploy_figures(env: Env, reps: int) -> dict[str, Any]:
-    ours, plains = [], []
-    ours_phases: list[dict[str, float]] = []
-    plain_phases: list[dict[str, float]] = []
-    for rep in range(reps):
-        total, phases = deploy_to_ready(env)
-        ours.append(total)
-        ours_phases.append(phases)
-        ptotal, pphases = plain_run(env)
-        plains.append(ptotal)
-        plain_phases.append(pphases)
-        log(
-            f"deploy to ready ({env.broker_url.split(':')[0]}), rep {rep + 1}: "
-            f"initpipeline {total:.2f} s, plain {ptotal:.2f} s"
-        )
-    ours_m, plain_m = median(ours), median(plains)
-    per_phase = {
-        name: round(
-            1000
-            * (median([p[name] for p in ours_phases]) - median([p[name] for p in plain_phases])),
-            1,
-        )
-        for name in plain_phases[0]
-    }
-    return {
-        "initpipeline_s": round(ours_m, 3),
-        "plain_s": round(plain_m, 3),
-        "overhead_ratio": round(ours_m / plain_m - 1, 3),
-        "overhead_ms_per_phase_inside": per_phase,
-        "phases_initpipeline_s": {
-            k: round(median([p[k] for p in ours_phases]), 3) for k in ours_phases[0]
-        },
-        "phases_plain_s": {
-            k: round(median([p[k] for p in plain_phases]), 3) for k in plain_phases[0]
-        },
-    }
+# -- unchanged redeploy (deploy to ready and scale: bench/overhead.py) ----------------------
 
 
 def unchanged_redeploy(env: Env, reps: int) -> dict[str, Any]:
@@ -172,11 +84,6 @@ def unchanged_redeploy(env: Env, reps: int) -> dict[str, Any]:
         if result.returncode or "up to date" not in result.stdout:
             raise SystemExit(f"expected up to date:\n{result.stdout}{result.stderr}")
     return {"start_init_wait_s": round(median(times), 3)}
-
-
-def scale(files_list: list[int]) -> dict[str, Any]:
-    """Deploy to ready on the filesystem broker, one run for each workload size."""
-    return {str(files): deploy_figures(Env(files=files), 1) for files in files_list}
 
 
 # -- 4. memory -------------------------------------------------------------------------------

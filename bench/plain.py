@@ -31,9 +31,11 @@ class PlainContext:
         self.attempt = 1
         self.logger = logging.getLogger(f"plain.{phase.name}")
         self.outdir = outdir
-        # A sharded phase runs whole, as its one shard; nothing to resume.
+        # A sharded phase runs whole, as its one shard; a plain process never resumes:
+        # it starts over.
         self.shard = Shard(0, 1)
         self.resumed = None
+        self.stopping = False
 
     def progress(
         self, done: float, total: float | None = None, message: str = "", **kw: Any

@@ -12,9 +12,10 @@ class InitPipelineConfig(AppConfig):
     default_auto_field = "django.db.models.BigAutoField"
 
     def ready(self) -> None:
-        # Registers the system checks, the settings signal and the worker's recovery
-        # watchdog (started by Celery's worker_ready signal); reads nothing.
-        from . import checks, conf, signals  # noqa: F401
+        # Registers the system checks and the settings signal; reads nothing. The worker's
+        # signals (signals.py) are connected by tasks.py, which only workers import: a web
+        # process imports no Celery until it sends a task (dispatch.celery_app).
+        from . import checks, conf  # noqa: F401
         from .responses import NotReadyIsNotAnError
 
         # Expected "not ready yet" 503s are not server errors (responses.py).

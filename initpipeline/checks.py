@@ -14,7 +14,7 @@ from django.core import checks
 from .celery_settings import REDIS_SCHEMES
 from .conf import DEFAULTS
 from .conf import settings as conf
-from .dispatch import HARD_LIMIT_GRACE, PHASE_TASK_OPTIONS
+from .dispatch import HARD_LIMIT_GRACE, PHASE_TASK_OPTIONS, celery_app
 from .exceptions import PipelineConfigError
 from .registry import MAX_TIMEOUT, Fault, Pipeline, get_pipeline
 
@@ -143,6 +143,18 @@ def check_settings(app_configs: Sequence[AppConfig] | None = None, **kwargs: Any
                 id="initpipeline.E022",
             )
         )
+    celery_app = conf.raw("CELERY_APP")
+    if celery_app is not None and not (
+        isinstance(celery_app, str) and all(part.isidentifier() for part in celery_app.split("."))
+    ):
+        errors.append(
+            checks.Error(
+                "INITPIPELINE['CELERY_APP'] must be the dotted path of a Celery app or None, "
+                f"not {celery_app!r}.",
+                hint='For example "myproject.celery.app".',
+                id="initpipeline.E025",
+            )
+        )
     alias = conf.raw("STORAGE")
     if alias not in getattr(django_settings, "STORAGES", {}):
         errors.append(
@@ -263,10 +275,12 @@ def _phase_acks_late(celery_conf: Any) -> bool:
 
 @checks.register()
 def check_celery(app_configs: Sequence[AppConfig] | None = None, **kwargs: Any) -> list[Any]:
-    """Celery settings that lose or duplicate phases (read from celery.current_app)."""
-    from celery import current_app
-
-    celery_conf = current_app.conf
+    """Celery settings that lose or duplicate phases (read from the project's Celery app)."""
+    try:
+        app = celery_app()
+    except PipelineConfigError as exc:
+        return [checks.Error(str(exc), id="initpipeline.E026")]
+    celery_conf = app.conf
     warnings: list[Any] = []
     url = str(celery_conf.broker_url or "")
     scheme = url.split("://", 1)[0].lower() if "://" in url else ""

@@ -58,6 +58,11 @@ DEFAULTS: dict[str, Any] = {
     "GC_AFTER_ACTIVATION": False,
     # Gunicorn's when_ready hook (project gunicorn.conf.py) runs start_init in a child process.
     "START_ON_GUNICORN_READY": False,
+    # Dotted path of the project's Celery app ("project.celery.app"), imported the first
+    # time a process sends a task. None: the app the project imports itself (Celery's
+    # Django layout imports it in the project's __init__.py, which costs every web
+    # process the import of Celery at start).
+    "CELERY_APP": None,
     # Where a host keeps verified copies of artifacts from a remote storage (S3 and the
     # like), to memory-map them; None = "initpipeline-cache" in the system temp folder.
     "LOCAL_CACHE_DIR": None,
@@ -163,6 +168,11 @@ class Settings:
     @property
     def START_ON_GUNICORN_READY(self) -> bool:
         return bool(self.raw("START_ON_GUNICORN_READY"))
+
+    @property
+    def CELERY_APP(self) -> str | None:
+        value = self.raw("CELERY_APP")
+        return str(value) if value else None
 
     @property
     def LOCAL_CACHE_DIR(self) -> str | None:

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import functools
 import logging
-import os
-import shutil
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -80,6 +78,25 @@ class PhaseContext:
         self._total: float | None = None
         self.cancelled = threading.Event()
         self.handoff = threading.Event()
+        #: cause -> [seconds, times]: this phase's time spent in initpipeline (costs()).
+        self._costs: dict[str, list[float]] = {}
+
+    @contextmanager
+    def _cost(self, cause: str) -> Iterator[None]:
+        started = time.perf_counter()
+        try:
+            yield
+        finally:
+            spent = self._costs.setdefault(cause, [0.0, 0])
+            spent[0] += time.perf_counter() - started
+            spent[1] += 1
+
+    def costs(self) -> dict[str, tuple[float, int]]:
+        """Seconds this phase spent in initpipeline, and how many times, by cause:
+        ``publish`` (hash, fsync, rename), ``checkpoints``, ``progress`` (the throttled
+        writes and events), ``heartbeats`` (the phase's own calls), ``loads`` (the lookup
+        and the check of upstream artifacts; reading them is the phase's)."""
+        return {cause: (spent[0], int(spent[1])) for cause, spent in self._costs.items()}
 
     # -- resuming -------------------------------------------------------------------------
 
@@ -113,18 +130,19 @@ class PhaseContext:
         to the last progress reported, and the progress bar resumes from there.
         """
         self._raise_if_cancelled()
-        record = checkpoints.save(
-            state,
-            run_id=self.run_id,
-            done=self._done if done is None else done,
-            total=self._total if total is None else total,
-        )
-        owned = self._row().update(checkpoint=record, heartbeat_at=timezone.now())
-        previous, self._checkpoint = self._checkpoint, record
-        if not owned:
-            checkpoints.discard(record, previous=None)
-            self._raise_unless(owned)
-        checkpoints.discard(previous, previous=record)
+        with self._cost("checkpoints"):
+            record = checkpoints.save(
+                state,
+                run_id=self.run_id,
+                done=self._done if done is None else done,
+                total=self._total if total is None else total,
+            )
+            owned = self._row().update(checkpoint=record, heartbeat_at=timezone.now())
+            previous, self._checkpoint = self._checkpoint, record
+            if not owned:
+                checkpoints.discard(record, previous=None)
+                self._raise_unless(owned)
+            checkpoints.discard(previous, previous=record)
         self.logger.info(
             "checkpoint saved (%s, %d bytes) at %s of %s",
             record["format"],
@@ -157,19 +175,21 @@ class PhaseContext:
         if not finished and now - self._last_write < settings.PROGRESS_INTERVAL:
             return
         self._last_write = now
-        written = (
-            self._row()
-            .filter(handoff_requested_at__isnull=True)
-            .update(
-                progress_done=done,
-                progress_total=total,
-                message=plain_text(message)[:500],
-                heartbeat_at=timezone.now(),
+        with self._cost("progress"):
+            written = (
+                self._row()
+                .filter(handoff_requested_at__isnull=True)
+                .update(
+                    progress_done=done,
+                    progress_total=total,
+                    message=plain_text(message)[:500],
+                    heartbeat_at=timezone.now(),
+                )
             )
-        )
+            if written:
+                self._send_event(done, total, message)
         if not written:
             self._notice_handoff(checkpoint)
-        self._send_event(done, total, message)
 
     def _send_event(self, done: float, total: float | None, message: str) -> None:
         # A task event reaches Flower and `celery events` (workers need -E); update_state()
@@ -177,7 +197,9 @@ class PhaseContext:
         from celery import current_task
 
         task = current_task
-        if task is None or not task.request.id:
+        # A proxy: "is None" is never true of it, but it is false outside a task (a phase
+        # run in-process, by a test or a command), where there is no event to send.
+        if not task or not task.request.id:
             return
         events.send(
             task.app,
@@ -199,8 +221,10 @@ class PhaseContext:
         self._raise_if_cancelled()
         if self.handoff.is_set():
             self._hand_off(checkpoint)
-        now = timezone.now()
-        if not self._row().filter(handoff_requested_at__isnull=True).update(heartbeat_at=now):
+        with self._cost("heartbeats"):
+            beat = self._row().filter(handoff_requested_at__isnull=True)
+            alive = beat.update(heartbeat_at=timezone.now())
+        if not alive:
             self._notice_handoff(checkpoint)
 
     def _notice_handoff(self, checkpoint: Callable[[], Any] | None) -> None:
@@ -274,9 +298,20 @@ class PhaseContext:
             return name
         return part_name(name, self.shard.index, self.shard.count)
 
-    def _publish(self, name: str, path: Path, fmt: str, metadata: dict[str, Any] | None) -> None:
+    def _publish(
+        self,
+        name: str,
+        path: Path,
+        fmt: str,
+        metadata: dict[str, Any] | None,
+        *,
+        copy_from: Path | None = None,
+    ) -> None:
         recorded = self._record_name(name)
-        published = storage.publish(path, name=recorded, suffix=formats.SUFFIX[fmt])
+        with self._cost("publish"):
+            published = storage.publish(
+                path, name=recorded, suffix=formats.SUFFIX[fmt], copy_from=copy_from
+            )
         self._published[name] = (published, fmt, dict(metadata or {}))
         self.logger.info(
             "published %s (%s, %d bytes, sha256 %s)",
@@ -320,17 +355,17 @@ class PhaseContext:
     def save_file(
         self, name: str, source: str | Path, *, metadata: dict[str, Any] | None = None
     ) -> None:
-        """Publish a file the phase wrote (moved if from ``scratch_path()``, else copied)."""
+        """Publish a file the phase wrote: moved if from ``scratch_path()``, else copied
+        (by the kernel, while a thread hashes it). Never the whole file in memory."""
         source = Path(source)
-
-        def move_or_copy(path: Path) -> None:
-            if source.parent == path.parent:
-                source.rename(path)  # Written with scratch_path(): move, don't copy.
-            else:
-                shutil.copyfile(source, path)  # Streams: never the whole file in memory.
-            storage.fsync_file(path)
-
-        self._save(name, "file", move_or_copy, {"filename": source.name, **(metadata or {})})
+        meta = {"filename": source.name, **(metadata or {})}
+        self._reserve(name)
+        path = self._scratch("")
+        if source.parent == path.parent:
+            source.rename(path)  # Written with scratch_path(): move, don't copy.
+            self._publish(name, path, "file", meta)
+        else:
+            self._publish(name, path, "file", meta, copy_from=source)
 
     @contextmanager
     def open_artifact(
@@ -344,14 +379,13 @@ class PhaseContext:
 
         Readers get it as a file (format "file"). Nothing is kept in memory, and an
         exception inside the block publishes nothing and leaves no partial file.
+        Publishing hashes the file while it syncs it to disk (storage.hash_and_sync).
         """
         self._reserve(name)
         path = self._scratch("")
         try:
             with open(path, "wb") as fh:
                 yield fh
-                fh.flush()
-                os.fsync(fh.fileno())
         except BaseException:
             path.unlink(missing_ok=True)
             raise
@@ -373,13 +407,14 @@ class PhaseContext:
                 f"phase {self.name!r} loads {name!r}, which no upstream phase produces; "
                 "declare it with inputs=[...] or after=[...]"
             )
-        upstream = PhaseRun.objects.get(run_id=self.run_id, name=producer)
-        record = Artifact.objects.for_fingerprint(name, upstream.fingerprint).first()
-        if record is None:
-            from .exceptions import ArtifactNotReady
+        with self._cost("loads"):
+            upstream = PhaseRun.objects.get(run_id=self.run_id, name=producer)
+            record = Artifact.objects.for_fingerprint(name, upstream.fingerprint).first()
+            if record is None:
+                from .exceptions import ArtifactNotReady
 
-            raise ArtifactNotReady(f"artifact {name!r} of phase {producer!r} is not recorded")
-        path = storage.verify(record)
+                raise ArtifactNotReady(f"artifact {name!r} of phase {producer!r} is not recorded")
+            path = storage.verify(record)
         return formats.read(path, record.format)
 
     # -- merging the parts of a sharded phase -------------------------------------------

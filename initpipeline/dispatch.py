@@ -11,7 +11,10 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
+from django.utils.module_loading import import_string
+
 from .conf import settings
+from .exceptions import PipelineConfigError
 from .models import PHASE_DONE, PhaseRun, PhaseState
 
 logger = logging.getLogger("initpipeline")
@@ -81,6 +84,28 @@ RETRY_POLICY: dict[str, Any] = {
 }
 
 
+def celery_app() -> Any:
+    """The project's Celery app: ``INITPIPELINE["CELERY_APP"]``, imported on first use, or
+    else Celery's current app.
+
+    A web process imports Celery only here, when it first sends a task (the admin's
+    buttons, a command): importing it at start would cost every web process about a
+    tenth of a second before its first answer. Workers load the app with ``-A``.
+    Raises PipelineConfigError when the setting names nothing importable.
+    """
+    path = settings.CELERY_APP
+    if path:
+        try:
+            return import_string(path)
+        except ImportError as exc:
+            raise PipelineConfigError(
+                f"INITPIPELINE['CELERY_APP'] = {path!r} cannot be imported: {exc}"
+            ) from exc
+    from celery import current_app
+
+    return current_app
+
+
 @contextmanager
 def connection() -> Iterator[Any]:
     """A broker connection whose every step is bounded by SEND_TIMEOUT.
@@ -90,8 +115,7 @@ def connection() -> Iterator[Any]:
     a command or the admin's button must fail with a reason instead. Timeouts the project
     sets in CELERY_BROKER_TRANSPORT_OPTIONS win over ours.
     """
-    from celery import current_app
-
+    current_app = celery_app()
     timeout = settings.SEND_TIMEOUT
     url = str(current_app.conf.broker_write_url or current_app.conf.broker_url or "")
     scheme = url.split("://", 1)[0].lower()
@@ -111,13 +135,11 @@ def connection() -> Iterator[Any]:
 def _signature(
     task: str, args: tuple[Any, ...], kwargs: dict[str, Any] | None = None, **options: Any
 ) -> Any:
-    from celery import current_app
-
     queue = settings.QUEUE
     if queue:
         options["queue"] = queue
     # Immutable: a step never receives the previous step's return value.
-    return current_app.signature(task, args=args, kwargs=kwargs, immutable=True, **options)
+    return celery_app().signature(task, args=args, kwargs=kwargs, immutable=True, **options)
 
 
 def send_chain(run_id: int, names: Sequence[str]) -> None:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hmac
 import json
-import os
 import pickle
 from pathlib import Path
 from typing import Any
@@ -20,11 +19,12 @@ PICKLE_MAGIC = b"INITPIPELINE-PICKLE-1\n"
 _SALT = "initpipeline.formats.pickle"
 
 
+# The writers below do not fsync: storage.publish() does, beside the hash (hash_and_sync).
+
+
 def _write(path: Path, data: bytes) -> None:
     with open(path, "wb") as fh:
         fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
 
 
 def write_json(path: Path, value: Any) -> None:
@@ -43,8 +43,6 @@ def write_npy(path: Path, array: Any) -> None:
         raise PipelineConfigError("save_array() refuses object arrays: they need pickle to load")
     with open(path, "wb") as fh:
         np.save(fh, arr, allow_pickle=False)
-        fh.flush()
-        os.fsync(fh.fileno())
 
 
 def signing_keys() -> list[str]:
@@ -58,7 +56,12 @@ def _signature(payload: bytes, secret: str) -> bytes:
 
 def write_pickle(path: Path, value: Any) -> None:
     payload = pickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL)
-    _write(path, PICKLE_MAGIC + _signature(payload, settings.SECRET_KEY) + payload)
+    signature = _signature(payload, settings.SECRET_KEY)
+    with open(path, "wb") as fh:
+        # Three writes, not one concatenation: no second copy of the payload in memory.
+        fh.write(PICKLE_MAGIC)
+        fh.write(signature)
+        fh.write(payload)
 
 
 def pickle_signer(path: Path) -> int | None:
@@ -103,13 +106,22 @@ def read(path: Path, fmt: str) -> Any:
     raise PipelineConfigError(f"unknown artifact format {fmt!r}")
 
 
+def _signed_with(payload: memoryview, secret: str) -> bytes:
+    mac = salted_hmac(_SALT, b"", secret=secret, algorithm="sha256")
+    mac.update(payload)  # A view: no copy of the payload, unlike force_bytes().
+    return mac.digest()
+
+
 def read_pickle(path: Path) -> Any:
     blob = path.read_bytes()
     head = len(PICKLE_MAGIC)
     if not blob.startswith(PICKLE_MAGIC) or len(blob) < head + 32:
         raise ArtifactSignatureError(f"{path.name} is not a signed initpipeline pickle; refused")
-    signature, payload = blob[head : head + 32], blob[head + 32 :]
-    if not any(hmac.compare_digest(signature, _signature(payload, key)) for key in signing_keys()):
+    # A view of the payload: slicing bytes would copy it (twice the pickle in memory).
+    signature, payload = blob[head : head + 32], memoryview(blob)[head + 32 :]
+    if not any(
+        hmac.compare_digest(signature, _signed_with(payload, key)) for key in signing_keys()
+    ):
         raise ArtifactSignatureError(
             f"{path.name} has a wrong signature (tampered, or signed with a key that is neither "
             "SECRET_KEY nor in SECRET_KEY_FALLBACKS); refused before unpickling"

@@ -8,12 +8,15 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 from datetime import datetime
+from typing import TYPE_CHECKING
 
 from django.utils import timezone
 
 from .models import PhaseState, RunState
-from .planning import Plan
 from .reporting import ArtifactReport, PhaseReport, RunOutcome, RunReport, StatusReport
+
+if TYPE_CHECKING:
+    from .planning import Plan
 
 # Terminal escape sequences (CSI, OSC) whole, then any control character left.
 _ESCAPES = re.compile(r"\x1b\[[0-?]*[ -/]*[@-~]|\x1b\][^\x07\x1b]*(?:\x07|\x1b\\)?|\x1b.?")

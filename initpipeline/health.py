@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 from . import storage
@@ -23,9 +24,10 @@ def missing_artifacts(names: list[str]) -> list[str]:
         records = active.snapshot().records
         missing = [n for n in names if n not in records]
         if missing:
-            # Not ready is the transient state worth noticing at once: look again now
-            # rather than up to REFRESH_INTERVAL later. Once ready, this costs nothing.
-            records = active.refresh().records
+            # Not ready is the transient state worth noticing soon: look again after a
+            # fraction of a second (not_ready_interval) rather than up to
+            # REFRESH_INTERVAL later, and not once per request. Once ready, it is free.
+            records = active.recent().records
     except ArtifactNotReady:
         return list(names)
     return [n for n in names if n not in records]
@@ -58,9 +60,42 @@ def _phase_status(state: str) -> str:
 
 
 def public_progress() -> dict[str, Any]:
-    """Progress anyone may see: phase names, states and fractions; no messages or errors."""
-    report = latest_run_report()
-    return NO_RUN_PUBLIC if report is None else report.public()
+    """Progress anyone may see: phase names, states and fractions; no messages or errors.
+
+    Read from the database at most every ``not_ready_interval()`` per process (the
+    warming-up page and /init/readyz show it to every visitor of the warm-up).
+    """
+
+    def build() -> dict[str, Any]:
+        report = latest_run_report()
+        return NO_RUN_PUBLIC if report is None else report.public()
+
+    return active.progress(build)
+
+
+#: (artifact, missing, corrupt) -> (the progress it shows, the encoded body): see
+#: readiness_json().
+_bodies: dict[tuple[Any, ...], tuple[dict[str, Any], bytes]] = {}
+
+
+def readiness_json(artifact_name: str | None = None) -> tuple[bytes, bool]:
+    """readiness(), encoded; a not-ready body is encoded once per look at the progress
+    (public_progress), not once per probe."""
+    names = [artifact_name] if artifact_name else required_artifacts()
+    missing = missing_artifacts(names)
+    corrupt = corrupt_artifacts(names)
+    if not missing and not corrupt:
+        body, ready = _readiness(names, missing, corrupt)
+        return json.dumps(body).encode(), ready
+    key = (tuple(names), tuple(missing), tuple(sorted(corrupt.items())))
+    progress = public_progress()
+    cached = _bodies.get(key)
+    if cached is not None and cached[0] is progress:
+        return cached[1], False
+    body, ready = _readiness(names, missing, corrupt, progress)
+    encoded = json.dumps(body).encode()
+    _bodies[key] = (progress, encoded)
+    return encoded, ready
 
 
 def readiness(artifact_name: str | None = None) -> tuple[dict[str, Any], bool]:
@@ -70,8 +105,15 @@ def readiness(artifact_name: str | None = None) -> tuple[dict[str, Any], bool]:
     query, so probes stay cheap. When not, it adds a check per phase with its progress.
     """
     names = [artifact_name] if artifact_name else required_artifacts()
-    missing = missing_artifacts(names)
-    corrupt = corrupt_artifacts(names)
+    return _readiness(names, missing_artifacts(names), corrupt_artifacts(names))
+
+
+def _readiness(
+    names: list[str],
+    missing: list[str],
+    corrupt: dict[str, str],
+    progress: dict[str, Any] | None = None,
+) -> tuple[dict[str, Any], bool]:
     checks: dict[str, list[dict[str, Any]]] = {}
     for name in names:
         status = "fail" if name in missing or name in corrupt else "pass"
@@ -84,7 +126,7 @@ def readiness(artifact_name: str | None = None) -> tuple[dict[str, Any], bool]:
         checks[f"artifact:{name}"] = [entry]
     ready = not missing and not corrupt
     if not ready:
-        for phase in public_progress()["phases"]:
+        for phase in (progress or public_progress())["phases"]:
             checks[f"phase:{phase['name']}"] = [
                 {
                     "componentType": "phase",

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -48,30 +49,76 @@ class Snapshot:
     records: dict[str, Record]
 
 
+#: Seconds a process answers "not ready" from what it saw last (capped by
+#: REFRESH_INTERVAL): a crowd hitting the warming-up page or /init/readyz during the init
+#: costs the database a few queries per second per process, not one per request, and a
+#: page turns ready at most this much later.
+NOT_READY_INTERVAL = 0.25
+
+
+def not_ready_interval() -> float:
+    return min(NOT_READY_INTERVAL, settings.REFRESH_INTERVAL)
+
+
 class ActiveGeneration:
     """This process's view of the active generation, refreshed at most every
-    ``REFRESH_INTERVAL`` seconds so the hot path costs no query."""
+    ``REFRESH_INTERVAL`` seconds so the hot path costs no query; while something is
+    missing, at most every ``not_ready_interval()`` (``recent()``), and the init's public
+    progress with it (``progress()``)."""
 
     def __init__(self) -> None:
         self._snapshot = Snapshot(None, {})
         self._checked_at = float("-inf")
+        self._error: str | None = None
         self._lock = threading.Lock()
+        self._progress: tuple[float, dict[str, Any]] | None = None
+        self._progress_lock = threading.Lock()
         # sha256 -> reason, for files this process found corrupt (reported by /init/readyz).
         self.corrupt: dict[str, str] = {}
 
     def snapshot(self) -> Snapshot:
-        if time.monotonic() - self._checked_at < settings.REFRESH_INTERVAL:
-            return self._snapshot
-        with self._lock:
-            if time.monotonic() - self._checked_at >= settings.REFRESH_INTERVAL:
-                self._snapshot = self._query()
-                self._checked_at = time.monotonic()
+        interval = settings.REFRESH_INTERVAL
+        if time.monotonic() - self._checked_at < interval and self._error is None:
+            return self._snapshot  # The hot path of every artifact().get(): no call more.
+        return self._within(interval)
+
+    def recent(self) -> Snapshot:
+        """The snapshot, looked at again if older than ``not_ready_interval()``: for a
+        request that found an artifact missing, so that it turns ready soon."""
+        return self._within(not_ready_interval())
+
+    def _within(self, max_age: float) -> Snapshot:
+        if time.monotonic() - self._checked_at >= max_age:
+            with self._lock:
+                if time.monotonic() - self._checked_at >= max_age:
+                    try:
+                        self._snapshot = self._query()
+                        self._error = None
+                    except ArtifactNotReady as exc:
+                        # No generation known and no database: say so without asking it
+                        # again for every request of the interval.
+                        self._error = str(exc)
+                    self._checked_at = time.monotonic()
+        if self._error is not None:
+            raise ArtifactNotReady(self._error)
         return self._snapshot
 
     def refresh(self) -> Snapshot:
         """Look at the database now (tests, and after an activation in this process)."""
         self._checked_at = float("-inf")
         return self.snapshot()
+
+    def progress(self, build: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+        """The init's public progress: ``build()``'s answer, built again at most every
+        ``not_ready_interval()``. Shared by every request of the process: do not change it."""
+        cached = self._progress
+        if cached is None or time.monotonic() - cached[0] >= not_ready_interval():
+            with self._progress_lock:
+                cached = self._progress
+                if cached is None or time.monotonic() - cached[0] >= not_ready_interval():
+                    cached = (time.monotonic(), build())
+                    self._progress = cached
+        return cached[1]
 
     def _query(self) -> Snapshot:
         from .models import Artifact, Generation
@@ -128,11 +175,12 @@ class ArtifactHandle:
     def ready(self) -> bool:
         """True when the active generation has this artifact (no file I/O).
 
-        While it is missing, every call looks at the database again, so a page turns
-        ready as soon as the generation is active; once present, the check is free.
+        While it is missing, the database is looked at again every
+        ``not_ready_interval()``, so a page turns ready soon after the generation is
+        active; once present, the check is free.
         """
         try:
-            return self.name in active.snapshot().records or self.name in active.refresh().records
+            return self.name in active.snapshot().records or self.name in active.recent().records
         except ArtifactNotReady:
             return False
 

@@ -295,10 +295,8 @@ def cancel(*, run_id: int | None = None, reason: str = "cancelled") -> PipelineR
         # Revoked ids are refused by every worker, so a redelivered copy never starts.
         # A running copy is not killed: it stops itself at its next heartbeat.
         try:
-            from celery import current_app
-
             with dispatch.connection() as conn:
-                current_app.control.revoke(task_ids, connection=conn)
+                dispatch.celery_app().control.revoke(task_ids, connection=conn)
         except Exception as exc:
             logger.warning("could not revoke the tasks of run %s: %s", run.pk, exc)
     run.refresh_from_db()

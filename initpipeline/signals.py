@@ -1,7 +1,10 @@
 """Recovery inside Celery workers: when a worker starts, every STALE_AFTER/2, after a hard
 time limit.
 
-Connected from AppConfig.ready(); nothing here runs outside a worker's main process.
+Connected when tasks.py is imported: a worker imports it to find the tasks (Celery's
+``autodiscover_tasks``, at its start, before it sends ``worker_init``), and a web process
+never does, so it never imports Celery's worker stack. Nothing here runs outside a worker's
+main process.
 """
 
 from __future__ import annotations

@@ -8,7 +8,9 @@ from typing import Any
 from celery import shared_task
 from celery.exceptions import Ignore
 
-from . import execution
+# signals: the worker's recovery watchdog, hand-off and hard time limits, connected here
+# because every process that runs these tasks imports this module first (signals.py).
+from . import execution, signals  # noqa: F401
 from .dispatch import FINISH_RUN, PHASE_TASK_OPTIONS, RUN_PHASE
 from .exceptions import PhaseFailed, PhaseSkipped, RetryPhase
 from .models import PhaseState

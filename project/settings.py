@@ -126,6 +126,8 @@ CELERY_WORKER_SEND_TASK_EVENTS = True
 CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True
 
 INITPIPELINE = {
+    # Imported when a process first sends a task (project/__init__.py says why).
+    "CELERY_APP": "project.celery.app",
     "REFRESH_INTERVAL": float(os.environ.get("INITPIPELINE_REFRESH_INTERVAL", "2")),
     "REQUIRED_ARTIFACTS": ["lsa_docs"],
     "DEFAULT_TIMEOUT": 3600,

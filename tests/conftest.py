@@ -17,6 +17,9 @@ from typing import Any, NamedTuple
 import pytest
 from django.conf import settings
 
+# The project's Celery app, as a worker loads it: tests read and patch celery.current_app.
+# (Web processes import it only when they send a task: project/__init__.py.)
+import project.celery  # noqa: F401
 from tests.servers import (
     MotoServer,
     PostgresServer,

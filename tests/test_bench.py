@@ -24,14 +24,20 @@ def test_bench_quick_writes_every_figure(tmp_path: Path) -> None:
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     data = json.loads((tmp_path / "latest.json").read_text())
+    from bench.overhead import CAUSES
+
     assert set(data) >= {
         "meta",
         "first_response",
+        "startup",
         "deploy",
         "redeploy",
         "memory",
         "hot_path",
         "throughput",
+        "warmup_rates",
+        "flood",
+        "big",
         "scale",
     }
     first = data["first_response"]["2"]
@@ -40,5 +46,57 @@ def test_bench_quick_writes_every_figure(tmp_path: Path) -> None:
     assert first["naive"] > first["initpipeline"]
     assert data["deploy"]["filesystem"]["initpipeline_s"] > 0
     assert data["hot_path"]["artifact_get_ns"] > 0
+    assert set(data["startup"]["ratios"]) == {"to_startproject", "to_minimal"}
+    assert data["flood"]["flooded_s"] > 0 and data["flood"]["answers_per_s"] > 0
+    assert set(data["warmup_rates"]["ratios"]) == {"/init/readyz", "/"}
+    big = data["big"]
+    assert big["bytes"] == 64 * 1024 * 1024
+    assert "skipped" in big or len(big["first_get"]["processes_2_4_s"]) == 3
+    for files in ("40", "80"):
+        assert list(data["scale"][files]["causes_s"]) == CAUSES
     assert (tmp_path / "latest.png").read_bytes().startswith(b"\x89PNG")
-    assert "**1. Time to first response**" in (tmp_path / "latest.md").read_text()
+    report = (tmp_path / "latest.md").read_text()
+    assert "**Goals**" in report
+    assert "**1. Time to first response**" in report
+
+
+def test_the_bench_stops_at_once_when_the_run_failed(monkeypatch: pytest.MonkeyPatch) -> None:
+    import threading
+    import time
+    from http.server import BaseHTTPRequestHandler, HTTPServer
+    from types import SimpleNamespace
+
+    from bench import harness
+
+    class Failed(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # /init/readyz of a run whose last phase failed
+            body = {
+                "status": "fail",
+                "checks": {
+                    "artifact:lsa_docs": [{"componentType": "artifact", "status": "fail"}],
+                    "phase:compute_lsa": [{"componentType": "phase", "status": "pass"}],
+                    "phase:check_queries": [{"componentType": "phase", "status": "fail"}],
+                },
+            }
+            data = json.dumps(body).encode()
+            self.send_response(503)
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = HTTPServer(("127.0.0.1", 0), Failed)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    reason = "run 1 is failed: phase check_queries failed: AssertionError: only 1 of 5"
+    monkeypatch.setattr(harness, "run_failure", lambda env: reason)
+    running = SimpleNamespace(name="deploy-web", proc=SimpleNamespace(poll=lambda: None))
+    started = time.monotonic()
+    try:
+        with pytest.raises(SystemExit, match="the run failed \\(check_queries\\)") as stopped:
+            harness.wait_ready(server.server_port, harness.Env(files=40), [running])  # type: ignore[list-item]
+    finally:
+        server.shutdown()
+    assert reason in str(stopped.value)
+    assert time.monotonic() - started < 5

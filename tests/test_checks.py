@@ -128,6 +128,14 @@ def test_settings_that_are_not_a_dict() -> None:
             ("initpipeline.E022", "INITPIPELINE['LOCAL_CACHE_DIR'] must be a path or None, not 5."),
         ),
         (
+            {"CELERY_APP": "project/celery.py"},
+            (
+                "initpipeline.E025",
+                "INITPIPELINE['CELERY_APP'] must be the dotted path of a Celery app or None, "
+                "not 'project/celery.py'.",
+            ),
+        ),
+        (
             {"REQUIRED_ARTIFACTS": ["ghost"]},
             (
                 "initpipeline.E008",
@@ -141,6 +149,15 @@ def test_each_settings_fault_has_its_own_id(
 ) -> None:
     with override_settings(INITPIPELINE=given):
         assert settings_errors() == [expected]
+
+
+def test_a_celery_app_that_cannot_be_imported_is_an_error() -> None:
+    with override_settings(INITPIPELINE={"CELERY_APP": "nowhere.celery.app"}):
+        found = checks.check_celery()
+    assert ids(found) == ["initpipeline.E026"]
+    assert found[0].msg.startswith(
+        "INITPIPELINE['CELERY_APP'] = 'nowhere.celery.app' cannot be imported: No module named"
+    )
 
 
 @override_settings(STORAGES={"default": {"BACKEND": "django.core.files.storage.FileSystemStorage"}})

@@ -107,3 +107,46 @@ def test_a_chain_that_leaves_phases_to_others_advances_the_run(
     assert [(list(s["args"]), s["kwargs"]) for s in first["chain"]] == [
         ([run.pk, "x2"], {"advance": True})
     ]
+
+
+# -- Celery is imported only to send ------------------------------------------------------
+
+WEB_START = """
+import sys
+import project.wsgi  # what Gunicorn imports: settings, apps (admin included), URLs
+loaded = sorted(m for m in sys.modules if m.split(".")[0] in ("celery", "kombu", "billiard"))
+from initpipeline import dispatch
+app = dispatch.celery_app()
+from celery.signals import worker_ready
+before = [r[0][0] for r in worker_ready.receivers]
+import initpipeline.tasks  # what a worker imports to find the tasks
+after = [r[0][0] for r in worker_ready.receivers]
+print(loaded, app.main, "initpipeline.start_watchdog" in before,
+      "initpipeline.start_watchdog" in after)
+"""
+
+
+def test_a_web_process_imports_celery_only_to_send(tmp_path: Any) -> None:
+    import os
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+
+    env = {
+        **os.environ,
+        "DJANGO_SETTINGS_MODULE": "project.settings",
+        "INITPIPELINE_VAR_DIR": str(tmp_path),
+    }
+    result = subprocess.run(
+        [sys.executable, "-c", WEB_START],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    # Nothing of Celery at start; INITPIPELINE["CELERY_APP"] on the first send; the
+    # worker's signals once the tasks are imported, as a worker does.
+    assert result.stdout.split("\n")[-2] == "[] project False True"

@@ -214,3 +214,34 @@ def test_a_phase_failing_after_the_run_failed_is_not_retried(sent: Sent) -> None
     run.refresh_from_db()
     assert (run.state, run.error) == ("failed", "phase x1 failed: RuntimeError: boom")
     assert sent == []
+
+
+# -- what a phase costs in initpipeline -----------------------------------------------------
+
+
+def test_a_phase_logs_where_its_time_in_initpipeline_went(
+    sent: Sent, caplog: pytest.LogCaptureFixture
+) -> None:
+    import logging
+    import re
+
+    caplog.set_level(logging.INFO, logger="initpipeline")
+    run = services.start(trigger="test").run
+    assert run is not None
+    execution.execute_phase(run_id=run.pk, phase_name="a")
+    lines = [r.getMessage() for r in caplog.records if "in initpipeline" in r.getMessage()]
+    assert len(lines) == 1
+    assert re.fullmatch(
+        rf"phase a of run {run.pk}: [\d.]+ s of [\d.]+ s in initpipeline: "
+        r"(\w+ [\d.]+ s \(\d+\), )*publish [\d.]+ s \(1\)(, \w+ [\d.]+ s \(\d+\))*; "
+        r"claim [\d.]+ s, record [\d.]+ s",
+        lines[0],
+    ), lines[0]
+
+
+def test_a_phase_runs_with_the_workers_heap_set_aside() -> None:
+    import gc
+
+    with execution.heap_set_aside():
+        assert gc.get_freeze_count() > 0
+    assert gc.get_freeze_count() == 0

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 from typing import Any
 
@@ -77,7 +78,7 @@ def test_get_loads_once_memory_mapped_then_costs_no_query(
             assert loading.artifact("b_out").get() is first
 
 
-@override_settings(INITPIPELINE={"REFRESH_INTERVAL": 3600})
+@override_settings(INITPIPELINE={**settings.INITPIPELINE, "REFRESH_INTERVAL": 3600})
 def test_refresh_interval_throttles_the_lookup(django_assert_num_queries: Any) -> None:
     activate(b_out=[1])
     handle = loading.artifact("b_out")
@@ -233,3 +234,130 @@ def test_health_check_class_for_django_health_check() -> None:
     InitPipelineReady().run()
     with pytest.raises(ServiceUnavailable, match="waiting for c_out"):
         InitPipelineReady(artifact="c_out").run()
+
+
+# -- a warm-up flood costs the database nothing per request -------------------------------
+
+
+def _start_a_run() -> PipelineRun:
+    run = PipelineRun.objects.create(state="running")
+    PhaseRun.objects.create(
+        run=run, name="a", position=0, state="running", progress_done=1, progress_total=2
+    )
+    PhaseRun.objects.create(run=run, name="b", position=1, state="pending")
+    return run
+
+
+@override_settings(INITPIPELINE={**settings.INITPIPELINE, "REFRESH_INTERVAL": 3600})
+def test_not_ready_answers_make_no_query_within_the_interval(
+    django_assert_num_queries: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(loading, "NOT_READY_INTERVAL", 3600)
+    _start_a_run()
+    client = Client()
+    assert client.get("/init/readyz").status_code == 503  # looks, once
+    with django_assert_num_queries(0):
+        for _ in range(20):
+            readyz = client.get("/init/readyz")
+            page = client.get("/test/b-total", HTTP_ACCEPT="text/html")
+            api = client.get("/test/b-total", HTTP_ACCEPT="application/json")
+            assert (readyz.status_code, page.status_code, api.status_code) == (503, 503, 503)
+    assert readyz.json()["checks"]["phase:a"][0]["observedValue"] == 0.5
+    assert api.json()["phases"][0] == {"name": "a", "state": "running", "progress": 0.5}
+
+
+@override_settings(INITPIPELINE={**settings.INITPIPELINE, "REFRESH_INTERVAL": 3600})
+def test_not_ready_answers_look_again_after_the_interval(
+    django_assert_max_num_queries: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(loading, "NOT_READY_INTERVAL", 0.05)
+    run = _start_a_run()
+    client = Client()
+    assert client.get("/init/readyz").status_code == 503
+    PhaseRun.objects.filter(run=run, name="a").update(progress_done=1.5)
+    time.sleep(0.06)
+    assert client.get("/init/readyz").json()["checks"]["phase:a"][0]["observedValue"] == 0.75
+    # ...and turns ready within the interval of the activation, not REFRESH_INTERVAL.
+    activate(b_out=[1])
+    time.sleep(0.06)
+    with django_assert_max_num_queries(4):
+        assert client.get("/init/readyz").status_code == 200
+
+
+@override_settings(INITPIPELINE={**settings.INITPIPELINE, "REFRESH_INTERVAL": 3600})
+def test_ready_answers_make_no_query(django_assert_num_queries: Any) -> None:
+    activate(b_out=[1, 2])
+    client = Client()
+    assert client.get("/init/readyz").status_code == 200
+    assert client.get("/test/b-total").status_code == 200  # loads b_out once
+    with django_assert_num_queries(0):
+        for _ in range(20):
+            assert client.get("/init/readyz").status_code == 200
+            assert client.get("/test/b-total").json()["total"] == 3.0
+
+
+def test_a_database_that_is_down_is_not_asked_again_for_every_request(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(loading, "NOT_READY_INTERVAL", 3600)
+    calls = []
+
+    def down(self: Any) -> Any:
+        calls.append(1)
+        raise ArtifactNotReady("cannot read the active generation: database is down")
+
+    monkeypatch.setattr(loading.ActiveGeneration, "_query", down)
+    for _ in range(5):
+        assert not loading.artifact("b_out").ready()
+    # One look per interval: _query turns a DatabaseError into this ArtifactNotReady.
+    assert calls == [1]
+
+
+@override_settings(INITPIPELINE={**settings.INITPIPELINE, "REFRESH_INTERVAL": 3600})
+def test_a_crowd_gets_answers_built_once_per_look_at_the_progress(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from initpipeline import health, responses
+
+    monkeypatch.setattr(loading, "NOT_READY_INTERVAL", 3600)
+    rendered: list[str] = []
+    built: list[list[str]] = []
+    real_render, real_build = responses.render_to_string, health._readiness
+
+    def render(*args: Any, **kwargs: Any) -> str:
+        rendered.append(args[0])
+        return real_render(*args, **kwargs)
+
+    def build(names: list[str], *args: Any) -> Any:
+        built.append(names)
+        return real_build(names, *args)
+
+    monkeypatch.setattr(responses, "render_to_string", render)
+    monkeypatch.setattr(health, "_readiness", build)
+    _start_a_run()
+    client = Client()
+    pages = {client.get("/test/b-total").content for _ in range(10)}
+    probes = {client.get("/init/readyz").content for _ in range(10)}
+    assert (len(pages), len(rendered), len(probes), len(built)) == (1, 1, 1, 1)
+    # A new look at the progress (here: forced) builds them again.
+    loading.active._progress = None
+    client.get("/test/b-total")
+    client.get("/init/readyz")
+    assert (len(rendered), len(built)) == (2, 2)
+
+
+def test_an_overridden_warming_up_page_is_rendered_for_each_request(tmp_path: Path) -> None:
+    from initpipeline import responses
+
+    folder = tmp_path / "initpipeline"
+    folder.mkdir()
+    (folder / "warming_up.html").write_text("Hello {{ request.GET.name }}: {{ progress }}")
+    templates = [{**settings.TEMPLATES[0], "DIRS": [str(tmp_path)]}]
+    responses._page_is_ours.cache_clear()
+    try:
+        with override_settings(TEMPLATES=templates):
+            client = Client()
+            assert client.get("/test/b-total?name=ann").content == b"Hello ann: 0.0"
+            assert client.get("/test/b-total?name=bob").content == b"Hello bob: 0.0"
+    finally:
+        responses._page_is_ours.cache_clear()

@@ -172,7 +172,6 @@ def test_readme_steps_take_a_fresh_startproject_to_ready(project: NewProject) ->
         ("shell", ""),
         ("append", "mysite/settings.py"),
         ("write", "mysite/celery.py"),
-        ("write", "mysite/__init__.py"),
         ("write", "myapp/init_phases.py"),
         ("write", "myapp/views.py"),
         ("write", "mysite/urls.py"),

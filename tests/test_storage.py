@@ -2,7 +2,9 @@ from __future__ import annotations
 
 import os
 import pickle
+import threading
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -255,6 +257,94 @@ def test_a_failed_write_leaves_no_partial_file(monkeypatch: pytest.MonkeyPatch) 
     with pytest.raises(OSError, match="No space left"):
         ctx.save_bytes("a_out", b"x" * 1000)
     assert set(storage.scratch_dir().iterdir()) == before
+
+
+# -- publishing a large file: hashed beside the copy and the fsync --------------------------
+
+
+def _context() -> Any:
+    from initpipeline.context import PhaseContext
+    from initpipeline.registry import get_pipeline
+
+    pipeline = get_pipeline()
+    phase_run = PhaseRun(pk=1, run_id=99, attempt=1)
+    return PhaseContext(phase=pipeline["a"], phase_run=phase_run, pipeline=pipeline)
+
+
+def _big(path: Path) -> bytes:
+    data = os.urandom(1024) * (storage.OVERLAP_ABOVE // 1024 + 7)
+    path.write_bytes(data)
+    return data
+
+
+def test_a_large_file_is_hashed_while_it_is_synced(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Each side waits for the other to have started: only side by side do both finish.
+    both = threading.Barrier(2, timeout=10)
+    real_hash, real_sync = storage.file_sha256, storage.fsync_file
+
+    def hashing(path: Path | str) -> tuple[str, int]:
+        both.wait()
+        return real_hash(path)
+
+    def syncing(path: Path) -> None:
+        both.wait()
+        real_sync(path)
+
+    monkeypatch.setattr(storage, "file_sha256", hashing)
+    monkeypatch.setattr(storage, "fsync_file", syncing)
+    path = storage.new_scratch_path(".bin")
+    data = _big(path)
+    pub = storage.publish(path, name="big", suffix=".bin")
+    assert pub.size == len(data)
+    assert real_hash(storage.local_path(record(pub, "big"))) == (pub.sha256, pub.size)
+
+
+def test_save_file_copies_a_large_file_and_leaves_the_source(tmp_path: Path) -> None:
+    source = tmp_path / "model.bin"
+    data = _big(source)
+    ctx = _context()
+    ctx.save_file("a_out", source)
+    pub = ctx.published()["a_out"][0]
+    path = storage.local_path(record(pub, "a_out", "file"))
+    assert path.read_bytes() == data == source.read_bytes()
+    assert storage.file_sha256(path) == (pub.sha256, pub.size)
+    assert not list(storage.scratch_dir().glob("r99-*"))
+
+
+def test_a_source_written_to_while_it_is_copied_is_hashed_as_copied(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    source = tmp_path / "growing.bin"
+    _big(source)
+    real_copy = storage.shutil.copyfile
+
+    def copy_then_append(src: Path, dst: Path) -> None:
+        real_copy(src, dst)
+        with open(src, "ab") as fh:
+            fh.write(b"more")
+
+    monkeypatch.setattr(storage.shutil, "copyfile", copy_then_append)
+    path = storage.new_scratch_path()
+    pub = storage.publish(path, name="grown", suffix="", copy_from=source)
+    published = storage.local_path(record(pub, "grown"))
+    assert storage.file_sha256(published) == (pub.sha256, pub.size)
+    assert pub.size == source.stat().st_size - 4
+
+
+def test_publishing_bytes_this_host_verified_does_not_hash_them_again(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    first = publish_bytes(b"same again")
+    hashed: list[Path] = []
+    real = storage.file_sha256
+
+    def counting(path: Path | str) -> tuple[str, int]:
+        hashed.append(Path(path))
+        return real(path)
+
+    monkeypatch.setattr(storage, "file_sha256", counting)
+    assert publish_bytes(b"same again") == first
+    assert len(hashed) == 1  # the new scratch file; not the published one again
 
 
 @pytest.mark.parametrize("mode", [0o777, 0o770])

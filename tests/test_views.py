@@ -111,3 +111,15 @@ def test_one_rule_for_the_progress_pages_and_the_json_they_poll(
     # A non-staff user is sent to the admin login; staff get the page or a 403.
     expected_page = status if staff else 302
     assert page.status_code == expected_page
+
+
+def test_the_probes_say_what_never_cache_says(client: Client) -> None:
+    from django.http import HttpResponse
+    from django.test import RequestFactory
+    from django.views.decorators.cache import never_cache
+
+    reference = never_cache(lambda request: HttpResponse())(RequestFactory().get("/"))
+    for probe in ("/init/livez", "/init/readyz", "/init/readyz?artifact=nope"):
+        response = client.get(probe)
+        assert response["Cache-Control"] == reference["Cache-Control"], probe
+        assert response["Expires"][-4:] == reference["Expires"][-4:] == " GMT"
