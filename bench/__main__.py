@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from bench import big, figures, overhead, startup, warmup
+from bench import big, figures, overhead, shardfigures, startup, warmup
 from bench.harness import ROOT, Env, compile_bytecode, log, redis_server
 from bench.report import write
 
@@ -47,6 +47,8 @@ class Run:
     #: The demo at 6,000 files and at its default size (no cap: 0), the largest last: its
     #: artifacts stay for `--only memory`.
     scale_files: list[int] = field(default_factory=lambda: [6000, 0])
+    #: Empty shards in the per-shard cost figure (against a phase of one).
+    shard_count: int = 64
 
     @property
     def env(self) -> Env:
@@ -83,6 +85,7 @@ FIGURES: dict[str, Callable[[Run], Any]] = {
     "flood": lambda r: warmup.flood(r.env, r.reps),
     "big": lambda r: big.figures(r.big_bytes, r.reps),
     "scale": _scale,
+    "shards": lambda r: shardfigures.figures(r.files, r.reps, r.shard_count),
 }
 
 
@@ -116,6 +119,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.quick:
         run.reps, run.files, run.seconds = 1, 40, 1
         run.workers_list, run.big_bytes, run.scale_files = [2], 64 * 1024**2, [40, 80]
+        run.shard_count = 8
 
     results: dict[str, Any] = {}
     latest = args.out / "latest.json"

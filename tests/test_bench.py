@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import ROOT
+from tests.conftest import REQUIRE_SERVICES, ROOT
 
 pytestmark = [pytest.mark.slow]
 
@@ -39,6 +39,7 @@ def test_bench_quick_writes_every_figure(tmp_path: Path) -> None:
         "flood",
         "big",
         "scale",
+        "shards",
     }
     first = data["first_response"]["2"]
     assert first["ratios"]["bare Django"] == 1.0
@@ -54,10 +55,16 @@ def test_bench_quick_writes_every_figure(tmp_path: Path) -> None:
     assert "skipped" in big or len(big["first_get"]["processes_2_4_s"]) == 3
     for files in ("40", "80"):
         assert list(data["scale"][files]["causes_s"]) == CAUSES
+    shards = data["shards"]
+    assert shards["deploy"]["one_s"] > 0 and shards["deploy"]["two_s"] > 0
+    # Redis is there under INITPIPELINE_REQUIRE_SERVICES (CI); elsewhere it may be missing.
+    if REQUIRE_SERVICES or "skipped" not in shards["cost"]:
+        assert shards["cost"]["count"] == 8 and shards["cost"]["many_s"] > 0
     assert (tmp_path / "latest.png").read_bytes().startswith(b"\x89PNG")
     report = (tmp_path / "latest.md").read_text()
     assert "**Goals**" in report
     assert "**1. Time to first response**" in report
+    assert "**9. Sharded phases**" in report
 
 
 def test_the_bench_stops_at_once_when_the_run_failed(monkeypatch: pytest.MonkeyPatch) -> None:
