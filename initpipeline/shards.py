@@ -15,12 +15,11 @@ succeeded cached and runs only the others.
 from __future__ import annotations
 
 import hashlib
-import json
 import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, BinaryIO
 
 from . import formats
 from .exceptions import PipelineConfigError
@@ -76,18 +75,63 @@ def merge_default(ctx: PhaseContext) -> None:
 
 
 def _merge_json(ctx: PhaseContext, name: str, paths: list[Path]) -> None:
-    merged: list[Any] = []
-    for i, path in enumerate(paths):
-        with open(path, "rb") as fh:
-            value = json.load(fh)
-        if not isinstance(value, list):
-            raise PipelineConfigError(
-                f"phase {ctx.name!r}: shard {i}'s part of {name!r} is a JSON "
-                f"{type(value).__name__}, not a list; give the phase a merge= function"
-            )
-        merged.extend(value)
-        ctx.progress(i + 1, len(paths), f"merged {name}: part {i + 1} of {len(paths)}")
-    ctx.save_json(name, merged)
+    # A JSON list is "[", its items, "]" (whitespace around them aside): the merged list is
+    # the parts' items joined by commas. Streamed: no part is parsed or held whole.
+    def write(path: Path) -> None:
+        with open(path, "wb") as out:
+            out.write(b"[")
+            empty = True
+            for i, part in enumerate(paths):
+                with open(part, "rb") as src:
+                    items = _list_items(src)
+                    if items is None:
+                        value = formats.read(part, "json")
+                        raise PipelineConfigError(
+                            f"phase {ctx.name!r}: shard {i}'s part of {name!r} is a JSON "
+                            f"{type(value).__name__}, not a list; give the phase a merge= "
+                            "function"
+                        )
+                    start, size = items
+                    if size:
+                        if not empty:
+                            out.write(b",")
+                        src.seek(start)
+                        _copy(src, out, size)
+                        empty = False
+                ctx.progress(i + 1, len(paths), f"merged {name}: part {i + 1} of {len(paths)}")
+            out.write(b"]")
+
+    ctx.save_prepared(name, "json", write, None)
+
+
+_SPACE = b" \t\r\n"
+
+
+def _list_items(src: BinaryIO) -> tuple[int, int] | None:
+    """Where the items of the JSON list in ``src`` are (offset, length; length 0 for an
+    empty list), or None when it holds no list. The file is valid JSON (it verified)."""
+    head = src.read(64 * 1024)
+    first = len(head) - len(head.lstrip(_SPACE))
+    if head[first : first + 1] != b"[":
+        return None
+    end = src.seek(0, 2)
+    src.seek(max(0, end - 64 * 1024))
+    tail = src.read()
+    last = end - (len(tail) - len(tail.rstrip(_SPACE))) - 1  # the closing "]"
+    inside = head[first + 1 :]
+    start = first + 1 + len(inside) - len(inside.lstrip(_SPACE))
+    # Trailing whitespace inside the brackets is harmless in the merged list.
+    return start, max(0, last - start)
+
+
+def _copy(src: BinaryIO, out: BinaryIO, size: int) -> None:
+    """Copy ``size`` bytes from ``src``'s position to ``out``, a chunk at a time."""
+    while size > 0:
+        chunk = src.read(min(formats.CHUNK, size))
+        if not chunk:
+            raise OSError(f"{src.name} ended {size} bytes early")
+        out.write(chunk)
+        size -= len(chunk)
 
 
 def _merge_npy(ctx: PhaseContext, name: str, paths: list[Path]) -> None:
