@@ -8,8 +8,10 @@ A deploy's timeline, from the bench's clock and the run's records (same host, sa
 
 Inside each phase, the worker logs what initpipeline itself took (execution.describe_costs):
 publish (hash, fsync, rename), checkpoints, progress writes, loads, the record of the
-outcome. What remains of a phase's difference to the plain process is "other": the CPU it
-shared with the web server and the worker's main process, imports, noise.
+outcome. A sharded phase adds its merge step and the hops between its tasks (its shards and
+its merge; on one worker process they run one after the other). What remains of a phase's
+difference to the plain process is "other": the CPU it shared with the web server and the
+worker's main process, imports, noise.
 """
 
 from __future__ import annotations
@@ -61,6 +63,8 @@ CAUSES = [
     "heartbeats",
     "loads",
     "record",
+    "merge",
+    "shard_hops",
     "other",
 ]
 CAUSE_TEXT = {
@@ -75,6 +79,8 @@ CAUSE_TEXT = {
     "heartbeats": "heartbeats the phases ask for",
     "loads": "looking up and checking upstream artifacts",
     "record": "recording each phase's outcome",
+    "merge": "a sharded phase's merge step (the plain process runs the phase whole)",
+    "shard_hops": "a sharded phase's hops between its tasks (shards, merge: broker, claim)",
     "other": "the rest of the phases' difference: below zero where the worker's heap, set "
     "aside from the garbage collector, makes them faster than alone; CPU shared with the web "
     "and the worker's main process; noise",
@@ -115,14 +121,43 @@ def cpu_seconds(pid: int) -> float:
 
 
 def worker_costs(text: str, run_id: int) -> dict[str, dict[str, float]]:
-    """The cost lines (execution.describe_costs) the worker logged for run_id."""
-    out: dict[str, dict[str, float]] = {}
-    for name, run, _ran, inside, task in COSTS.findall(text):
+    """The cost lines (execution.describe_costs) the worker logged for run_id, by phase: a
+    sharded phase's shards (``name#i``) and merge (``name``) added up, the merge's own time
+    as "merge" (what of it initpipeline's costs above do not hold already)."""
+    lines: dict[str, dict[str, float]] = {}
+    for name, run, ran, inside, task in COSTS.findall(text):
         if int(run) != run_id:
             continue
-        costs = {k: float(s) for k, s, _ in COST.findall(inside + ", " + task)}
-        out[name] = costs
+        lines[name] = {
+            "ran": float(ran),
+            **{k: float(s) for k, s, _ in COST.findall(inside + ", " + task)},
+        }
+    out: dict[str, dict[str, float]] = {}
+    for name, costs in lines.items():
+        phase = name.split("#")[0]
+        total = out.setdefault(phase, {})
+        for k, v in costs.items():
+            if k != "ran":
+                total[k] = total.get(k, 0.0) + v
+    for phase, total in out.items():
+        if f"{phase}#0" in lines:
+            merge = lines[phase]
+            held = sum(v for k, v in merge.items() if k not in ("ran", "claim", "record"))
+            total["merge"] = max(merge["ran"] - held, 0.0)
+            # Not a cause: what _shard_hops takes off the phase's span for its merge task.
+            total["merge_task"] = merge["ran"] + merge.get("claim", 0.0) + merge.get("record", 0.0)
     return out
+
+
+def _shard_hops(phase: dict[str, Any], costs: dict[str, float]) -> float:
+    """The part of a sharded phase's span that none of its tasks ran in: the phase's span
+    less its shards' spans and its merge's (claim, run, record)."""
+    shards = [s for s in phase.get("shards") or [] if s["started_at"] and s["finished_at"]]
+    if not shards:
+        return 0.0
+    span = _ts(phase["finished_at"]) - _ts(phase["started_at"])  # type: ignore[operator]
+    worked = sum(_ts(s["finished_at"]) - _ts(s["started_at"]) for s in shards)  # type: ignore[operator]
+    return max(span - worked - costs.get("merge_task", 0.0), 0.0)
 
 
 def deploy_to_ready(env: Env, *, load: str | None = None) -> Deploy:
@@ -185,6 +220,10 @@ def _deploy(
     activated = _ts((status["active_generation"] or {}).get("activated_at"))
     deploy = Deploy(total=total, phases=durations)
     deploy.phase_costs = worker_costs(worker_log, run["id"])
+    for p in phases:
+        if p.get("shards"):
+            costs = deploy.phase_costs.setdefault(p["name"], {})
+            costs["shard_hops"] = _shard_hops(p, costs)
     if phases and activated is not None:
         first, last = _ts(phases[0]["started_at"]), _ts(phases[-1]["finished_at"])
         hops = sum(

@@ -12,6 +12,8 @@ from dataclasses import dataclass, replace
 from datetime import datetime
 from typing import Any
 
+from django.utils import timezone
+
 from . import history
 from .exceptions import PipelineConfigError
 from .models import (
@@ -87,11 +89,20 @@ class PhaseReport:
         )
 
     def with_shards(self, shards: list[PhaseReport]) -> PhaseReport:
-        """This phase's report with its shards: its progress counts theirs and its merge's."""
+        """This phase's report with its shards: its progress counts theirs and its merge's,
+        and it started when its first shard did (its own row's times are its merge's)."""
         progress = self.progress
         if not self.done and shards:
             progress = (sum(s.progress for s in shards) + self.progress) / (len(shards) + 1)
-        return replace(self, shards=shards, progress=progress)
+        started_at, duration = self.started_at, self.duration
+        starts = [s.started_at for s in shards if s.started_at is not None]
+        if starts and (started_at is None or min(starts) < started_at):
+            started_at = min(starts)
+            end = self.finished_at or timezone.now()
+            duration = max((end - started_at).total_seconds(), 0.0)
+        return replace(
+            self, shards=shards, progress=progress, started_at=started_at, duration=duration
+        )
 
     def lanes(self) -> list[PhaseReport]:
         """This phase, then its shards (what a display shows one line each of)."""

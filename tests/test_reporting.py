@@ -154,6 +154,27 @@ def test_a_sharded_phase_reports_its_shards_under_it() -> None:
     ]
     assert [p.name for p in report.lanes()] == ["a", "b", "b#0", "b#1"]
     assert "shards" not in report.phases[0].as_dict()
+    # The phase started with its first shard, though its own row (the merge) has not.
+    assert b.started_at == T0 + timedelta(hours=2, seconds=1)
+    assert b.duration is not None and b.duration > 0
+
+
+def test_a_sharded_phase_spans_its_shards_and_its_merge() -> None:
+    shard = {"shard_of": "b", "shard_count": 2}
+    make_run(
+        "succeeded",
+        [
+            Phase("b#0", "succeeded", start=0, took=5, extra={**shard, "shard_index": 0}),
+            Phase("b#1", "succeeded", start=1, took=5, extra={**shard, "shard_index": 1}),
+            Phase("b", "succeeded", start=7, took=2, extra={"shard_count": 2}),
+        ],
+    )
+    report = reporting.latest_run_report()
+    assert report is not None
+    (b,) = report.phases
+    assert b.started_at == T0 and b.finished_at == T0 + timedelta(seconds=9)
+    assert b.duration == 9.0
+    assert b.as_dict()["duration"] == 9.0
 
 
 def test_the_admin_and_the_terminal_show_each_shard(client: Client) -> None:
