@@ -143,38 +143,51 @@ def _signature(
 
 
 def send_chain(run_id: int, names: Sequence[str]) -> None:
-    """Send phases ``names`` of a run, in this order, as one Celery chain.
+    """Send phases ``names`` of a run, in this order, as one Celery chain (send_chains)."""
+    send_chains(run_id, [names])
 
-    ``names`` is one of plan_chains(): the start of a run sends every chain ready at once,
+
+def send_chains(run_id: int, chains: Sequence[Sequence[str]]) -> None:
+    """Send each of ``chains`` (phase names of a run, in order) as one Celery chain.
+
+    A chain is one of plan_chains(): the start of a run sends every chain ready at once,
     the last phase of a chain sends the chains it unblocks (execution.py), and recovery
     sends again from a lost phase (Celery cannot resume a chain, celery#3325). A chain that
     holds every phase left of its run ends with the run's finish step; any other chain's
-    last phase advances the run when it succeeds. Raises what the broker raised.
+    last phase advances the run when it succeeds. One query and one broker connection for
+    them all: a phase that unblocks a sharded phase sends a chain per shard, and a
+    connection each cost more than a short shard's work. Raises what the broker raised.
     """
     from celery import chain
 
+    if not chains:
+        return
     # The limits come from the run's records, so what a PhaseRun shows is what is enforced.
     rows = PhaseRun.objects.filter(run_id=run_id).values_list("name", "timeout", "state")
     timeouts = {name: timeout for name, timeout, _ in rows}
     left = {name for name, _, state in rows if state not in PHASE_DONE}
-    finishes = left <= set(names)
-    steps = []
-    for i, name in enumerate(names):
-        timeout = int(timeouts.get(name) or settings.DEFAULT_TIMEOUT)
-        advance = i == len(names) - 1 and not finishes
-        steps.append(
-            _signature(
-                RUN_PHASE,
-                (run_id, name),
-                {"advance": True} if advance else None,
-                soft_time_limit=timeout,
-                time_limit=timeout + HARD_LIMIT_GRACE,
+    signatures = []
+    for names in chains:
+        finishes = left <= set(names)
+        steps = []
+        for i, name in enumerate(names):
+            timeout = int(timeouts.get(name) or settings.DEFAULT_TIMEOUT)
+            advance = i == len(names) - 1 and not finishes
+            steps.append(
+                _signature(
+                    RUN_PHASE,
+                    (run_id, name),
+                    {"advance": True} if advance else None,
+                    soft_time_limit=timeout,
+                    time_limit=timeout + HARD_LIMIT_GRACE,
+                )
             )
-        )
-    if finishes:
-        steps.append(_signature(FINISH_RUN, (run_id,)))
+        if finishes:
+            steps.append(_signature(FINISH_RUN, (run_id,)))
+        signatures.append(chain(*steps))
     with connection() as conn:
-        chain(*steps).apply_async(connection=conn, retry=True, retry_policy=RETRY_POLICY)
+        for signature in signatures:
+            signature.apply_async(connection=conn, retry=True, retry_policy=RETRY_POLICY)
 
 
 def send_finish(run_id: int) -> None:
@@ -188,8 +201,7 @@ def send_finish(run_id: int) -> None:
 def send_next(run_id: int, after: str, chains: Sequence[Sequence[str]], finish: bool) -> None:
     """Send what the phase ``after`` unblocked; a failed send is left to recovery."""
     try:
-        for names in chains:
-            send_chain(run_id, names)
+        send_chains(run_id, chains)
         if finish:
             send_finish(run_id)
     except Exception:

@@ -254,8 +254,7 @@ def enqueue(run_id: int, names: Sequence[str]) -> None:
     phases = list(PhaseRun.objects.filter(run_id=run_id).order_by("position"))
     try:
         # Phases with no dependency between them start side by side, one chain each.
-        for chain_names in dispatch.plan_chains(phases):
-            dispatch.send_chain(run_id, chain_names)
+        dispatch.send_chains(run_id, dispatch.plan_chains(phases))
     except Exception as exc:
         reason = f"could not send the run's tasks to the broker: {type(exc).__name__}: {exc}"
         # start() raises EnqueueError with the reason, and its callers report it in one

@@ -245,7 +245,9 @@ def sent(monkeypatch: pytest.MonkeyPatch) -> list[tuple[int, list[str]]]:
 
     calls: list[tuple[int, list[str]]] = []
     monkeypatch.setattr(
-        dispatch, "send_chain", lambda run_id, names: calls.append((run_id, list(names)))
+        dispatch,
+        "send_chains",
+        lambda run_id, chains: calls.extend((run_id, list(names)) for names in chains),
     )
     monkeypatch.setattr(dispatch, "send_finish", lambda run_id: calls.append((run_id, ["finish"])))
     return calls

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -150,3 +152,26 @@ def test_a_web_process_imports_celery_only_to_send(tmp_path: Any) -> None:
     # Nothing of Celery at start; INITPIPELINE["CELERY_APP"] on the first send; the
     # worker's signals once the tasks are imported, as a worker does.
     assert result.stdout.split("\n")[-2] == "[] project False True"
+
+
+@pytest.mark.django_db
+def test_the_chains_a_phase_unblocks_go_over_one_connection(
+    published: list[dict[str, Any]],
+    monkeypatch: pytest.MonkeyPatch,
+    django_assert_num_queries: Any,
+) -> None:
+    run = saved(TWO_BRANCHES)
+    opened = []
+    real = dispatch.connection
+
+    @contextlib.contextmanager
+    def counted() -> Iterator[Any]:
+        opened.append(1)
+        with real() as conn:
+            yield conn
+
+    monkeypatch.setattr(dispatch, "connection", counted)
+    with django_assert_num_queries(1):
+        dispatch.send_chains(run.pk, [["x1"], ["y1"]])
+    assert len(opened) == 1
+    assert [m["args"] for m in published] == [[run.pk, "x1"], [run.pk, "y1"]]
