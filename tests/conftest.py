@@ -130,6 +130,21 @@ class Stack:
     def log(self, n: int = 0) -> str:
         return self.worker_logs[n].read_text(errors="replace")
 
+    def ended(self, run: Any, timeout: float = 120) -> Any:
+        """``run`` (a PipelineRun), refreshed once it is no longer in flight; on a timeout,
+        AssertionError with every worker's log."""
+
+        def done() -> bool:
+            run.refresh_from_db()
+            return not run.is_in_flight
+
+        try:
+            wait_for(done, timeout=timeout, interval=0.2)
+        except AssertionError:
+            logs = "\n\n".join(self.log(n) for n in range(len(self.workers)))
+            raise AssertionError(logs) from None
+        return run
+
     def executions(self, run_id: int) -> list[tuple[str, int]]:
         """(phase, attempt) of every time a phase of the run really started, in order."""
         path = self.var / "executions.log"

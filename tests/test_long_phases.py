@@ -39,18 +39,6 @@ def kill(stack: Stack, n: int = 0) -> None:
     proc.wait()
 
 
-def ended(run: PipelineRun, stack: Stack, timeout: float = 120) -> PipelineRun:
-    def done() -> bool:
-        run.refresh_from_db()
-        return not run.is_in_flight
-
-    try:
-        wait_for(done, timeout=timeout, interval=0.2)
-    except AssertionError:
-        raise AssertionError("\n\n".join(stack.log(n) for n in range(len(stack.workers)))) from None
-    return run
-
-
 @BOTH
 def test_a_worker_killed_mid_phase_is_a_loss_and_the_run_completes_by_itself(
     stack: Stack,
@@ -63,7 +51,7 @@ def test_a_worker_killed_mid_phase_is_a_loss_and_the_run_completes_by_itself(
     wait_for(lambda: phase(run, "b").progress >= 0.2, timeout=60)
     kill(stack)
     stack.start_worker()  # nobody types a command
-    run = ended(run, stack)
+    run = stack.ended(run)
     assert run.state == "succeeded", run.error
     b = phase(run, "b")
     assert (b.attempt, b.max_attempts, b.losses, b.handoffs) == (1, 1, 1, 0)
@@ -86,7 +74,7 @@ def test_a_worker_killed_after_a_checkpoint_resumes_from_it(stack: Stack) -> Non
     kill(stack)
     lost_at = phase(run, "b").progress_done
     stack.start_worker()
-    run = ended(run, stack)
+    run = stack.ended(run)
     assert run.state == "succeeded", run.error
     first, again = starts(stack, run, "b")
     assert first == 0
@@ -123,7 +111,7 @@ def test_sigterm_hands_the_phase_to_another_worker_from_its_checkpoint(stack: St
     assert 60 <= handed_at < 600  # the state at hand-off, not only the last periodic one
     stack.control(sleep={"b": 6}, checkpoint={"b": 50})  # finish quicker on the next worker
     stack.start_worker()
-    run = ended(run, stack)
+    run = stack.ended(run)
     assert run.state == "succeeded", run.error + stack.log(1)
     assert starts(stack, run, "b") == [0, handed_at]
 
@@ -164,7 +152,7 @@ def test_a_worker_running_other_code_never_publishes_under_the_plan(stack: Stack
     assert phase(run, "a").state == "succeeded"  # a's code is the same: the old worker ran it
     assert not Artifact.objects.filter(name="b_out").exists()
     stack.start_worker()  # the new code's worker
-    run = ended(run, stack)
+    run = stack.ended(run)
     assert run.state == "succeeded", run.error
     b_out = Artifact.objects.get(name="b_out")
     assert b_out.fingerprint == planned
@@ -177,7 +165,7 @@ def test_no_worker_with_the_planned_code_fails_the_run_after_skew_timeout(stack:
     stack.env["INITPIPELINE_TEST_SKEW_TIMEOUT"] = "3"
     stack.start_worker(env={"TESTAPP_PHASE_OPTIONS": json.dumps({"b": {"version": "old"}})})
     assert stack.manage("start_init").returncode == 0
-    run = ended(PipelineRun.objects.get(), stack, timeout=60)
+    run = stack.ended(PipelineRun.objects.get(), timeout=60)
     assert run.state == "failed"
     assert run.error.startswith(
         "phase b failed: no worker ran the planned code within SKEW_TIMEOUT (3 s): waiting for "
@@ -198,7 +186,7 @@ def test_past_lost_limit_the_run_fails_with_the_reason(stack: Stack) -> None:
         stack.start_worker()
         if loss == 1:
             wait_for(lambda: phase(run, "b").losses == 1, timeout=6 * STALE_AFTER)
-    run = ended(run, stack)
+    run = stack.ended(run)
     assert run.state == "failed"
     assert "lost more often than LOST_LIMIT (1) allows" in run.error
     assert phase(run, "b").losses == 1

@@ -41,18 +41,6 @@ def shard_starts(stack: Stack, run: PipelineRun) -> list[tuple[int, int, int]]:
     return found
 
 
-def ended(run: PipelineRun, stack: Stack, timeout: float = 120) -> PipelineRun:
-    def done() -> bool:
-        run.refresh_from_db()
-        return not run.is_in_flight
-
-    try:
-        wait_for(done, timeout=timeout, interval=0.2)
-    except AssertionError:
-        raise AssertionError("\n".join(stack.log(n) for n in range(len(stack.workers)))) from None
-    return run
-
-
 def merged_total() -> dict[str, float]:
     from initpipeline import formats, storage
     from initpipeline.models import Generation
@@ -113,7 +101,7 @@ def test_a_worker_killed_mid_shard_costs_only_that_shard(shards: Stack) -> None:
     os.killpg(victim.pid, signal.SIGKILL)
     victim.wait()
     shards.start_worker()
-    run = ended(run, shards)
+    run = shards.ended(run)
     assert run.state == "succeeded", run.error
     records = rows(run)
     assert (records["squares#0"].losses, records["squares#1"].losses) == (1, 0)
