@@ -312,7 +312,8 @@ def markdown(results: dict[str, Any]) -> str:
         w = results["warmup_rates"]
         lines += [
             "**6b. During the warm-up** (a run enqueued, no worker: every answer but the "
-            f"trivial view's is a 503): trivial view {w['/bench/trivial']:.0f} req/s, "
+            f"trivial view's is a 503; the best of {len(w['runs']['/'])} runs of each, see "
+            f"bench/warmup.py): trivial view {w['/bench/trivial']:.0f} req/s, "
             f"`/init/readyz` {w['/init/readyz']:.0f} req/s ({w['ratios']['/init/readyz']:.2f}x), "
             f"the warming-up page {w['/']:.0f} req/s ({w['ratios']['/']:.2f}x).",
             "",

@@ -65,14 +65,18 @@ def answers_per_second(env: Env, reps: int, seconds: float) -> dict[str, Any]:
         for path in paths:
             wait_http(f"http://127.0.0.1:{port}{path}", web, 10, lambda c: c in (200, 503))
             load(f"http://127.0.0.1:{port}{path}", 1)  # warm-up
-        for _ in range(reps):
+        # The best of at least 5 runs, for every path alike: wrk's 16 connections are
+        # accepted by Gunicorn's 2 workers as it happens, and a run whose connections all
+        # land on one worker gets half the rate (about one in three here, on any path,
+        # trivial view included), which a median of 3 does not always outvote.
+        for _ in range(max(reps, 5)):
             for path in paths:  # side by side: each repetition measures all three
                 rates[path].append(load(f"http://127.0.0.1:{port}{path}", seconds))
         log(
-            "answers/s during the warm-up: "
-            + ", ".join(f"{p} {statistics.median(r):.0f}" for p, r in rates.items())
+            "answers/s during the warm-up (best run): "
+            + ", ".join(f"{p} {max(r):.0f}" for p, r in rates.items())
         )
-    out: dict[str, Any] = {p: round(statistics.median(r), 1) for p, r in rates.items()}
+    out: dict[str, Any] = {p: round(max(r), 1) for p, r in rates.items()}
     out["ratios"] = {p: round(out[p] / out["/bench/trivial"], 2) for p in paths[1:]}
     out["runs"] = {p: [round(x, 1) for x in r] for p, r in rates.items()}
     return out
