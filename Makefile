@@ -1,6 +1,6 @@
 # make demo  - create .venv, install, migrate and run web + worker + start_init (embedded default)
 # make test  - the whole suite: lint, type checks, unit and integration tests
-# make bench - benchmarks against the alternatives (bench/results/; about 20 min; needs wrk,
+# make bench - benchmarks against the alternatives (bench/results/; about 22 min; needs wrk,
 #   and 11 GiB free under var/ for the 2 GiB figures)
 # make soak  - a 10-minute pipeline with a 1 GiB artifact, its workers killed every 1-2 min
 # make test-postgres, test-rabbitmq, test-py312, test-install - the other legs of the CI

@@ -1,6 +1,6 @@
 """Benchmarks of initpipeline against what a user would do instead, side by side in one run.
 
-    python -m bench                  # the full run (about 30 minutes on 2 cores)
+    python -m bench                  # the full run (about 22 minutes on 2 cores)
     python -m bench --quick          # a tiny workload, to check the harness works
     python -m bench --only big flood # measure these figures again, into the last results
 
