@@ -49,7 +49,7 @@ format: venv
 	$(BIN)/ruff format .
 
 test: lint
-	$(BIN)/pytest
+	$(BIN)/pytest --durations=10
 
 # -- The rest of the CI matrix ------------------------------------------------------------
 # Tests that need neither a browser nor the minutes of the Gunicorn and benchmark runs.
@@ -59,9 +59,15 @@ CORE_TESTS := -m "not browser" --ignore=tests/test_admin_browser.py \
 # throwaway server (tests/servers.py) around pytest, and DATABASE_URL pointing at it.
 ON_POSTGRES := $(BIN)/python -m tests.servers postgres --
 
-# PostgreSQL, with Redis as the broker of every test that names none.
+# PostgreSQL, with Redis as the broker of every test that names none. Left to make test:
+# the filesystem broker's runs (it is the embedded default's, beside SQLite), and the tests
+# with servers of their own or no database (the hosts, a new project, the demo's sizes,
+# code hashes, deploy files), which would run the same here.
+PG_SAME := --ignore=tests/test_hosts.py --ignore=tests/test_new_project.py \
+	--ignore=tests/test_demo.py --ignore=tests/test_codehash.py --ignore=tests/test_deploy.py
 test-postgres: venv
-	INITPIPELINE_TEST_BROKER=redis $(ON_POSTGRES) $(BIN)/pytest $(CORE_TESTS) -k "not rabbitmq"
+	INITPIPELINE_TEST_BROKER=redis $(ON_POSTGRES) $(BIN)/pytest $(CORE_TESTS) $(PG_SAME) \
+		-k "not rabbitmq and not filesystem" --durations=10
 
 # PostgreSQL and RabbitMQ: every test with worker processes, killed ones included.
 test-rabbitmq: venv
