@@ -27,7 +27,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench.harness import PY, ROOT, Env, log, manage, reset, worker
+from bench.harness import ROOT, Env, log, manage, reset, run_module, worker
 
 GIB = 1024**3
 BIG_VAR = ROOT / "var" / "bench-big"
@@ -47,17 +47,7 @@ def _median(values: list[float]) -> float:
 
 
 def _run_json(env: Env, *args: str) -> Any:
-    result = subprocess.run(
-        [PY, "-m", "bench.big", *args],
-        cwd=ROOT,
-        env=env.vars(),
-        capture_output=True,
-        text=True,
-        timeout=1800,
-    )
-    if result.returncode:
-        raise SystemExit(f"bench.big {args[0]} failed:\n{result.stderr[-3000:]}")
-    return json.loads(result.stdout.strip().splitlines()[-1])
+    return run_module("bench.big", env, *args)
 
 
 def _free_bytes(path: Path) -> int:

@@ -18,8 +18,6 @@ from pathlib import Path
 from typing import Any
 
 from bench.harness import (
-    PY,
-    ROOT,
     VAR,
     Env,
     gunicorn_cmd,
@@ -27,6 +25,7 @@ from bench.harness import (
     log,
     manage,
     reset,
+    run_module,
     running,
     wait_http,
 )
@@ -152,17 +151,7 @@ def memory(env: Env) -> dict[str, Any]:
 
 
 def hot_path(env: Env) -> dict[str, Any]:
-    result = subprocess.run(
-        [PY, "-m", "bench.hotpath"],
-        cwd=ROOT,
-        env=env.vars(),
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    if result.returncode:
-        raise SystemExit(f"hot path failed:\n{result.stderr}")
-    return json.loads(result.stdout.strip().splitlines()[-1])
+    return dict(run_module("bench.hotpath", env, timeout=300))
 
 
 # -- 6. throughput ---------------------------------------------------------------------------

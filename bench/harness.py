@@ -15,6 +15,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from tests.servers import (
     RedisServer,
@@ -262,3 +263,19 @@ def redis_server() -> Iterator[str | None]:
             yield server.url
         finally:
             server.stop()
+
+
+def run_module(module: str, env: Env, *args: str, timeout: float = 1800) -> Any:
+    """``python -m module args`` with env's variables: the JSON of its last stdout line;
+    SystemExit with its stderr when it fails."""
+    result = subprocess.run(
+        [PY, "-m", module, *args],
+        cwd=ROOT,
+        env=env.vars(),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    if result.returncode:
+        raise SystemExit(f"{module} {' '.join(args)} failed:\n{result.stderr[-3000:]}")
+    return json.loads(result.stdout.strip().splitlines()[-1])
