@@ -367,6 +367,20 @@ class PhaseContext:
         else:
             self._publish(name, path, "file", meta, copy_from=source)
 
+    def save_dir(
+        self, name: str, source: str | Path, *, metadata: dict[str, Any] | None = None
+    ) -> None:
+        """Publish a folder (a ``save_pretrained`` model, a spaCy pipeline, an index made of
+        several files) as one artifact, verified as a whole. Readers get it as a local
+        folder, read-only, on every host: ``ctx.load()`` and a handle's ``path()`` return
+        its path, and a handle's ``loader`` receives it (``artifact("model",
+        loader=spacy.load)``). Regular files and folders only; the folder is left as it is.
+        """
+        source = Path(source)
+        files = sum(1 for p in source.rglob("*") if p.is_file()) if source.is_dir() else 0
+        meta = {"files": files, **(metadata or {})}
+        self._save(name, "dir", lambda path: formats.write_dir(path, source), meta)
+
     @contextmanager
     def open_artifact(
         self, name: str, *, metadata: dict[str, Any] | None = None
@@ -414,7 +428,7 @@ class PhaseContext:
                 from .exceptions import ArtifactNotReady
 
                 raise ArtifactNotReady(f"artifact {name!r} of phase {producer!r} is not recorded")
-            path = storage.verify(record)
+            path = storage.materialize(record)
         return formats.read(path, record.format)
 
     # -- merging the parts of a sharded phase -------------------------------------------
@@ -445,12 +459,12 @@ class PhaseContext:
 
     def parts(self, name: str) -> list[Path]:
         """The verified local paths of every shard's part of ``name``, in shard order."""
-        return [storage.verify(record) for record in self._part_records(name)]
+        return [storage.materialize(record) for record in self._part_records(name)]
 
     def load_parts(self, name: str) -> list[Any]:
         """Every shard's part of ``name``, loaded, in shard order."""
         return [
-            formats.read(storage.verify(record), record.format)
+            formats.read(storage.materialize(record), record.format)
             for record in self._part_records(name)
         ]
 

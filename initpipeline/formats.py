@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import hmac
 import json
+import os
 import pickle
+import stat
+import tarfile
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +17,14 @@ from django.utils.crypto import salted_hmac
 from .exceptions import ArtifactSignatureError, PipelineConfigError
 
 CHUNK = 1024 * 1024
-SUFFIX = {"json": ".json", "bytes": ".bin", "npy": ".npy", "pickle": ".pkl", "file": ""}
+SUFFIX = {
+    "json": ".json",
+    "bytes": ".bin",
+    "npy": ".npy",
+    "pickle": ".pkl",
+    "file": "",
+    "dir": ".tar",
+}
 PICKLE_MAGIC = b"INITPIPELINE-PICKLE-1\n"
 _SALT = "initpipeline.formats.pickle"
 
@@ -43,6 +53,66 @@ def write_npy(path: Path, array: Any) -> None:
         raise PipelineConfigError("save_array() refuses object arrays: they need pickle to load")
     with open(path, "wb") as fh:
         np.save(fh, arr, allow_pickle=False)
+
+
+def write_dir(path: Path, source: Path) -> None:
+    """A folder as an uncompressed tar whose bytes depend on its content only (names in
+    order, no times, owners or umask), so an unchanged folder publishes the same digest.
+
+    Regular files and folders only: a symbolic link (say, into a Hugging Face cache) or a
+    device is refused with its name, since what it points to would not travel with it.
+    """
+    source = Path(source)
+    if not source.is_dir():
+        raise PipelineConfigError(f"save_dir(): {source} is not a folder")
+    with tarfile.open(path, "w", format=tarfile.PAX_FORMAT) as tar:
+        for top, dirs, files in os.walk(source):
+            dirs.sort()
+            here = Path(top)
+            for name in sorted(dirs) + sorted(files):
+                full = here / name
+                rel = full.relative_to(source).as_posix()
+                st = full.lstat()
+                info = tarfile.TarInfo(rel)
+                info.mtime = 0
+                info.uid = info.gid = 0
+                info.uname = info.gname = ""
+                if stat.S_ISDIR(st.st_mode):
+                    info.type = tarfile.DIRTYPE
+                    info.mode = 0o755
+                    tar.addfile(info)
+                elif stat.S_ISREG(st.st_mode):
+                    info.size = st.st_size
+                    info.mode = 0o755 if st.st_mode & 0o111 else 0o644
+                    with open(full, "rb") as fh:
+                        tar.addfile(info, fh)
+                else:
+                    kind = "a symbolic link" if stat.S_ISLNK(st.st_mode) else "not a regular file"
+                    raise PipelineConfigError(
+                        f"save_dir(): {rel} in {source} is {kind}; a directory artifact holds "
+                        "regular files and folders only (copy what a link points to)"
+                    )
+
+
+def unpack_dir(archive: Path, dest: Path) -> None:
+    """Extract a ``write_dir`` archive into the new folder ``dest``, read-only.
+
+    Python's "data" filter refuses what a folder artifact never holds (absolute names,
+    "..", links out of it, devices), as a second line behind the digest check.
+    """
+    data_filter = getattr(tarfile, "data_filter", None)
+    if data_filter is None:  # Python 3.11.0 to 3.11.3
+        raise PipelineConfigError("directory artifacts need Python 3.11.4 or newer")
+    dest.mkdir()
+    with tarfile.open(archive, "r:") as tar:
+        tar.extractall(dest, filter=data_filter)
+    # Read-only, as published files are: files first, then the folders, deepest first.
+    for top, dirs, files in os.walk(dest, topdown=False):
+        for name in files:
+            os.chmod(os.path.join(top, name), 0o444)
+        for name in dirs:
+            os.chmod(os.path.join(top, name), 0o555)
+    os.chmod(dest, 0o555)
 
 
 def signing_keys() -> list[str]:
@@ -101,8 +171,8 @@ def read(path: Path, fmt: str) -> Any:
         return np.load(path, mmap_mode="r", allow_pickle=False)
     if fmt == "pickle":
         return read_pickle(path)
-    if fmt == "file":
-        return path
+    if fmt in ("file", "dir"):
+        return path  # A directory artifact's path is its unpacked folder (storage.materialize).
     raise PipelineConfigError(f"unknown artifact format {fmt!r}")
 
 
@@ -110,6 +180,39 @@ def _signed_with(payload: memoryview, secret: str) -> bytes:
     mac = salted_hmac(_SALT, b"", secret=secret, algorithm="sha256")
     mac.update(payload)  # A view: no copy of the payload, unlike force_bytes().
     return mac.digest()
+
+
+class _Frames:
+    """A buffer read by ``pickle.Unpickler`` as a file: one Python call per frame.
+
+    ``pickle.loads`` is one C call that holds the GIL from start to end: unpickling a
+    5-second model stops every other thread of the process for 5 s (a web worker's
+    requests, Gunicorn's heartbeat). Reading through Python methods lets the interpreter
+    hand the GIL over between frames (64 KiB of pickle each, protocol 4 and up), so the
+    other threads wait milliseconds, not the whole load.
+    """
+
+    def __init__(self, buffer: memoryview) -> None:
+        self._buffer = buffer
+        self._pos = 0
+
+    def read(self, size: int = -1) -> bytes:
+        end = len(self._buffer) if size < 0 else self._pos + size
+        chunk = bytes(self._buffer[self._pos : end])
+        self._pos += len(chunk)
+        return chunk
+
+    def readinto(self, target: Any) -> int:
+        view = memoryview(target).cast("B")
+        chunk = self._buffer[self._pos : self._pos + len(view)]
+        view[: len(chunk)] = chunk
+        self._pos += len(chunk)
+        return len(chunk)
+
+    def readline(self) -> bytes:
+        # Text opcodes only (protocols 0 and 1, which write_pickle never writes).
+        end = bytes(self._buffer[self._pos :]).find(b"\n")
+        return self.read(end + 1 if end >= 0 else -1)
 
 
 def read_pickle(path: Path) -> Any:
@@ -126,4 +229,4 @@ def read_pickle(path: Path) -> Any:
             f"{path.name} has a wrong signature (tampered, or signed with a key that is neither "
             "SECRET_KEY nor in SECRET_KEY_FALLBACKS); refused before unpickling"
         )
-    return pickle.loads(payload)  # noqa: S301 - signature checked above
+    return pickle.Unpickler(_Frames(payload)).load()  # noqa: S301 - signature checked above

@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import logging
 import os
 import re
 import shutil
@@ -40,6 +41,8 @@ from .registry import valid_name
 
 if TYPE_CHECKING:
     from .models import Artifact
+
+logger = logging.getLogger("initpipeline")
 
 CHUNK = 4 * 1024 * 1024
 READ_ONLY = 0o444
@@ -528,6 +531,76 @@ def verify(artifact: Artifact) -> Path:
         _download(storage, artifact, path)
         _check_file(artifact, path)
     return path
+
+
+def materialize(artifact: Artifact) -> Path:
+    """What a reader of the artifact opens on this host: ``verify()``'s file, or, for a
+    directory artifact, its folder, unpacked from the verified archive once per host."""
+    path = verify(artifact)
+    if artifact.format != "dir":
+        return path
+    return _unpacked(artifact, path)
+
+
+def _tree(root: Path) -> dict[str, list[int]]:
+    """Every file and folder under ``root``: relative name -> its identity (st_ctime_ns
+    too: user space cannot set it, so an edit whose mtime was put back still shows)."""
+    found = {}
+    for top, dirs, files in os.walk(root):
+        for name in dirs + files:
+            full = os.path.join(top, name)
+            st = os.lstat(full)
+            found[os.path.relpath(full, root)] = [*_identity(st), st.st_ctime_ns]
+    return found
+
+
+def _unpacked(artifact: Artifact, archive: Path) -> Path:
+    """The archive's folder under ``LOCAL_CACHE_DIR/dirs/<sha256>``, unpacked once per host.
+
+    A listing of what was unpacked (each file's identity) is kept beside it; a process
+    whose folder no longer matches it (a file edited, added or removed) unpacks it again
+    from the archive, which ``verify()`` has just checked. Processes of one host unpack
+    one at a time (a lock file): the others then find the folder ready.
+    """
+    import fcntl
+
+    root = cache_dir() / "dirs"
+    root.mkdir(exist_ok=True)
+    dest = root / artifact.sha256
+    listing = root / f"{artifact.sha256}.json"
+    with open(root / f"{artifact.sha256}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            expected = json.loads(listing.read_text())
+        except (OSError, ValueError):
+            expected = None
+        if dest.is_dir() and expected is not None and _tree(dest) == expected:
+            return dest
+        if dest.exists():
+            logger.warning("unpacking %s again: its folder changed since it was unpacked", dest)
+            _remove_tree(dest)
+        tmp = root / f".{uuid.uuid4().hex}.part"
+        try:
+            formats.unpack_dir(archive, tmp)
+            os.rename(tmp, dest)
+        except BaseException:
+            _remove_tree(tmp)
+            raise
+        scratch = listing.with_name(f".{uuid.uuid4().hex}.tmp")
+        scratch.write_text(json.dumps(_tree(dest)))
+        os.replace(scratch, listing)
+    return dest
+
+
+def _remove_tree(path: Path) -> None:
+    """Remove a read-only unpacked folder."""
+    if not path.exists():
+        return
+    for top, dirs, _files in os.walk(path):
+        os.chmod(top, 0o700)
+        for name in dirs:
+            os.chmod(os.path.join(top, name), 0o700)
+    shutil.rmtree(path, ignore_errors=True)
 
 
 #: storage key -> local_path(), for problem(): resolving a path (realpath, to refuse a
