@@ -6,6 +6,7 @@ from typing import TYPE_CHECKING, Any
 
 from .exceptions import (
     ArtifactCorrupt,
+    ArtifactLoadError,
     ArtifactNotReady,
     ArtifactSignatureError,
     InitPipelineError,
@@ -25,6 +26,7 @@ phase = _registry.phase
 
 __all__ = [
     "ArtifactCorrupt",
+    "ArtifactLoadError",
     "ArtifactNotReady",
     "ArtifactSignatureError",
     "InitPipelineError",

@@ -36,7 +36,7 @@ from .models import (
     trigger_label,
 )
 from .permissions import can_see_details
-from .reporting import PhaseReport, run_report
+from .reporting import PhaseReport, run_report, web_reports
 
 #: Runs that "Resume from failure" accepts: their done phases are cached by fingerprint.
 RESUMABLE = (RunState.FAILED, RunState.CANCELLED)
@@ -256,7 +256,16 @@ class PipelineRunAdmin(ReadOnlyMixin, admin.ModelAdmin):  # type: ignore[type-ar
                     "status_url": _status_url(run.pk) if report.in_flight else None,
                 }
             )
-        context = self._context(request, title=gettext("Live progress"), rows=rows, page=page)
+        active = Generation.objects.filter(is_active=True).values_list("pk", flat=True).first()
+        context = self._context(
+            request,
+            title=gettext("Live progress"),
+            rows=rows,
+            page=page,
+            web=web_reports(),
+            active_generation=active,
+            details=can_see_details(request.user),
+        )
         request.current_app = self.admin_site.name
         return TemplateResponse(request, "admin/initpipeline/progress_list.html", context)
 

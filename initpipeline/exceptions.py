@@ -23,6 +23,10 @@ class ArtifactSignatureError(ArtifactCorrupt):
     """A pickle artifact has no valid signature; it is refused before unpickling."""
 
 
+class ArtifactLoadError(InitPipelineError):
+    """The loader or the warm-up of an artifact handle raised (the cause is attached)."""
+
+
 class PhaseCancelled(InitPipelineError):
     """Raised inside a phase (at its next progress or heartbeat call) when its run is cancelled."""
 

@@ -13,7 +13,14 @@ from typing import TYPE_CHECKING
 from django.utils import timezone
 
 from .models import PhaseState, RunState
-from .reporting import ArtifactReport, PhaseReport, RunOutcome, RunReport, StatusReport
+from .reporting import (
+    ArtifactReport,
+    PhaseReport,
+    RunOutcome,
+    RunReport,
+    StatusReport,
+    WebProcessReport,
+)
 
 if TYPE_CHECKING:
     from .planning import Plan
@@ -152,7 +159,44 @@ def status_text(report: StatusReport) -> str:
             [a.name, a.format, fmt_size(a.size), f"sha256 {a.sha256[:12]}"] for a in gen.artifacts
         ]
         lines.append(table(rows, indent="  "))
+    lines.extend(web_lines(report.web))
     return "\n".join(lines)
+
+
+def _plural(n: int, word: str, plural: str | None = None) -> str:
+    return f"{n} {word if n == 1 else plural or word + 's'}"
+
+
+def web_lines(web: Sequence[WebProcessReport]) -> list[str]:
+    """What the web processes serve, per server: which generation, what loads, what fails."""
+    if not web:
+        return []
+    lines = ["web processes (as they last reported):"]
+    servers: dict[tuple[str, str], list[WebProcessReport]] = {}
+    for w in web:
+        servers.setdefault((w.host, w.server), []).append(w)
+    for (host, server), procs in servers.items():
+        counts: dict[int | None, int] = {}
+        for w in procs:
+            counts[w.generation] = counts.get(w.generation, 0) + 1
+        parts = [
+            f"{n} on generation {g}" if g is not None else f"{n} with nothing loaded yet"
+            for g, n in sorted(counts.items(), key=lambda item: -(item[0] or 0))
+        ]
+        where = f"{host}, {server}" if server else host
+        lines.append(
+            f"  {where}: {_plural(len(procs), 'process', 'processes')}: {', '.join(parts)}"
+        )
+        for w in procs:
+            if w.loading:
+                target = f" of generation {w.loading_generation}" if w.loading_generation else ""
+                lines.append(f"    pid {w.pid} loading {', '.join(w.loading)}{target}")
+            for name, (error, attempts) in sorted(w.failures.items()):
+                lines.append(
+                    f"    pid {w.pid}: {name} failed to load ({_plural(attempts, 'attempt')}): "
+                    f"{first_line(error)}"
+                )
+    return lines
 
 
 def summary_text(run: RunReport, outcome: RunOutcome) -> str:

@@ -1,4 +1,5 @@
-"""Gunicorn hooks: start the init from the master, and keep a worker alive during slow init.
+"""Gunicorn hooks: start the init from the master, serve in the background in each worker,
+and keep a worker alive during slow work.
 
 Both are correct on Gunicorn 22+, where the worker heartbeat is
 ``os.utime(tmp, (monotonic(), monotonic()))``: the arbiter's watchdog only starts at a
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import subprocess
 import sys
 import threading
@@ -82,3 +84,131 @@ def keep_alive(worker: Any, interval: float | None = None) -> Iterator[None]:
         stop.set()
         thread.join()
         worker.notify()
+
+
+# -- serving in the background -------------------------------------------------------------
+
+
+def post_worker_init(worker: Any) -> None:
+    """``post_worker_init`` hook: this worker loads its artifacts in a background thread.
+
+    When other workers of the server already serve (this one replaces a worker that
+    died), it loads before it takes its first connection: its siblings serve meanwhile,
+    and no request of this worker ever answers "warming up". At a server's start, it
+    takes connections at once and answers "warming up" until loaded. Nothing here may
+    raise: an exception in this hook stops the worker, and a worker that cannot boot
+    stops the whole server.
+    """
+    try:
+        from . import servers, serving
+
+        servers.ServerFolder.prune()
+        folder = servers.ServerFolder(worker.ppid)
+        reporter = servers.Reporter(folder)
+
+        def before(repo: serving.Repository) -> None:
+            repo.server_folder = folder
+            repo.listeners.append(reporter)
+            reporter.set_state(servers.BOOTING, repo)
+            if folder.others_serve(os.getpid()):
+                worker.log.info("initpipeline: loading artifacts before taking connections")
+                repo.tick()
+
+        repo = serving.start(heartbeat=lambda: heartbeat_process(worker), before=before)
+        _on_exit_signals(reporter.leaving)
+        reporter.set_state(servers.SERVING, repo)
+    except Exception:
+        worker.log.exception("initpipeline: could not start serving in the background")
+
+
+def worker_exit(server: Any, worker: Any) -> None:
+    """``worker_exit`` hook: stop the loader and forget this worker."""
+    try:
+        from . import servers, serving
+
+        repo = serving.repository()
+        if repo is None:
+            return
+        for listener in repo.listeners:
+            if isinstance(listener, servers.Reporter):
+                listener.forget()
+        serving.stop()
+    except Exception:
+        server.log.exception("initpipeline: could not stop serving")
+
+
+def child_exit(server: Any, worker: Any) -> None:
+    """``child_exit`` hook (in the master): remove the file of a worker that ended, killed
+    or not, so that its siblings' readiness stops counting it at once."""
+    try:
+        from .servers import ServerFolder
+
+        ServerFolder(os.getpid()).remove(worker.pid)
+    except Exception:
+        server.log.exception("initpipeline: could not forget worker %s", worker.pid)
+
+
+def _on_exit_signals(callback: Any) -> None:
+    """Call ``callback`` first when Gunicorn asks this worker to stop, then Gunicorn's own
+    handler: a leaving worker takes no part in its server's readiness any more."""
+    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT):
+        previous = signal.getsignal(signum)
+
+        def handler(number: int, frame: Any, previous: Any = previous) -> None:
+            callback()
+            if callable(previous):
+                previous(number, frame)
+
+        signal.signal(signum, handler)
+
+
+#: The longest a load may hold the GIL before Gunicorn's arbiter may take the worker for
+#: hung (seconds): beyond it, the heartbeat process stops beating.
+HEARTBEAT_LIMIT = 3600.0
+
+_HEARTBEAT = """
+import os, select, sys, time
+fd, period, limit = int(sys.argv[1]), float(sys.argv[2]), float(sys.argv[3])
+end = time.monotonic() + limit
+while time.monotonic() < end:
+    # Standard input closes when the load ends or the worker dies: stop beating then.
+    if select.select([0], [], [], period)[0]:
+        break
+    now = time.monotonic()
+    os.utime(fd, (now, now))
+"""
+
+
+@contextmanager
+def heartbeat_process(worker: Any, limit: float = HEARTBEAT_LIMIT) -> Iterator[None]:
+    """Beat Gunicorn's heartbeat for ``worker`` from another process while the block runs.
+
+    The arbiter kills a worker whose heartbeat file is older than ``timeout``. A thread
+    cannot keep it fresh while a loader holds the GIL (json of gigabytes, a C extension
+    that never releases it): the worker's own loop is stopped too, and a 60-s load would
+    get the worker killed, loaded again by its successor, killed again... A child process
+    needs no GIL: it writes the heartbeat file (inherited, written as Gunicorn's own
+    ``WorkerTmp.notify()`` does) every ``timeout / 4`` seconds until the block ends.
+    """
+    tmp = getattr(worker, "tmp", None)
+    if tmp is None:
+        yield
+        return
+    period = max(0.25, float(worker.timeout or 30) / 4)
+    fd = tmp.fileno()
+    try:
+        proc = subprocess.Popen(
+            [sys.executable, "-I", "-S", "-c", _HEARTBEAT, str(fd), str(period), str(limit)],
+            stdin=subprocess.PIPE,
+            pass_fds=(fd,),
+        )
+    except OSError:
+        logger.warning("initpipeline: cannot start the heartbeat process", exc_info=True)
+        yield
+        return
+    try:
+        yield
+    finally:
+        assert proc.stdin is not None
+        proc.stdin.close()
+        proc.wait()

@@ -19,6 +19,9 @@ Why these values:
   ``timeout``).
 - No preload: the socket is bound at once and connections queue while workers import
   the app; with ``--preload`` nothing answers until the master has imported everything.
+- Each worker loads its artifacts in a background thread (``post_worker_init``), records
+  what it serves for the server's readiness, and is forgotten when it ends
+  (``worker_exit``, ``child_exit``): no request waits for a load.
 - No ``max_requests``: a recycled worker would only pay the artifact load again.
 - ``when_ready`` runs ``start_init`` in a child process when
   ``INITPIPELINE["START_ON_GUNICORN_READY"]`` is true, and otherwise does nothing; it
@@ -27,9 +30,19 @@ Why these values:
 
 from __future__ import annotations
 
-from .gunicorn import start_init_when_ready
+from .gunicorn import child_exit, post_worker_init, start_init_when_ready, worker_exit
 
-__all__ = ["graceful_timeout", "keepalive", "threads", "timeout", "when_ready", "worker_class"]
+__all__ = [
+    "child_exit",
+    "graceful_timeout",
+    "keepalive",
+    "post_worker_init",
+    "threads",
+    "timeout",
+    "when_ready",
+    "worker_class",
+    "worker_exit",
+]
 
 worker_class = "gthread"
 threads = 4

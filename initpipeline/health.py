@@ -3,23 +3,25 @@
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from typing import Any
 
 from . import storage
-from .conf import settings
 from .exceptions import ArtifactNotReady
 from .loading import active
 from .models import PhaseState
-from .registry import get_pipeline
+from .registry import required_artifacts
 from .reporting import NO_RUN_PUBLIC, latest_run_report
-
-
-def required_artifacts() -> list[str]:
-    return list(settings.REQUIRED_ARTIFACTS or get_pipeline().artifact_names())
+from .serving import repository
 
 
 def missing_artifacts(names: list[str]) -> list[str]:
-    """Which of ``names`` the active generation lacks, as this process sees it (throttled)."""
+    """Which of ``names`` a request of this process cannot be served yet: in a process
+    that serves in the background, those not loaded; elsewhere, those the active
+    generation lacks, as this process sees it (throttled)."""
+    repo = repository()
+    if repo is not None:
+        return repo.missing(names)
     try:
         records = active.snapshot().records
         missing = [n for n in names if n not in records]
@@ -73,8 +75,87 @@ def public_progress() -> dict[str, Any]:
     return active.progress(build)
 
 
-#: (artifact, missing, corrupt) -> (the progress it shows, the encoded body): see
-#: readiness_json().
+@dataclass(frozen=True)
+class ArtifactCheck:
+    """One artifact's part of the readiness: pass, warn (serves, with a concern) or fail."""
+
+    name: str
+    status: str
+    #: What a probe may read (no file names, checksums or errors: those are for staff).
+    output: str | None = None
+
+
+CORRUPT_OUTPUT = "its file failed its check; run start_init to rebuild it"
+
+
+def artifact_checks(names: list[str]) -> list[ArtifactCheck]:
+    """Whether this process (and, under Gunicorn, every worker of its server) can serve
+    each of ``names`` now, without waiting for a load."""
+    repo = repository()
+    if repo is None:
+        # Not serving in the background (a shell, runserver, a test): the active
+        # generation has the artifact and its file is sound; the first use loads it.
+        missing = missing_artifacts(names)
+        corrupt = corrupt_artifacts(names)
+        return [
+            ArtifactCheck(n, "fail", CORRUPT_OUTPUT)
+            if n in corrupt
+            else ArtifactCheck(n, "fail", "not active yet")
+            if n in missing
+            else ArtifactCheck(n, "pass")
+            for n in names
+        ]
+    served = repo.current.loaded
+    records = active.peek().records
+    folder = repo.server_folder
+    lacking: dict[int, list[str]] = {}
+    if folder is not None and all(n in served for n in names):
+        lacking = folder.missing(names, pid=repo.pid)
+    checks = []
+    for name in names:
+        loaded = served.get(name)
+        if loaded is None:
+            failure = repo.failures.get(name)
+            if name in repo.progress.loading:
+                output = "loading"
+            elif failure is not None:
+                output = "its load failed; it is tried again (see the logs)"
+            elif name not in records:
+                output = "not active yet"
+            else:
+                output = "loading"
+            checks.append(ArtifactCheck(name, "fail", output))
+            continue
+        reason = active.corrupt.get(loaded.sha256) or storage.problem(loaded.record.as_artifact())
+        if reason:
+            checks.append(ArtifactCheck(name, "fail", CORRUPT_OUTPUT))
+            continue
+        others = sorted(pid for pid, names_ in lacking.items() if name in names_)
+        if others:
+            checks.append(
+                ArtifactCheck(
+                    name,
+                    "fail",
+                    f"not loaded yet by worker{'s' if len(others) > 1 else ''} "
+                    f"{', '.join(map(str, others))} of this server",
+                )
+            )
+            continue
+        newer = records.get(name)
+        if newer is None or newer.sha256 == loaded.sha256:
+            checks.append(ArtifactCheck(name, "pass"))
+            continue
+        failure = repo.failures.get(name)
+        serving = f"serving generation {loaded.generation_id}"
+        if failure is not None and failure.sha256 == newer.sha256:
+            output = f"{serving}; the active generation's failed to load (see the logs)"
+            checks.append(ArtifactCheck(name, "warn", output))
+        else:
+            checks.append(ArtifactCheck(name, "pass", f"{serving}; loading a newer one"))
+    return checks
+
+
+#: (artifact checks) -> (the progress it shows, the encoded body): see readiness_json().
 _bodies: dict[tuple[Any, ...], tuple[dict[str, Any], bytes]] = {}
 
 
@@ -82,49 +163,46 @@ def readiness_json(artifact_name: str | None = None) -> tuple[bytes, bool]:
     """readiness(), encoded; a not-ready body is encoded once per look at the progress
     (public_progress), not once per probe."""
     names = [artifact_name] if artifact_name else required_artifacts()
-    missing = missing_artifacts(names)
-    corrupt = corrupt_artifacts(names)
-    if not missing and not corrupt:
-        body, ready = _readiness(names, missing, corrupt)
+    checks = artifact_checks(names)
+    if all(c.status != "fail" for c in checks):
+        body, ready = _readiness(checks)
         return json.dumps(body).encode(), ready
-    key = (tuple(names), tuple(missing), tuple(sorted(corrupt.items())))
+    key = tuple(checks)
     progress = public_progress()
     cached = _bodies.get(key)
     if cached is not None and cached[0] is progress:
         return cached[1], False
-    body, ready = _readiness(names, missing, corrupt, progress)
+    body, ready = _readiness(checks, progress)
     encoded = json.dumps(body).encode()
     _bodies[key] = (progress, encoded)
     return encoded, ready
 
 
 def readiness(artifact_name: str | None = None) -> tuple[dict[str, Any], bool]:
-    """The body of /init/readyz and whether the required artifacts are active and sound.
+    """The body of /init/readyz and whether the process can serve the required artifacts.
 
-    When ready, it answers from this process's cached view of the active generation: no
-    query, so probes stay cheap. When not, it adds a check per phase with its progress.
+    In a process that serves in the background: each is loaded (and warmed) here, its file
+    is sound, and every other worker of its Gunicorn server that takes connections has
+    loaded it too. Elsewhere: the active generation has each, with a sound file.
+    When ready, it costs no query, so probes stay cheap. When not, it adds a check per
+    phase with its progress.
     """
     names = [artifact_name] if artifact_name else required_artifacts()
-    return _readiness(names, missing_artifacts(names), corrupt_artifacts(names))
+    return _readiness(artifact_checks(names))
 
 
 def _readiness(
-    names: list[str],
-    missing: list[str],
-    corrupt: dict[str, str],
-    progress: dict[str, Any] | None = None,
+    artifacts: list[ArtifactCheck], progress: dict[str, Any] | None = None
 ) -> tuple[dict[str, Any], bool]:
     checks: dict[str, list[dict[str, Any]]] = {}
-    for name in names:
-        status = "fail" if name in missing or name in corrupt else "pass"
-        entry: dict[str, Any] = {"componentType": "artifact", "status": status}
-        if name in corrupt:
-            # The reason names files and checksums: for the logs and staff, not for probes.
-            entry["output"] = "its file failed its check; run start_init to rebuild it"
-        elif name in missing:
-            entry["output"] = "not active yet"
-        checks[f"artifact:{name}"] = [entry]
-    ready = not missing and not corrupt
+    for check in artifacts:
+        entry: dict[str, Any] = {"componentType": "artifact", "status": check.status}
+        if check.output:
+            entry["output"] = check.output
+        checks[f"artifact:{check.name}"] = [entry]
+    failing = [c for c in artifacts if c.status == "fail"]
+    warning = [c for c in artifacts if c.status == "warn"]
+    ready = not failing
     if not ready:
         for phase in (progress or public_progress())["phases"]:
             checks[f"phase:{phase['name']}"] = [
@@ -135,12 +213,16 @@ def _readiness(
                     "observedUnit": "ratio",
                 }
             ]
-    if ready:
-        description = "artifacts ready"
-    elif corrupt:
+    corrupt = [c.name for c in failing if c.output == CORRUPT_OUTPUT]
+    if corrupt:
         description = f"corrupt: {', '.join(corrupt)}"
+    elif failing:
+        description = f"warming up: waiting for {', '.join(c.name for c in failing)}"
+    elif warning:
+        description = (
+            f"serving; a newer generation failed to load: {', '.join(c.name for c in warning)}"
+        )
     else:
-        description = f"warming up: waiting for {', '.join(missing)}"
-    return {"status": "pass" if ready else "fail", "description": description, "checks": checks}, (
-        ready
-    )
+        description = "artifacts ready"
+    status = "fail" if failing else "warn" if warning else "pass"
+    return {"status": status, "description": description, "checks": checks}, ready

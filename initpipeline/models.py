@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
 from django.db import models
@@ -335,6 +335,54 @@ class Generation(models.Model):
         return {a.name: a for a in self.artifacts.all()}
 
 
+class WebProcessQuerySet(models.QuerySet["WebProcess"]):
+    def reporting(self, *, within: float) -> WebProcessQuerySet:
+        """Processes that reported in the last ``within`` seconds (the others are gone)."""
+        return self.filter(reported_at__gte=timezone.now() - timedelta(seconds=within))
+
+
+class WebProcess(models.Model):
+    """A web process serving artifacts, as it last reported itself (serving.py): what it
+    serves, what it is loading and what failed to load. Written by the process's loader
+    thread when that changes and every minute; a row that stops being refreshed is a
+    process that is gone."""
+
+    key = models.CharField(_("key"), max_length=300, unique=True, help_text=_("host:pid:start"))
+    host = models.CharField(_("host"), max_length=255)
+    pid = models.PositiveIntegerField(_("process id"))
+    server = models.CharField(
+        _("server"),
+        max_length=100,
+        blank=True,
+        help_text=_("The Gunicorn server (its master's process id) this worker belongs to."),
+    )
+    state = models.CharField(_("state"), max_length=20)
+    generation = models.ForeignKey(
+        Generation, on_delete=models.SET_NULL, null=True, blank=True, related_name="+"
+    )
+    serves = models.JSONField(
+        _("serves"), default=dict, help_text=_("Artifact name to what is loaded of it.")
+    )
+    loading = models.JSONField(
+        _("loading"), default=dict, help_text=_("Artifact name to when its load started.")
+    )
+    failures = models.JSONField(
+        _("failures"), default=dict, help_text=_("Artifact name to its last failed load.")
+    )
+    started_at = models.DateTimeField(_("started"))
+    reported_at = models.DateTimeField(_("reported"), db_index=True)
+
+    objects = WebProcessQuerySet.as_manager()
+
+    class Meta:
+        verbose_name = _("web process")
+        verbose_name_plural = _("web processes")
+        ordering = ["host", "server", "pid"]
+
+    def __str__(self) -> str:
+        return f"{self.host} pid {self.pid}"
+
+
 def trigger_label(user: Any = None, *, via: str) -> str:
     """A short "who or what started it" label, free of secrets."""
     if user is not None and getattr(user, "is_authenticated", False):
@@ -349,4 +397,5 @@ __all__ = [
     "PhaseState",
     "PipelineRun",
     "RunState",
+    "WebProcess",
 ]

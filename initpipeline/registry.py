@@ -12,6 +12,7 @@ from enum import StrEnum
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from .codehash import CodeHash, is_code, phase_code_hash
+from .conf import settings
 from .exceptions import PipelineConfigError
 
 if TYPE_CHECKING:
@@ -577,3 +578,8 @@ def _canonical(value: Any) -> str:
 def get_pipeline() -> Pipeline:
     """The project's pipeline: every ``@phase`` in every installed app's ``init_phases``."""
     return registry.pipeline()
+
+
+def required_artifacts() -> list[str]:
+    """What readiness waits for: ``REQUIRED_ARTIFACTS``, or every artifact of the pipeline."""
+    return list(settings.REQUIRED_ARTIFACTS or get_pipeline().artifact_names())

@@ -8,7 +8,7 @@ Building a report never writes (web reads poll it every second).
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 from typing import Any
 
@@ -24,7 +24,9 @@ from .models import (
     PhaseState,
     PipelineRun,
     RunState,
+    WebProcess,
 )
+from .servers import REPORT_STALE
 
 READY = "ready"
 NOT_READY = "not_ready"
@@ -297,12 +299,76 @@ def _grouped(rows: Sequence[PhaseRun]) -> list[PhaseReport]:
 
 
 @dataclass(frozen=True)
+class WebProcessReport:
+    """A web process that serves in the background, as it last reported (servers.py)."""
+
+    host: str
+    pid: int
+    server: str
+    state: str
+    #: The generation whose artifacts it serves (None: none loaded yet).
+    generation: int | None
+    #: Artifact name -> the generation of what it serves of it.
+    serves: dict[str, int | None]
+    #: The generation it is loading (None: none), and the artifacts loading now.
+    loading_generation: int | None
+    loading: list[str]
+    #: Artifact name -> (the error of its last failed load, attempts so far).
+    failures: dict[str, tuple[str, int]]
+    reported_at: datetime
+
+    @classmethod
+    def of(cls, row: WebProcess) -> WebProcessReport:
+        loading = row.loading if isinstance(row.loading, dict) else {}
+        return cls(
+            host=row.host,
+            pid=row.pid,
+            server=row.server,
+            state=row.state,
+            generation=row.generation_id,
+            serves={n: v.get("generation") for n, v in (row.serves or {}).items()},
+            loading_generation=loading.get("target"),
+            loading=sorted(loading.get("since") or {}),
+            failures={
+                n: (str(v.get("error", "")), int(v.get("attempts", 0)))
+                for n, v in (row.failures or {}).items()
+            },
+            reported_at=row.reported_at,
+        )
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "host": self.host,
+            "pid": self.pid,
+            "server": self.server or None,
+            "state": self.state,
+            "generation": self.generation,
+            "serves": self.serves,
+            "loading_generation": self.loading_generation,
+            "loading": self.loading,
+            "failures": {
+                n: {"error": error, "attempts": attempts}
+                for n, (error, attempts) in self.failures.items()
+            },
+            "reported_at": _iso(self.reported_at),
+        }
+
+
+def web_reports() -> list[WebProcessReport]:
+    """The web processes that reported lately (one query)."""
+    rows = WebProcess.objects.reporting(within=REPORT_STALE).order_by("host", "server", "pid")
+    return [WebProcessReport.of(row) for row in rows]
+
+
+@dataclass(frozen=True)
 class StatusReport:
     """The init as a whole: ``state`` is ready, not_ready or failed (README: init_status)."""
 
     state: str
     active: GenerationReport | None
     run: RunReport | None
+    #: The web processes that serve in the background and report what they serve.
+    web: list[WebProcessReport] = field(default_factory=list)
 
     def as_dict(self) -> dict[str, Any]:
         """``init_status --json`` and ``/init/status.json``."""
@@ -310,6 +376,7 @@ class StatusReport:
             "state": self.state,
             "active_generation": None if self.active is None else self.active.as_dict(),
             "run": None if self.run is None else self.run.as_dict(),
+            "web": [w.as_dict() for w in self.web],
         }
 
 
@@ -330,6 +397,7 @@ def status_report(*, run_id: int | None = None) -> StatusReport:
         state=state,
         active=None if active is None else GenerationReport.of(active),
         run=None if run is None else run_report(run),
+        web=web_reports(),
     )
 
 
@@ -364,8 +432,10 @@ __all__ = [
     "RunOutcome",
     "RunReport",
     "StatusReport",
+    "WebProcessReport",
     "latest_run_report",
     "run_outcome",
     "run_report",
     "status_report",
+    "web_reports",
 ]

@@ -191,3 +191,80 @@ def record_artifacts(run: PipelineRun, *names: str) -> None:
 
 def phase_of(run: PipelineRun, name: str) -> PhaseRun:
     return PhaseRun.objects.get(run=run, name=name)
+
+
+# -- generations of real files, as a run would publish them --------------------------------
+
+
+def publish_generation(**artifacts: tuple[str, Any]) -> Generation:
+    """Publish each artifact (name=(format, value)) as a run would, and make a new
+    generation of them active: format "json", "npy", "pickle", "bytes", or "dir" (value:
+    a folder)."""
+    from pathlib import Path
+
+    import numpy as np
+
+    from initpipeline import formats
+
+    run = PipelineRun.objects.create(state="succeeded", finished_at=timezone.now())
+    writers = {
+        "json": formats.write_json,
+        "npy": lambda path, value: formats.write_npy(path, np.asarray(value)),
+        "pickle": formats.write_pickle,
+        "bytes": formats.write_bytes,
+        "dir": lambda path, value: formats.write_dir(path, Path(value)),
+    }
+    records = []
+    for name, (fmt, value) in artifacts.items():
+        path = storage.new_scratch_path(formats.SUFFIX[fmt])
+        writers[fmt](path, value)
+        published = storage.publish(path, name=name, suffix=formats.SUFFIX[fmt])
+        records.append(
+            Artifact.objects.create(
+                name=name,
+                fingerprint=published.sha256,
+                storage_key=published.key,
+                sha256=published.sha256,
+                size=published.size,
+                format=fmt,
+                run=run,
+            )
+        )
+    Generation.objects.filter(is_active=True).update(is_active=False)
+    generation = Generation.objects.create(run=run, is_active=True, activated_at=timezone.now())
+    generation.artifacts.set(records)
+    return generation
+
+
+def web_process(
+    pid: int,
+    generation: Generation | None,
+    *,
+    host: str = "web-1",
+    server: str = "gunicorn 100",
+    serves: tuple[str, ...] = ("model",),
+    loading: dict[str, Any] | None = None,
+    failures: dict[str, Any] | None = None,
+    reported_ago: float = 5,
+) -> Any:
+    """The WebProcess row of a worker that serves ``generation``'s artifacts."""
+    from initpipeline.models import WebProcess
+
+    at = timezone.now() - timedelta(seconds=reported_ago)
+    gen = generation.pk if generation is not None else None
+    return WebProcess.objects.create(
+        key=f"{host}:{pid}:1",
+        host=host,
+        pid=pid,
+        server=server,
+        state="serving",
+        generation_id=gen,
+        serves={
+            n: {"sha256": "0" * 64, "generation": gen, "seconds": 1.5, "at": 0, "loaded": True}
+            for n in serves
+        },
+        loading=loading or {"target": None, "since": {}},
+        failures=failures or {},
+        started_at=at,
+        reported_at=at,
+    )

@@ -51,6 +51,8 @@ _APPS = {
     "shards": ["tests.shardapp"],
     # tests/test_hosts.py: parallel phases and a sharded one, over several hosts.
     "hosts": ["tests.parallelapp", "tests.shardapp"],
+    # tests/test_serving.py: artifacts with loaders, published by the tests themselves.
+    "serving": ["tests.servingapp"],
 }
 if PIPELINE in _APPS:
     INSTALLED_APPS = [a for a in INSTALLED_APPS if a != "project.search"] + _APPS[PIPELINE]
@@ -60,6 +62,7 @@ _REQUIRED = {
     "code": ["z_out"],
     "shards": ["total"],
     "hosts": ["join_out", "total"],
+    "serving": ["model"],
 }
 
 INITPIPELINE = {

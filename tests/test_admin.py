@@ -539,3 +539,24 @@ def test_resume_a_cancelled_run(login: UserFactory) -> None:
     assert response["Location"] == reverse(RUN, args=[run.pk])
     assert run.trigger == f"admin: resume run {cancelled.pk} by ops"
     assert run.state == "pending"
+
+
+def test_progress_list_shows_which_generation_each_web_process_serves(
+    login: UserFactory,
+) -> None:
+    from tests.records import make_generation, web_process
+
+    gen = make_generation(failed_run(), [("model", "json", 10)])
+    web_process(11, gen)
+    web_process(12, None, failures={"model": {"error": "OSError: disk", "attempts": 2}})
+    response = login("view_pipelinerun").get(reverse(LIST))
+    assertContains(
+        response, f'<td data-field="serves">generation {gen.pk}</td>', html=True, count=1
+    )
+    assertContains(response, '<td data-field="serves">nothing yet</td>', html=True)
+    assertContains(
+        response,
+        '<td data-field="failures"><div class="ip-error">model: 2 attempts: OSError: disk</div>'
+        "</td>",
+        html=True,
+    )

@@ -195,3 +195,50 @@ def test_the_admin_and_the_terminal_show_each_shard(client: Client) -> None:
         for line in formatters.table(formatters.phase_rows(report.phases)).splitlines()
     ]
     assert names == ["PHASE", "a", "b", "b#0", "b#1"]
+
+
+def test_init_status_shows_what_each_web_server_serves() -> None:
+    from initpipeline.formatters import web_lines
+    from tests.records import web_process
+
+    old_run = make_run("succeeded", [Phase("a", start=0, took=1)])
+    old = make_generation(old_run, [("a_out", "json", 10)])
+    new_run = make_run("succeeded", [Phase("a", start=0, took=1)], at=T0 + timedelta(hours=1))
+    new = make_generation(new_run, [("a_out", "json", 11)])
+    web_process(11, new)
+    web_process(12, new)
+    web_process(
+        13,
+        old,
+        loading={"target": new.pk, "since": {"model": 1.0}},
+        failures={"model": {"error": "RuntimeError: no\nmore", "attempts": 3, "sha256": "1"}},
+    )
+    web_process(21, None, host="web-2", server="")
+    web_process(31, new, host="web-3", reported_ago=600)  # gone: no report for 10 minutes
+
+    report = reporting.status_report()
+    assert [w.pid for w in report.web] == [11, 12, 13, 21]
+    assert web_lines(report.web) == [
+        "web processes (as they last reported):",
+        f"  web-1, gunicorn 100: 3 processes: 2 on generation {new.pk}, 1 on generation {old.pk}",
+        f"    pid 13 loading model of generation {new.pk}",
+        "    pid 13: model failed to load (3 attempts): RuntimeError: no",
+        "  web-2: 1 process: 1 with nothing loaded yet",
+    ]
+    web = report.as_dict()["web"]
+    assert web[2] == {
+        "host": "web-1",
+        "pid": 13,
+        "server": "gunicorn 100",
+        "state": "serving",
+        "generation": old.pk,
+        "serves": {"model": old.pk},
+        "loading_generation": new.pk,
+        "loading": ["model"],
+        "failures": {"model": {"error": "RuntimeError: no\nmore", "attempts": 3}},
+        "reported_at": web[2]["reported_at"],
+    }
+    out = io.StringIO()
+    with contextlib.suppress(SystemExit, CommandError):
+        call_command("init_status", stdout=out)
+    assert "\n".join(web_lines(report.web)) in out.getvalue()

@@ -2,32 +2,40 @@
 
 from __future__ import annotations
 
+import json
 import time
+from pathlib import Path
 from typing import Any
 
 from django.http import HttpRequest, HttpResponse
 from django.shortcuts import render
 
 from initpipeline import artifact, requires_artifacts
-from initpipeline.loading import active
 
-# Handles: no I/O at import. Each worker loads them on first use and shares the arrays'
-# pages with every other worker (memory-mapped .npy files).
-DOCS = artifact("lsa_docs")
-TERMS = artifact("lsa_terms")
+
+def _load_vocabulary(path: Path) -> dict[str, int]:
+    """The terms, as the query folding needs them: term -> column, built once per load
+    (in the background), not in the first request of each worker."""
+    with open(path, "rb") as fh:
+        return {term: i for i, term in enumerate(json.load(fh))}
+
+
+def _touch(matrix: Any) -> None:
+    """Warm-up: read every page of a memory-mapped matrix once, so the first search does
+    not wait for the disk (the pages are shared by every worker through the page cache)."""
+    import numpy as np
+
+    np.add.reduce(matrix, axis=None)
+
+
+# Handles: no I/O at import. Under Gunicorn each worker loads them in the background as
+# it starts and whenever a newer generation is active, and swaps them all at once; the
+# arrays are memory-mapped, so every worker shares one copy of their pages.
+DOCS = artifact("lsa_docs", warmup=_touch)
+TERMS = artifact("lsa_terms", warmup=_touch)
 IDF = artifact("idf")
-VOCABULARY = artifact("vocabulary")
+VOCABULARY = artifact("vocabulary", loader=_load_vocabulary)
 TITLES = artifact("titles")
-
-_vocab_index: tuple[int, dict[str, int]] = (0, {})
-
-
-def _vocab() -> dict[str, int]:
-    global _vocab_index
-    terms = VOCABULARY.get()
-    if _vocab_index[0] != id(terms):
-        _vocab_index = (id(terms), {t: i for i, t in enumerate(terms)})
-    return _vocab_index[1]
 
 
 @requires_artifacts("lsa_docs", "lsa_terms", "idf", "vocabulary", "titles")
@@ -41,7 +49,7 @@ def search(request: HttpRequest) -> HttpResponse:
 
         started = time.perf_counter()
         titles = TITLES.get()
-        vec = engine.fold_query(query, _vocab(), IDF.get(), TERMS.get())
+        vec = engine.fold_query(query, VOCABULARY.get(), IDF.get(), TERMS.get())
         if vec is not None:
             for i, score in engine.rank(DOCS.get(), vec, 10):
                 title, summary = titles[i]
@@ -51,7 +59,7 @@ def search(request: HttpRequest) -> HttpResponse:
         "query": query,
         "results": results,
         "elapsed_ms": elapsed_ms,
-        "generation": active.snapshot().generation_id,
+        "generation": DOCS.generation,
         "documents": DOCS.get().shape[0],
     }
     return render(request, "search/search.html", context)

@@ -3,7 +3,6 @@ import os
 from django.http import HttpRequest, HttpResponse, JsonResponse
 
 from initpipeline import artifact, requires_artifacts
-from initpipeline.loading import active
 
 B_OUT = artifact("b_out")
 
@@ -14,7 +13,7 @@ def b_total(request: HttpRequest) -> HttpResponse:
     return JsonResponse(
         {
             "pid": os.getpid(),
-            "generation": active.snapshot().generation_id,
+            "generation": B_OUT.generation,
             "total": float(values.sum()),
         }
     )
@@ -26,6 +25,4 @@ JOIN_OUT = artifact("join_out")
 @requires_artifacts("join_out")
 def join_sides(request: HttpRequest) -> HttpResponse:
     """tests/parallelapp's join artifact, as the web host serves it."""
-    return JsonResponse(
-        {"generation": active.snapshot().generation_id, "sides": JOIN_OUT.get()["sides"]}
-    )
+    return JsonResponse({"generation": JOIN_OUT.generation, "sides": JOIN_OUT.get()["sides"]})
