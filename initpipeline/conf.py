@@ -42,7 +42,8 @@ DEFAULTS: dict[str, Any] = {
     "SKEW_TIMEOUT": 600.0,
     # Hard time limit of a phase that sets no timeout= of its own (seconds).
     "DEFAULT_TIMEOUT": 3600,
-    # First retry waits this many seconds, doubling up to RETRY_BACKOFF_MAX (with jitter).
+    # First retry waits this many seconds, doubling up to RETRY_BACKOFF_MAX (with jitter):
+    # a phase's retries, and a web process's next try of a load that failed.
     "RETRY_BACKOFF": 5.0,
     "RETRY_BACKOFF_MAX": 600.0,
     # Celery queue for the phase tasks; None uses the default queue.

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import hmac
+import io
 import json
 import os
 import pickle
 import stat
 import tarfile
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from django.conf import settings
 from django.utils.crypto import salted_hmac
@@ -140,17 +141,21 @@ def pickle_signer(path: Path) -> int | None:
     None when no key verifies it (tampered, or signed with a key that was rotated out).
     Reads the file in chunks: an HMAC per key, never the whole payload in memory.
     """
-    head = len(PICKLE_MAGIC)
     with open(path, "rb") as fh:
-        if fh.read(head) != PICKLE_MAGIC:
-            return None
-        signature = fh.read(32)
-        if len(signature) < 32:
-            return None
-        macs = [salted_hmac(_SALT, b"", secret=key, algorithm="sha256") for key in signing_keys()]
-        while chunk := fh.read(CHUNK):
-            for mac in macs:
-                mac.update(chunk)
+        return _signer(fh)
+
+
+def _signer(fh: BinaryIO) -> int | None:
+    """pickle_signer() of the open file, read from its start to its end."""
+    if fh.read(len(PICKLE_MAGIC)) != PICKLE_MAGIC:
+        return None
+    signature = fh.read(32)
+    if len(signature) < 32:
+        return None
+    macs = [salted_hmac(_SALT, b"", secret=key, algorithm="sha256") for key in signing_keys()]
+    while chunk := fh.read(CHUNK):
+        for mac in macs:
+            mac.update(chunk)
     for n, mac in enumerate(macs):
         if hmac.compare_digest(signature, mac.digest()):
             return n
@@ -176,57 +181,49 @@ def read(path: Path, fmt: str) -> Any:
     raise PipelineConfigError(f"unknown artifact format {fmt!r}")
 
 
-def _signed_with(payload: memoryview, secret: str) -> bytes:
-    mac = salted_hmac(_SALT, b"", secret=secret, algorithm="sha256")
-    mac.update(payload)  # A view: no copy of the payload, unlike force_bytes().
-    return mac.digest()
-
-
-class _Frames:
-    """A buffer read by ``pickle.Unpickler`` as a file: one Python call per frame.
+class _Stream:
+    """An open file, read by ``pickle.Unpickler`` through Python methods.
 
     ``pickle.loads`` is one C call that holds the GIL from start to end: unpickling a
     5-second model stops every other thread of the process for 5 s (a web worker's
-    requests, Gunicorn's heartbeat). Reading through Python methods lets the interpreter
-    hand the GIL over between frames (64 KiB of pickle each, protocol 4 and up), so the
-    other threads wait milliseconds, not the whole load.
+    requests, Gunicorn's heartbeat). The unpickler reads a frame (64 KiB of pickle,
+    protocol 4 and up) per call; a Python method there lets the interpreter hand the GIL
+    over between frames, so the other threads wait milliseconds, not the whole load.
     """
 
-    def __init__(self, buffer: memoryview) -> None:
-        self._buffer = buffer
-        self._pos = 0
+    def __init__(self, fh: io.BufferedReader) -> None:
+        self._fh = fh
 
     def read(self, size: int = -1) -> bytes:
-        end = len(self._buffer) if size < 0 else self._pos + size
-        chunk = bytes(self._buffer[self._pos : end])
-        self._pos += len(chunk)
-        return chunk
+        return self._fh.read(size)
 
     def readinto(self, target: Any) -> int:
-        view = memoryview(target).cast("B")
-        chunk = self._buffer[self._pos : self._pos + len(view)]
-        view[: len(chunk)] = chunk
-        self._pos += len(chunk)
-        return len(chunk)
+        return self._fh.readinto(target)
 
     def readline(self) -> bytes:
-        # Text opcodes only (protocols 0 and 1, which write_pickle never writes).
-        end = bytes(self._buffer[self._pos :]).find(b"\n")
-        return self.read(end + 1 if end >= 0 else -1)
+        return self._fh.readline()
 
 
 def read_pickle(path: Path) -> Any:
-    blob = path.read_bytes()
-    head = len(PICKLE_MAGIC)
-    if not blob.startswith(PICKLE_MAGIC) or len(blob) < head + 32:
-        raise ArtifactSignatureError(f"{path.name} is not a signed initpipeline pickle; refused")
-    # A view of the payload: slicing bytes would copy it (twice the pickle in memory).
-    signature, payload = blob[head : head + 32], memoryview(blob)[head + 32 :]
-    if not any(
-        hmac.compare_digest(signature, _signed_with(payload, key)) for key in signing_keys()
-    ):
-        raise ArtifactSignatureError(
-            f"{path.name} has a wrong signature (tampered, or signed with a key that is neither "
-            "SECRET_KEY nor in SECRET_KEY_FALLBACKS); refused before unpickling"
-        )
-    return pickle.Unpickler(_Frames(payload)).load()  # noqa: S301 - signature checked above
+    """Unpickle a file that write_pickle() wrote, after checking its signature.
+
+    The file is read twice through one open descriptor, never whole into memory (a
+    5 GiB pickle would otherwise need 5 GiB more while it loads): once for the HMAC, then
+    by the unpickler. Between the two, only a process that may write the file itself could
+    change it: published files are read-only and owned by the pipeline's user, who can
+    change its code just as well.
+    """
+    with open(path, "rb") as fh:
+        if _signer(fh) is None:
+            fh.seek(0)
+            head = fh.read(len(PICKLE_MAGIC) + 32)
+            if not head.startswith(PICKLE_MAGIC) or len(head) < len(PICKLE_MAGIC) + 32:
+                raise ArtifactSignatureError(
+                    f"{path.name} is not a signed initpipeline pickle; refused"
+                )
+            raise ArtifactSignatureError(
+                f"{path.name} has a wrong signature (tampered, or signed with a key that is "
+                "neither SECRET_KEY nor in SECRET_KEY_FALLBACKS); refused before unpickling"
+            )
+        fh.seek(len(PICKLE_MAGIC) + 32)
+        return pickle.Unpickler(_Stream(fh)).load()  # noqa: S301 - signature checked above

@@ -108,11 +108,14 @@ def post_worker_init(worker: Any) -> None:
 
         def before(repo: serving.Repository) -> None:
             repo.server_folder = folder
+            repo.replace_me = lambda: os.kill(os.getpid(), signal.SIGTERM)
             repo.listeners.append(reporter)
             reporter.set_state(servers.BOOTING, repo)
             if folder.others_serve(os.getpid()):
                 worker.log.info("initpipeline: loading artifacts before taking connections")
-                repo.tick()
+                repo.load_before_serving()
+                # A worker that made way for this one (swap="new-worker") waits for this.
+                folder.give_turn_back()
 
         repo = serving.start(heartbeat=lambda: heartbeat_process(worker), before=before)
         _on_exit_signals(reporter.leaving)

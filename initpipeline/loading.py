@@ -133,7 +133,7 @@ class ActiveGeneration:
         return cached[1]
 
     def _query(self) -> Snapshot:
-        from .models import Artifact, Generation
+        from .models import Generation
 
         try:
             gen_id = Generation.objects.filter(is_active=True).values_list("pk", flat=True).first()
@@ -141,10 +141,7 @@ class ActiveGeneration:
                 return Snapshot(None, {})
             if gen_id == self._snapshot.generation_id:
                 return self._snapshot
-            rows = Artifact.objects.filter(generations=gen_id).values_list(
-                "name", "pk", "storage_key", "sha256", "size", "format"
-            )
-            return Snapshot(gen_id, {r[0]: Record(*r) for r in rows})
+            return snapshot_of(gen_id)
         except DatabaseError as exc:
             # Keep serving what we had: a database hiccup must not take loaded
             # artifacts away from a site that already works.
@@ -157,13 +154,29 @@ class ActiveGeneration:
 active = ActiveGeneration()
 
 
-#: The swap policies of a handle, named after TF Serving's: "load-first" keeps serving the
-#: old object until the new one is loaded and warmed (availability; two copies for a
-#: while); "free-first" drops the old one first (resources; that artifact answers
-#: "warming up" while the new one loads).
+def snapshot_of(generation_id: int) -> Snapshot:
+    """The records of one generation (active or not): one query."""
+    from .models import Artifact
+
+    rows = Artifact.objects.filter(generations=generation_id).values_list(
+        "name", "pk", "storage_key", "sha256", "size", "format"
+    )
+    return Snapshot(generation_id, {r[0]: Record(*r) for r in rows})
+
+
+#: The swap policies of a handle. The first two are named after TF Serving's:
+#: "load-first" keeps serving the old object until the new one is loaded and warmed in
+#: the same process (availability; two copies for a while); "free-first" drops the old
+#: one first (resources; that artifact answers "warming up" while the new one loads).
+#: "new-worker": each worker of the Gunicorn server in turn makes way for a new one, which
+#: loads the new generation before it takes a connection (availability and resources: no
+#: request shares a process, or its GIL, with a load, and no worker holds two copies;
+#: the server has one worker fewer while each loads). Where there is no Gunicorn server of
+#: two workers or more, it acts as "load-first".
 LOAD_FIRST = "load-first"
 FREE_FIRST = "free-first"
-SWAP_POLICIES = (LOAD_FIRST, FREE_FIRST)
+NEW_WORKER = "new-worker"
+SWAP_POLICIES = (LOAD_FIRST, FREE_FIRST, NEW_WORKER)
 
 
 @dataclass(frozen=True)

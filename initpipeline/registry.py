@@ -12,7 +12,6 @@ from enum import StrEnum
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from .codehash import CodeHash, is_code, phase_code_hash
-from .conf import settings
 from .exceptions import PipelineConfigError
 
 if TYPE_CHECKING:
@@ -582,4 +581,8 @@ def get_pipeline() -> Pipeline:
 
 def required_artifacts() -> list[str]:
     """What readiness waits for: ``REQUIRED_ARTIFACTS``, or every artifact of the pipeline."""
+    # Not at the top: this module is imported without Django too (the fingerprints of
+    # phases, computed by other Pythons in tests/test_codehash.py).
+    from .conf import settings
+
     return list(settings.REQUIRED_ARTIFACTS or get_pipeline().artifact_names())

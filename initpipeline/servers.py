@@ -43,6 +43,10 @@ REPORT_STALE = 3 * REPORT_INTERVAL
 #: Rows of processes gone for this long are deleted by the next report of any process.
 REPORT_FORGET = 24 * 3600.0
 
+#: Seconds a turn to be replaced stays taken before its new worker shows up (Gunicorn
+#: starts one within a second of the old one's exit).
+TURN_GRACE = 30.0
+
 #: How often a folder's workers are checked for being alive when the folder itself did
 #: not change (a worker killed without its master's child_exit hook: no master, say).
 LIVENESS_INTERVAL = 1.0
@@ -64,6 +68,8 @@ def process_start(pid: int) -> int | None:
 
 
 def _alive(pid: int, start: int | None) -> bool:
+    if pid <= 0:
+        return False  # os.kill(0, ...) would reach the whole process group
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -162,6 +168,79 @@ class ServerFolder:
                 lacking[int(w["pid"])] = names
         self._seen = (key, now, lacking)
         return lacking
+
+    def serving(self, *, pid: int) -> list[dict[str, Any]]:
+        """The files of the other workers that take connections."""
+        return [w for w in self.workers() if w["pid"] != pid and w.get("state") == SERVING]
+
+    # -- new workers for a new generation (swap="new-worker") ------------------------------
+    #
+    # One worker at a time makes way: it claims the server's turn (recycle.json, created
+    # exclusively), and exits; Gunicorn starts a new worker, which loads the active
+    # generation before it takes a connection, then gives the turn back. A new worker that
+    # cannot load it loads what its siblings serve instead and marks the generation failed
+    # (failed-<id>.json), so that the others stay as they are until RETRY_BACKOFF_MAX
+    # has passed.
+
+    def claim_turn(self, pid: int, generation: int | None) -> bool:
+        """Take the server's turn to be replaced; False while another worker has it."""
+        self.path.mkdir(parents=True, exist_ok=True)
+        turn = self.path / "recycle.json"
+        for _ in range(2):
+            try:
+                fd = os.open(turn, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            except FileExistsError:
+                if not self._abandoned():
+                    return False
+                # Its new worker died loading: take the turn over.
+                logger.warning("taking over a turn to be replaced that no worker carries on")
+                with contextlib.suppress(FileNotFoundError):
+                    turn.unlink()
+                continue
+            with os.fdopen(fd, "w") as fh:
+                json.dump({"pid": pid, "generation": generation, "at": time.time()}, fh)
+            return True
+        return False
+
+    def turn_taken(self) -> bool:
+        """Whether a worker has the turn and it is carried on (see _abandoned)."""
+        return self.turn() is not None and not self._abandoned()
+
+    def _abandoned(self) -> bool:
+        """A turn is carried on while the worker that took it lives (it is finishing its
+        requests), or a new worker boots (it loads), or for TURN_GRACE seconds after it
+        was taken (Gunicorn has not started the new worker yet)."""
+        turn = self.turn()
+        if turn is None:
+            return False
+        if time.time() - float(turn.get("at") or 0) < TURN_GRACE:
+            return False
+        if _alive(int(turn.get("pid") or 0), None):
+            return False
+        return not any(w.get("state") == BOOTING for w in self.workers())
+
+    def turn(self) -> dict[str, Any] | None:
+        try:
+            data = json.loads((self.path / "recycle.json").read_text())
+        except (OSError, ValueError):
+            return None
+        return data if isinstance(data, dict) else None
+
+    def give_turn_back(self) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            (self.path / "recycle.json").unlink()
+
+    def mark_failed(self, generation: int) -> None:
+        self.path.mkdir(parents=True, exist_ok=True)
+        (self.path / f"failed-{generation}.json").write_text(json.dumps({"at": time.time()}))
+
+    def failed_lately(self, generation: int | None, *, within: float) -> bool:
+        """Whether a new worker of this server failed to load ``generation`` lately."""
+        try:
+            age = time.time() - (self.path / f"failed-{generation}.json").stat().st_mtime
+        except FileNotFoundError:
+            return False
+        return age < within
 
     # -- the master -----------------------------------------------------------------------
 

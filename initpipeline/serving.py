@@ -19,12 +19,14 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import gc
+import itertools
 import logging
 import os
 import random
 import sys
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -35,7 +37,7 @@ from django.db import close_old_connections
 from . import loading
 from .conf import settings
 from .exceptions import ArtifactCorrupt, ArtifactNotReady, InitPipelineError
-from .loading import FREE_FIRST, Loaded, Record
+from .loading import FREE_FIRST, NEW_WORKER, Loaded, Record
 from .registry import required_artifacts
 from .servers import REPORT_INTERVAL, ServerFolder
 
@@ -104,6 +106,8 @@ class Repository:
         self._heartbeat = heartbeat
         #: The folder of this worker's Gunicorn server (readiness across its workers).
         self.server_folder: ServerFolder | None = None
+        #: Asks Gunicorn for a new worker in place of this one (swap="new-worker").
+        self.replace_me: Callable[[], Any] | None = None
         #: Called after each change of what this process serves (servers.py, reports).
         self.listeners: list[Callable[[Repository], None]] = []
         self._wake = threading.Event()
@@ -139,7 +143,7 @@ class Repository:
         self._thread = threading.Thread(target=self._run, name="initpipeline-loader", daemon=True)
         self._thread.start()
 
-    def stop(self, timeout: float = 5.0) -> None:
+    def stop(self, timeout: float = 1.0) -> None:
         self._stop.set()
         self._wake.set()
         if self._thread is not None and self._thread is not threading.current_thread():
@@ -166,12 +170,15 @@ class Repository:
             self._wake.wait(delay)
             self._wake.clear()
 
-    def _log_once(self, key: str, message: str, *args: Any) -> None:
+    def _log_once(self, key: str, message: str, *args: Any, traceback: bool = True) -> None:
         if key in self._logged_errors:
-            logger.debug(message, *args, exc_info=True)
+            logger.debug(message, *args, exc_info=traceback)
             return
         self._logged_errors.add(key)
-        logger.exception(message, *args)
+        if traceback:
+            logger.exception(message, *args)
+        else:
+            logger.warning(message, *args)
 
     # -- one pass -------------------------------------------------------------------------
 
@@ -183,18 +190,19 @@ class Repository:
             wanted.setdefault(name, None)
         return wanted
 
-    def tick(self) -> float:
-        """Load what the active generation has that this process does not serve yet, and
-        publish it; return the seconds until the next look.
+    def tick(self, snapshot: loading.Snapshot | None = None) -> float:
+        """Load what the active generation (or ``snapshot``'s) has that this process does
+        not serve yet, and publish it; return the seconds until the next look.
 
         No local variable here holds a published set across a retirement (see _retire):
         a set is freed once nothing but the loader's own list refers to it.
         """
-        try:
-            snapshot = loading.active.refresh()
-        except ArtifactNotReady as exc:
-            self._log_once(f"db:{exc}", "cannot read the active generation: %s", exc)
-            return max(1.0, settings.REFRESH_INTERVAL)
+        if snapshot is None:
+            try:
+                snapshot = loading.active.refresh()
+            except ArtifactNotReady as exc:
+                self._log_once(f"db:{exc}", "cannot read the active generation: %s", exc)
+                return max(1.0, settings.REFRESH_INTERVAL)
         records = snapshot.records
         generation = snapshot.generation_id
         wanted = {n: h for n, h in self.wanted().items() if n in records}
@@ -233,6 +241,12 @@ class Repository:
         # once, so a request never mixes two generations.
         adding = self.current.generation_id in (None, generation)
         self.progress = Progress(target=None if adding else generation)
+        if not adding and any(
+            (handle := wanted[n]) is not None and handle.swap == NEW_WORKER for n in todo
+        ):
+            waiting = self._make_way(generation, records, todo)
+            if waiting is not None:
+                return waiting
         self._pending = {
             n: v for n, v in self._pending.items() if n in todo and v.sha256 == records[n].sha256
         }
@@ -265,7 +279,7 @@ class Repository:
         required = set(required_artifacts())
         due.sort(key=lambda n: (n not in required, n))
         if due:
-            with self._heartbeat() if self._heartbeat is not None else contextlib.nullcontext():
+            with self._loading():
                 for name in due:
                     if self._stop.is_set():
                         break
@@ -283,11 +297,115 @@ class Repository:
             self._pending = {}
         elif adding:
             self._pending = {}
-        waiting = [f.next_at for n, f in self.failures.items() if n in todo]
-        if waiting:
-            return max(0.05, min(settings.REFRESH_INTERVAL, min(waiting) - time.monotonic()))
+        retries = [f.next_at for n, f in self.failures.items() if n in todo]
+        if retries:
+            return max(0.05, min(settings.REFRESH_INTERVAL, min(retries) - time.monotonic()))
         self.progress = Progress()
         return settings.REFRESH_INTERVAL
+
+    @contextlib.contextmanager
+    def _loading(self) -> Iterator[None]:
+        """What a pass of loads runs under, so that it stops no request for long:
+
+        - Gunicorn's heartbeat beaten by a child process (a load may hold the GIL);
+        - the GIL handed over every millisecond, not every 5: a request thread waits for it
+          at each I/O call, and a loader thread rarely lets it go of its own accord;
+        - no cyclic garbage collection during the loads (each would walk the millions of
+          objects being built, holding the GIL), and then ``gc.freeze()``: what was loaded
+          moves out of the collector's reach, so no later collection walks it either
+          (Instagram's reason to freeze before fork). Its objects are still freed by
+          reference counting when retired.
+        """
+        heartbeat = self._heartbeat() if self._heartbeat is not None else contextlib.nullcontext()
+        interval = sys.getswitchinterval()
+        collecting = gc.isenabled()
+        with heartbeat:
+            sys.setswitchinterval(min(interval, 0.001))
+            gc.disable()
+            try:
+                yield
+            finally:
+                gc.freeze()
+                if collecting:
+                    gc.enable()
+                sys.setswitchinterval(interval)
+
+    def _make_way(
+        self, generation: int | None, records: Mapping[str, Record], todo: list[str]
+    ) -> float | None:
+        """swap="new-worker": exit when it is this worker's turn, so that a new one loads
+        ``generation`` before it takes a connection; the seconds until the next look, or
+        None to load in this process after all (no Gunicorn server, or no other worker to
+        serve meanwhile)."""
+        folder, replace_me = self.server_folder, self.replace_me
+        if folder is not None and folder.turn_taken():
+            return settings.REFRESH_INTERVAL  # another worker's turn: wait for it
+        if folder is None or replace_me is None or not folder.serving(pid=self.pid):
+            self._log_once(
+                "new-worker:alone",
+                "swap='new-worker' needs a Gunicorn server of two workers or more: loading "
+                "generation %s in this worker instead (as load-first)",
+                generation,
+                traceback=False,
+            )
+            return None
+        if folder.failed_lately(generation, within=settings.RETRY_BACKOFF_MAX):
+            # A new worker could not load it, and serves what its siblings do: stay.
+            for name in todo:
+                if self.failures.get(name, None) is None:
+                    self.failures[name] = Failure(
+                        sha256=records[name].sha256,
+                        generation_id=generation,
+                        error=f"a new worker of this server could not load generation "
+                        f"{generation} (see its log); tried again later",
+                        attempts=1,
+                        next_at=float("inf"),
+                        since=time.time(),
+                    )
+                    self._changed()
+            return settings.REFRESH_INTERVAL
+        if not folder.claim_turn(self.pid, generation):
+            return settings.REFRESH_INTERVAL  # another worker's turn: wait for it
+        logger.info(
+            "generation %s: this worker (pid %s) makes way for a new one, which loads it "
+            "before it takes a connection",
+            generation,
+            self.pid,
+        )
+        self._stop.set()
+        replace_me()
+        return settings.REFRESH_INTERVAL
+
+    def load_before_serving(self) -> None:
+        """The first pass of a worker that takes no connection yet while its siblings
+        serve (a new worker for a new generation, or one replacing a dead worker): load
+        the active generation; if that fails, load what its siblings serve instead, and
+        mark the active generation failed for the server."""
+        self.tick()
+        folder = self.server_folder
+        failed = [n for n in self.wanted() if n in self.failures]
+        if not failed or folder is None:
+            return
+        served: Counter[int] = Counter(
+            int(w["generation"]) for w in folder.serving(pid=self.pid) if w.get("generation")
+        )
+        active = loading.active.peek().generation_id
+        if not served or active is None:
+            return
+        fallback = served.most_common(1)[0][0]
+        if fallback == active:
+            return
+        logger.error(
+            "generation %s failed to load in this new worker (%s); serving generation %s, as "
+            "the other workers of the server do",
+            active,
+            ", ".join(failed),
+            fallback,
+        )
+        folder.mark_failed(active)
+        self._publish(EMPTY)
+        self._retire_all(collect=True)
+        self.tick(loading.snapshot_of(fallback))
 
     def _load_one(
         self, handle: loading.ArtifactHandle | None, rec: Record, generation: int | None
@@ -383,7 +501,11 @@ class Repository:
             while sys.getrefcount(box[0]) > 2 and time.monotonic() < deadline:
                 if self._stop.wait(0.01):
                     break
+            kept = {id(v.value) for v in self.current.loaded.values()}
+            values = [v.value for v in box[0].loaded.values() if id(v.value) not in kept]
             box.clear()
+            while values:
+                _release(values.pop())
         if collect:
             gc.collect()
 
@@ -396,6 +518,39 @@ class Repository:
                 self._log_once(
                     f"listener:{listener!r}", "reporting what this process serves failed"
                 )
+
+
+#: Entries freed between two hand-overs of the GIL when a retired container is released.
+RELEASE_CHUNK = 20_000
+
+
+def _release(value: Any) -> None:
+    """Free ``value`` a slice at a time when this is its last reference.
+
+    Freeing a dict of millions of entries is one C call that holds the GIL until the last
+    entry is gone (half a second for six million tuples): every request of the process
+    would wait for it. Emptying it a slice at a time, with the GIL handed over between
+    slices, costs the same in all and stops nobody. Objects of other kinds are freed as
+    they are.
+    """
+    # Ours (the argument, passed as a temporary: _retire_all pops it from its list) and
+    # getrefcount's: one more is someone else's, who will free it.
+    if sys.getrefcount(value) > 2:
+        return
+    if isinstance(value, dict):
+        while value:
+            for key in list(itertools.islice(value, RELEASE_CHUNK)):
+                del value[key]
+            time.sleep(0)
+    elif isinstance(value, list):
+        while value:
+            del value[-RELEASE_CHUNK:]
+            time.sleep(0)
+    elif isinstance(value, set):
+        while value:
+            for item in list(itertools.islice(value, RELEASE_CHUNK)):
+                value.discard(item)
+            time.sleep(0)
 
 
 # -- the process's one repository ---------------------------------------------------------

@@ -338,3 +338,39 @@ def test_a_flipped_byte_on_s3_is_rebuilt_by_the_next_start_init(
     }
     # The same bytes under the same key, whole again.
     assert bucket.read(b_out.storage_key) == good
+
+
+@pytest.mark.django_db
+def test_a_folder_artifact_reaches_another_host_as_a_folder(bucket: Bucket, tmp_path: Path) -> None:
+    model = tmp_path / "model"
+    (model / "tokenizer").mkdir(parents=True)
+    (model / "config.json").write_text('{"layers": 2}')
+    (model / "tokenizer" / "vocab.txt").write_text("a\nb\n")
+    path = storage.new_scratch_path(".tar")
+    formats.write_dir(path, model)
+    pub = storage.publish(path, name="model", suffix=".tar")
+    assert bucket.keys() == [f"model/{pub.sha256}.tar"]
+    art = Artifact(
+        name="model",
+        fingerprint="f" * 64,
+        storage_key=pub.key,
+        sha256=pub.sha256,
+        size=pub.size,
+        format="dir",
+    )
+    with bucket.another_host():
+        folder = storage.materialize(art)
+        # A local folder on the new host, as a loader (spacy.load, from_pretrained) wants.
+        assert folder == bucket.cache / "dirs" / pub.sha256
+        found = {p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file()}
+        assert found == {"config.json", "tokenizer/vocab.txt"}
+        assert (folder / "config.json").read_text() == '{"layers": 2}'
+        assert storage.materialize(art) == folder  # once per host
+
+    # A byte flipped in storage: a third host refuses it, and unpacks nothing.
+    data = bytearray(bucket.read(pub.key))
+    data[-700] ^= 1
+    bucket.write(pub.key, bytes(data))
+    with bucket.another_host(), pytest.raises(ArtifactCorrupt, match="fails its checksum"):
+        storage.materialize(art)
+    assert not (bucket.cache / "dirs").exists()

@@ -40,6 +40,7 @@ def test_bench_quick_writes_every_figure(tmp_path: Path) -> None:
         "big",
         "scale",
         "shards",
+        "serving",
     }
     first = data["first_response"]["2"]
     assert first["ratios"]["bare Django"] == 1.0
@@ -60,11 +61,23 @@ def test_bench_quick_writes_every_figure(tmp_path: Path) -> None:
     # Redis is there under INITPIPELINE_REQUIRE_SERVICES (CI); elsewhere it may be missing.
     if REQUIRE_SERVICES or "skipped" not in shards["cost"]:
         assert shards["cost"]["count"] == 8 and shards["cost"]["many_s"] > 0
+    serving = data["serving"]
+    assert set(serving["runs"]) == {
+        "in-request gthread x2 load-first",
+        "background gthread x2 load-first",
+        "background gthread x2 new-worker",
+    }
+    for run in serving["runs"].values():
+        assert run["requests"] > 0 and run["worker_timeouts"] == 0
+    # A loader that holds the GIL past timeout: the heartbeat process keeps the worker.
+    assert serving["gil"]["background"]["worker_timeouts"] == 0
+    assert serving["gil"]["in-request"]["worker_timeouts"] >= 1
     assert (tmp_path / "latest.png").read_bytes().startswith(b"\x89PNG")
     report = (tmp_path / "latest.md").read_text()
     assert "**Goals**" in report
     assert "**1. Time to first response**" in report
     assert "**9. Sharded phases**" in report
+    assert "**10. Serving: no request waits for a load**" in report
 
 
 def test_the_bench_stops_at_once_when_the_run_failed(monkeypatch: pytest.MonkeyPatch) -> None:

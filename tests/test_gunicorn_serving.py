@@ -316,3 +316,80 @@ def test_the_loaders_of_each_worker_show_in_the_records(stack: Stack, serve: Any
     server.stop()
     # A worker that exits takes its row with it.
     assert WebProcess.objects.count() == 0
+
+
+def test_new_workers_load_a_new_generation_while_the_others_serve(stack: Stack, serve: Any) -> None:
+    """swap="new-worker": no request shares a process (or its GIL) with the load."""
+    publish_generation(model=("json", {"version": "1"}))
+    server = serve("--workers", "2", env={"TESTAPP_SWAP": "new-worker"})
+    wait_for(lambda: server.get("/init/readyz")[0] == 200, timeout=60, log=server.log_path)
+    control(stack, loader={"hold": ["2"]})
+    with Clients(server) as clients:
+        wait_for(lambda: len(clients.pids()) == 2, timeout=30)
+        old = clients.pids()
+        new = publish_generation(model=("json", {"version": "2"}))
+        # One old worker made way; its successor loads version 2 before taking a request...
+        wait_for(lambda: started_pids("2"), timeout=30, log=server.log_path)
+        (first,) = started_pids("2")
+        assert first not in old
+        held_at = events("start", "2")[0][3]
+        # ...while the other old worker serves version 1 alone.
+        count = len(clients.ok())
+        wait_for(lambda: len(clients.ok()) >= count + 50, timeout=30)
+        assert first not in clients.pids()
+        assert {a.version for a in clients.ok() if a.sent > held_at} == {"1"}
+        control(stack)
+        # Then the second old worker makes way in its turn.
+        wait_for(
+            lambda: len({a.pid for a in clients.ok() if a.version == "2"}) == 2,
+            timeout=60,
+            log=server.log_path,
+        )
+    assert [a for a in clients.answers if a.status != 200] == []
+    assert clients.errors == []
+    serving_new = {a.pid for a in clients.ok() if a.version == "2"}
+    assert serving_new.isdisjoint(old)
+    # No old worker ever loaded version 2: the loads ran in the new workers only.
+    assert started_pids("2") == serving_new
+    assert {a.generation for a in clients.ok() if a.version == "2"} == {new.pk}
+    log = server.log()
+    assert log.count("makes way for a new one") == 2, log
+    assert "WORKER TIMEOUT" not in log
+
+
+def test_a_new_worker_that_cannot_load_serves_what_its_siblings_serve(
+    stack: Stack, serve: Any
+) -> None:
+    old = publish_generation(model=("json", {"version": "1"}))
+    server = serve("--workers", "2", env={"TESTAPP_SWAP": "new-worker"})
+    wait_for(lambda: server.get("/init/readyz")[0] == 200, timeout=60, log=server.log_path)
+    control(stack, loader={"fail": ["2"]})
+    with Clients(server, count=2) as clients:
+        wait_for(lambda: len(clients.pids()) == 2, timeout=30)
+        before = clients.pids()
+        new = publish_generation(model=("json", {"version": "2"}))
+        wait_for(lambda: events("failed", "2"), timeout=30, log=server.log_path)
+        (successor,) = {row[0] for row in events("failed", "2")}
+        # It serves version 1, as the worker beside it does, which stays.
+        wait_for(lambda: successor in clients.pids(), timeout=30, log=server.log_path)
+        count = len(clients.ok())
+        wait_for(lambda: len(clients.ok()) >= count + 50, timeout=30)
+    assert [a for a in clients.answers if a.status != 200] == []
+    assert {a.version for a in clients.ok()} == {"1"}
+    assert {a.generation for a in clients.ok()} == {old.pk}
+    # The other old worker was left in place: it and the new one answer from then on.
+    failed_at = events("failed", "2")[0][3]
+    late = {a.pid for a in clients.ok() if a.sent > failed_at}
+    assert len(late) == 2 and successor in late and len(late & before) == 1
+
+    # Both workers say so to the probe (the old one at its next look), and stay ready.
+    def warned() -> bool:
+        answers = [server.get("/init/readyz") for _ in range(10)]
+        return all(
+            code == 200 and json.loads(body)["status"] == "warn" for code, _, body in answers
+        )
+
+    wait_for(warned, timeout=30)
+    log = server.log()
+    assert f"generation {new.pk} failed to load in this new worker" in log, log
+    assert log.count("makes way for a new one") == 1, log

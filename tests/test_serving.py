@@ -4,6 +4,7 @@ tests/test_gunicorn_serving.py.)"""
 
 from __future__ import annotations
 
+import gc
 import json
 import logging
 import os
@@ -65,6 +66,8 @@ def repo(settings: Any) -> Iterator[serving.Repository]:
     serving.stop()
     write_control()
     loading._handles.clear()
+    # The loader froze what it loaded (and all else) out of the collector's reach.
+    gc.unfreeze()
 
 
 def served(repo: serving.Repository, version: str) -> bool:
@@ -358,3 +361,20 @@ def test_a_pickle_loads_without_holding_the_gil_from_start_to_end(tmp_path: Path
     assert _ticks_during(lambda: pickle.loads(payload)) <= 2  # noqa: S301
     # Ours hands the GIL over between the pickle's frames.
     assert _ticks_during(lambda: formats.read_pickle(path)) >= 10
+
+
+def test_a_retired_model_is_freed_without_stopping_the_other_threads() -> None:
+    def model() -> dict[str, tuple[int, str]]:
+        return {f"k{i}": (i, str(i)) for i in range(1_000_000)}
+
+    # A dict that is not the last reference (a request's local variable) is left whole.
+    held = model()
+    serving._release([held].pop())
+    assert len(held) == 1_000_000
+    # Freed in one go, a dict of a million entries stops every thread until it is gone...
+    values = [held]
+    del held
+    assert _ticks_during(lambda: values.clear()) <= 2
+    # ...freed a slice at a time, it lets them run.
+    values = [model()]
+    assert _ticks_during(lambda: serving._release(values.pop())) >= 10
