@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from bench import big, figures, overhead, shardfigures, startup, warmup
+from bench import big, figures, overhead, serving, shardfigures, startup, warmup
 from bench.harness import ROOT, Env, compile_bytecode, log, redis_server
 from bench.report import write
 
@@ -49,6 +49,8 @@ class Run:
     scale_files: list[int] = field(default_factory=lambda: [6000, 0])
     #: Empty shards in the per-shard cost figure (against a phase of one).
     shard_count: int = 64
+    #: Entries of the pickled model of the serving figures (6 million: about 5 s to load).
+    serving_entries: int = 6_000_000
 
     @property
     def env(self) -> Env:
@@ -86,6 +88,7 @@ FIGURES: dict[str, Callable[[Run], Any]] = {
     "big": lambda r: big.figures(r.big_bytes, r.reps),
     "scale": _scale,
     "shards": lambda r: shardfigures.figures(r.files, r.reps, r.shard_count),
+    "serving": lambda r: serving.figures(r.serving_entries, r.quick),
 }
 
 
@@ -120,6 +123,7 @@ def main(argv: list[str] | None = None) -> int:
         run.reps, run.files, run.seconds = 1, 40, 1
         run.workers_list, run.big_bytes, run.scale_files = [2], 64 * 1024**2, [40, 80]
         run.shard_count = 8
+        run.serving_entries = 20_000
 
     results: dict[str, Any] = {}
     latest = args.out / "latest.json"

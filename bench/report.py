@@ -9,7 +9,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from bench import shardfigures
+from bench import serving, shardfigures
 from bench.figures import PEERS
 from bench.overhead import CAUSE_TEXT, CAUSES
 
@@ -175,6 +175,8 @@ def goals(results: dict[str, Any]) -> list[list[str]]:
         )
     elif cost.get("skipped"):
         row("orchestration per shard on Redis", "", "skipped", False, cost["skipped"], "shards")
+    for figure, goal, measured, met, why in serving.goal_rows(results.get("serving", {})):
+        row(figure, goal, measured, met, why, "serving")
     return rows
 
 
@@ -370,6 +372,13 @@ def markdown(results: dict[str, Any]) -> str:
             "tests/shardapp on Redis)",
             "",
             shardfigures.markdown(shards),
+        ]
+    if "serving" in results:
+        lines += [
+            "**10. Serving: no request waits for a load** (in-request: the first request of "
+            "each worker loads, as before; background: initpipeline's Gunicorn hooks)",
+            "",
+            serving.markdown(results["serving"]),
         ]
     if "seconds" in meta:
         spent = ", ".join(f"{k} {v:.0f} s" for k, v in meta["seconds"].items())

@@ -1,0 +1,6 @@
+from django.apps import AppConfig
+
+
+class ServeAppConfig(AppConfig):
+    name = "bench.serveapp"
+    label = "serveapp"
