@@ -27,7 +27,7 @@ from django.db.models import F, Value
 from django.db.models.functions import Coalesce
 from django.utils import timezone
 
-from . import checkpoints, dispatch, retention, shards, storage
+from . import checkpoints, dispatch, processes, retention, shards, storage
 from .conf import settings
 from .context import PhaseContext
 from .exceptions import (
@@ -61,8 +61,10 @@ Published = dict[str, tuple[storage.Published, str, dict[str, Any]]]
 HANDED_OFF = "handed_off"
 
 #: Seconds a worker with other code than planned waits before it hands a phase back, so
-#: that old workers do not pass its message between them in a tight loop.
+#: that old workers do not pass its message between them in a tight loop; a tenth of the
+#: wait so far once that is longer, up to SKEW_PAUSE_MAX.
 SKEW_PAUSE = 1.0
+SKEW_PAUSE_MAX = 10.0
 
 
 def claim(run_id: int, phase_name: str, task_id: str, worker: str) -> PhaseRun:
@@ -208,8 +210,14 @@ def hand_back_for_planned_code(pr: PhaseRun, mine: str) -> NoReturn:
             logger.error("phase %s of run %s failed: %s", pr.name, pr.run_id, reason)
             raise PhaseFailed(reason)
         raise PhaseSkipped(reason)
-    logger.warning("phase %s of run %s: %s; handing it back", pr.name, pr.run_id, waiting)
-    time.sleep(SKEW_PAUSE)
+    waited = (now - since).total_seconds()
+    # Once per phase, not once per hand-back: a worker with other code may pass the same
+    # phase back for minutes (the deploy's new workers are still starting).
+    log = logger.warning if waited == 0 else logger.debug
+    log("phase %s of run %s: %s; handing it back", pr.name, pr.run_id, waiting)
+    # Less often the longer it waits: a tenth of the wait so far, between SKEW_PAUSE and
+    # SKEW_PAUSE_MAX.
+    time.sleep(min(SKEW_PAUSE_MAX, max(SKEW_PAUSE, waited / 10)))
     resend_from(pr)
     raise PhaseSkipped(f"{waiting}; handed back")
 
@@ -510,15 +518,34 @@ def record_handed_off(pr: PhaseRun, why: str) -> str:
     return HANDED_OFF
 
 
-def leaving_marker(hostname: str) -> Path:
-    """The file that says, on this host, that worker ``hostname`` is shutting down."""
+def leaving_marker(hostname: str, pid: int | None = None) -> Path:
+    """The file that says, on this host, that the worker ``hostname`` whose main process
+    is ``pid`` (default: this process) is shutting down.
+
+    Named by the process as well as the node name: node names are unique among live
+    workers at best (two projects of one user may both run ``celery@host``), and a worker
+    that shut down must not keep a later one with its name from working.
+    """
     folder = storage.cache_dir() / "leaving"
     folder.mkdir(exist_ok=True)
-    return folder / hostname.replace(os.sep, "_")
+    return folder / f"{hostname.replace(os.sep, '_')}.{processes.instance(pid)}"
 
 
 def worker_leaving(hostname: str) -> bool:
-    return bool(hostname) and leaving_marker(hostname).exists()
+    """Whether the worker this process belongs to is shutting down: its main process is
+    this one's parent (a pool process) or this one (a solo or thread pool)."""
+    if not hostname:
+        return False
+    return any(leaving_marker(hostname, pid).exists() for pid in (os.getppid(), os.getpid()))
+
+
+def forget_gone_workers() -> None:
+    """Remove the shutdown marks of worker processes that are gone."""
+    folder = storage.cache_dir() / "leaving"
+    for path in folder.glob("*.*-*") if folder.exists() else []:
+        pid, _, start = path.suffix.lstrip(".").partition("-")
+        if pid.isdigit() and start.isdigit() and not processes.alive(int(pid), int(start) or None):
+            path.unlink(missing_ok=True)
 
 
 def drop_checkpoints(pr: PhaseRun) -> None:

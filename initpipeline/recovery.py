@@ -25,16 +25,17 @@ services.start() and the init_status command run it too, without ``idle_since``.
 from __future__ import annotations
 
 import logging
+import socket
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
 from django.db.models import F
 from django.utils import timezone
 
-from . import dispatch
+from . import dispatch, processes
 from .conf import settings
 from .execution import backoff_ceiling, fail_phase, finish_run
-from .models import PHASE_DONE, PhaseRun, PhaseState, PipelineRun
+from .models import IN_FLIGHT, PHASE_DONE, PhaseRun, PhaseState, PipelineRun
 
 logger = logging.getLogger("initpipeline")
 
@@ -93,6 +94,49 @@ def recover_stale(
     for item in done:
         log = logger.error if item.action in (FAILED, SEND_FAILED) else logger.warning
         log("recovery: run %s, %s %s: %s", item.run_id, item.phase, item.action, item.reason)
+    return done
+
+
+def reclaim_from_gone(hostname: str, *, now: datetime | None = None) -> list[Recovered]:
+    """A worker starting as ``hostname``: take back at once the phases still recorded as
+    running under that name on this host whose process is gone.
+
+    Node names are unique among live workers, so a worker that starts under a name outlived
+    the one that had it (killed with its pool, Ctrl-C under honcho, a reboot): its phases
+    are losses now, not after STALE_AFTER. A phase whose process still lives (a second
+    worker wrongly started under the same name) is left to the usual rules.
+    """
+    if hostname.rpartition("@")[2] != socket.gethostname():
+        return []
+    now = now or timezone.now()
+    done: list[Recovered] = []
+    for pr in PhaseRun.objects.filter(
+        state=PhaseState.RUNNING, worker=hostname, run__state__in=IN_FLIGHT
+    ).select_related("run"):
+        if pr.worker_pid and processes.alive(pr.worker_pid):
+            continue
+        reason = f"its worker {hostname} is gone: a worker started under its name"
+        run = pr.run
+        phases = list(run.phases.order_by("position"))
+        if pr.out_of_losses:
+            reason = f"{reason}; lost more often than LOST_LIMIT ({pr.max_losses}) allows"
+            if fail_phase(pr, reason, ""):
+                done.append(Recovered(run.pk, pr.name, FAILED, reason))
+            continue
+        taken = PhaseRun.objects.owned(pr.pk, pr.lease).update(
+            state=PhaseState.PENDING,
+            losses=F("losses") + 1,
+            interrupted=True,
+            worker_pid=None,
+            heartbeat_at=now,
+            message=f"{reason}; sent again"[:500],
+        )
+        if taken:
+            done.append(_send(run, pr, _chain_from(pr, phases), reason))
+    for item in done:
+        logger.warning(
+            "recovery: run %s, %s %s: %s", item.run_id, item.phase, item.action, item.reason
+        )
     return done
 
 

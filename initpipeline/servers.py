@@ -25,6 +25,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from .processes import alive as _alive
+from .processes import process_start
 from .storage import cache_dir
 
 if TYPE_CHECKING:
@@ -50,33 +52,6 @@ TURN_GRACE = 30.0
 #: How often a folder's workers are checked for being alive when the folder itself did
 #: not change (a worker killed without its master's child_exit hook: no master, say).
 LIVENESS_INTERVAL = 1.0
-
-
-def process_start(pid: int) -> int | None:
-    """When process ``pid`` started (clock ticks since boot, from /proc): with the pid, it
-    names one process, never a later one that reuses the pid. None where /proc is not."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    # After the command's name (which may hold spaces and parentheses): state, ppid, ...
-    # starttime is the 22nd field of the line, the 20th after the name.
-    try:
-        return int(stat.rsplit(")", 1)[1].split()[19])
-    except (IndexError, ValueError):
-        return None
-
-
-def _alive(pid: int, start: int | None) -> bool:
-    if pid <= 0:
-        return False  # os.kill(0, ...) would reach the whole process group
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        pass  # Alive, another user's.
-    return start is None or process_start(pid) in (None, start)
 
 
 def servers_dir() -> Path:

@@ -13,12 +13,19 @@ import atexit
 import logging
 import os
 import signal
+import sys
 import threading
 import time
 from datetime import datetime
 from typing import Any
 
-from celery.signals import task_failure, worker_init, worker_ready, worker_shutting_down
+from celery.signals import (
+    task_failure,
+    worker_init,
+    worker_process_init,
+    worker_ready,
+    worker_shutting_down,
+)
 from django.db import close_old_connections, connection
 from django.utils import timezone
 
@@ -26,7 +33,7 @@ from . import dispatch, execution
 from .conf import settings
 from .exceptions import PhaseSkipped
 from .models import IN_FLIGHT, PhaseRun, PhaseState, PipelineRun
-from .recovery import hard_timeout, recover_stale
+from .recovery import hard_timeout, reclaim_from_gone, recover_stale
 
 logger = logging.getLogger("initpipeline")
 
@@ -88,7 +95,16 @@ _watchdogs: list[Watchdog] = []
 
 
 def start_watchdog(sender: Any = None, **kwargs: Any) -> None:
-    """worker_ready: check at once, then periodically, in a thread of the main process."""
+    """worker_ready: take back what a gone worker of this name held, then check at once and
+    periodically, in a thread of the main process."""
+    hostname = getattr(sender, "hostname", None)
+    if hostname:
+        try:
+            reclaim_from_gone(str(hostname))
+        except Exception:
+            logger.exception("taking back the phases of a gone %s failed", hostname)
+        finally:
+            close_old_connections()
     dog = Watchdog(sender)
     _watchdogs.append(dog)
     dog.start()
@@ -175,9 +191,12 @@ def hand_off(sender: Any = None, how: str = "Warm", **kwargs: Any) -> None:
         return
     try:
         # From now on this worker's pool processes claim nothing (execution.py).
-        execution.leaving_marker(sender).touch()
+        marker = execution.leaving_marker(sender)
+        marker.touch()
+        atexit.register(marker.unlink, missing_ok=True)
     except Exception:
         logger.exception("could not mark %s as shutting down", sender)
+    # Registered after the marker's removal: atexit runs it first, while still marked.
     atexit.register(send_ready_phases, sender)
     HandOff(sender, warm=how == "Warm").start()
 
@@ -204,13 +223,44 @@ def send_ready_phases(hostname: str) -> None:
 
 
 def forget_leaving(sender: Any = None, **kwargs: Any) -> None:
-    """worker_init: a worker starting under a name that shut down before takes work again."""
-    hostname = getattr(sender, "hostname", None)
-    if hostname:
-        try:
-            execution.leaving_marker(hostname).unlink(missing_ok=True)
-        except Exception:
-            logger.exception("could not clear the shutdown mark of %s", hostname)
+    """worker_init: clear the shutdown marks of worker processes that are gone (a mark
+    names one worker process; a later one with the same node name was never marked)."""
+    try:
+        execution.forget_gone_workers()
+    except Exception:
+        logger.exception("could not clear the shutdown marks of gone workers")
+
+
+def leave_the_process_group(**kwargs: Any) -> None:
+    """worker_process_init (in each pool process): leave the worker's process group, and
+    die with the worker's main process.
+
+    honcho, foreman, supervisord's ``stopasgroup`` and a terminal's Ctrl-C signal the whole
+    process group: the pool processes would die beside their parent, with the phases they
+    run, before the main process could ask those phases to hand themselves back. Out of
+    the group, only the main process gets the signal and hands them back (HandOff); and
+    should it be killed, the kernel kills its pool processes too (PR_SET_PDEATHSIG), as the
+    group signal would have.
+    """
+    try:
+        os.setpgid(0, 0)
+    except OSError:
+        return  # Already a group's leader (a solo pool's main process), or not allowed.
+    _die_with_parent()
+
+
+def _die_with_parent() -> None:
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+
+    pr_set_pdeathsig = 1
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(pr_set_pdeathsig, signal.SIGKILL, 0, 0, 0) != 0:
+        logger.warning("prctl(PR_SET_PDEATHSIG) failed: errno %s", ctypes.get_errno())
+        return
+    if os.getppid() == 1:
+        os._exit(1)  # The parent died before prctl(): nothing would kill us later.
 
 
 def on_task_failure(
@@ -243,3 +293,6 @@ task_failure.connect(on_task_failure, dispatch_uid="initpipeline.on_task_failure
 worker_shutting_down.connect(stop_watchdogs, dispatch_uid="initpipeline.stop_watchdogs", weak=False)
 worker_shutting_down.connect(hand_off, dispatch_uid="initpipeline.hand_off", weak=False)
 worker_init.connect(forget_leaving, dispatch_uid="initpipeline.forget_leaving", weak=False)
+worker_process_init.connect(
+    leave_the_process_group, dispatch_uid="initpipeline.leave_the_process_group", weak=False
+)

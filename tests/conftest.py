@@ -87,7 +87,7 @@ class Stack:
             redis.flush()
             self.env["CELERY_BROKER_URL"] = redis.url
         else:
-            self.env["CELERY_BROKER_URL"] = "filesystem://"
+            self.env["CELERY_BROKER_URL"] = "filesystem://localhost/"
         self.workers: list[subprocess.Popen[bytes]] = []
         self.worker_logs: list[Path] = []
 

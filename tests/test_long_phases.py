@@ -9,11 +9,14 @@ import json
 import os
 import signal
 import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
 from initpipeline.models import Artifact, PhaseRun, PipelineRun
-from tests.conftest import Stack, wait_for
+from tests.conftest import ROOT, Stack, wait_for
+from tests.servers import celery_worker, kill_group, spawn
 
 pytestmark = [pytest.mark.slow]
 
@@ -190,3 +193,88 @@ def test_past_lost_limit_the_run_fails_with_the_reason(stack: Stack) -> None:
     assert run.state == "failed"
     assert "lost more often than LOST_LIMIT (1) allows" in run.error
     assert phase(run, "b").losses == 1
+
+
+def test_sigterm_to_the_whole_process_group_still_hands_the_phase_back(stack: Stack) -> None:
+    """honcho (make demo's Ctrl-C), foreman and supervisord's stopasgroup signal the whole
+    process group: the pool processes must not die beside the main process."""
+    stack.control(sleep={"b": 60}, checkpoint={"b": 50})
+    stack.start_worker()
+    assert stack.manage("start_init").returncode == 0
+    run = PipelineRun.objects.get()
+    wait_for(lambda: phase(run, "b").progress_done >= 60, timeout=60, interval=0.05)
+    leaving = stack.workers[0]
+    os.killpg(leaving.pid, signal.SIGTERM)
+    try:
+        leaving.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        raise AssertionError(stack.log(0)) from None
+    b = phase(run, "b")
+    assert (b.state, b.handoffs, b.losses) == ("pending", 1, 0), stack.log(0)
+    assert b.message.startswith("handed back by its worker, which is shutting down")
+    assert int(b.checkpoint["done"]) >= 60
+
+
+def test_a_worker_started_under_a_gone_workers_name_takes_its_phases_back_at_once(
+    stack: Stack,
+) -> None:
+    # Recovery by heartbeat would wait two minutes: only the new rule can act in time.
+    stack.env["INITPIPELINE_TEST_SETTINGS"] = json.dumps({"STALE_AFTER": 120})
+    stack.control(sleep={"b": 60}, checkpoint={"b": 50})
+    stack.start_worker()
+    assert stack.manage("start_init").returncode == 0
+    run = PipelineRun.objects.get()
+    wait_for(lambda: phase(run, "b").progress_done >= 60, timeout=60, interval=0.05)
+    kill(stack)  # the worker and its pool, as a reboot or an OOM kill of the group would
+    stack.control(sleep={"b": 2}, checkpoint={"b": 5})
+    stack.start_worker(args=("-n", "test0@%h"))  # the same node name again
+    run = stack.ended(run, timeout=60)
+    assert run.state == "succeeded", run.error + stack.log(1)
+    b = phase(run, "b")
+    assert (b.attempt, b.losses) == (1, 1)
+    assert "is gone: a worker started under its name" in stack.log(1)
+
+
+def test_another_worker_of_the_same_name_shutting_down_does_not_stop_ours(
+    stack: Stack,
+) -> None:
+    """Two workers of one name on a host (another project, a second one started without
+    -n): one's shutdown mark must not make the other leave every phase it gets."""
+    stack.start_worker()
+    stack.start_worker(args=("-n", "test0@%h"))
+    other = stack.workers[1]
+    os.kill(other.pid, signal.SIGTERM)
+    other.wait(timeout=30)
+    result = stack.manage("start_init", "--wait", timeout=120)
+    assert result.returncode == 0, result.stderr + stack.log(0)
+    assert "is shutting down" not in stack.log(0)
+    assert {p.state for p in PhaseRun.objects.all()} == {"succeeded"}
+
+
+def test_ctrl_c_under_make_demo_hands_the_running_phase_back(stack: Stack) -> None:
+    """make demo runs honcho (project/run.py): Ctrl-C makes it SIGTERM the worker's process
+    group and SIGKILL what is left later. The phase is handed back, nothing is killed."""
+    procfile = stack.tmp / "Procfile"
+    worker = " ".join(celery_worker("-n", "test0@%h"))
+    procfile.write_text(f"worker: exec {worker}\n")
+    stack.control(sleep={"b": 60}, checkpoint={"b": 50})
+    assert stack.manage("start_init").returncode == 0
+    log = stack.tmp / "honcho.log"
+    honcho = spawn(
+        [sys.executable, "-m", "project.run", "start", "-f", str(procfile), "worker"],
+        {**stack.env, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"},
+        log,
+        cwd=ROOT,
+    )
+    try:
+        run = PipelineRun.objects.get()
+        wait_for(lambda: phase(run, "b").progress_done >= 60, timeout=60, interval=0.05, log=log)
+        os.kill(honcho.pid, signal.SIGINT)  # what the terminal sends honcho on Ctrl-C
+        honcho.wait(timeout=60)
+    finally:
+        kill_group(honcho)
+    text = log.read_text(errors="replace")
+    assert "sending SIGKILL" not in text, text
+    b = phase(run, "b")
+    assert (b.state, b.handoffs, b.losses) == ("pending", 1, 0), text
+    assert int(b.checkpoint["done"]) >= 60
