@@ -101,6 +101,7 @@ def post_worker_init(worker: Any) -> None:
     """
     try:
         from . import servers, serving
+        from .processes import alive
 
         servers.ServerFolder.prune()
         folder = servers.ServerFolder(worker.ppid)
@@ -114,12 +115,15 @@ def post_worker_init(worker: Any) -> None:
             if folder.others_serve(os.getpid()):
                 worker.log.info("initpipeline: loading artifacts before taking connections")
                 repo.load_before_serving()
-                # A worker that made way for this one (swap="new-worker") waits for this.
-                folder.give_turn_back()
 
         repo = serving.start(heartbeat=lambda: heartbeat_process(worker), before=before)
         _on_exit_signals(reporter.leaving)
         reporter.set_state(servers.SERVING, repo)
+        # The worker that made way for this one (swap="new-worker") gave the server its
+        # turn: the next may go once this one serves (and counts as serving, above).
+        turn = folder.turn()
+        if turn is not None and not alive(int(turn.get("pid") or 0)):
+            folder.give_turn_back()
     except Exception:
         worker.log.exception("initpipeline: could not start serving in the background")
 
