@@ -1,4 +1,5 @@
 # make demo  - create .venv, install, migrate and run web + worker + start_init (embedded default)
+# make dev   - make demo whose worker restarts when the project's Python files change
 # make test  - the whole suite: lint, type checks, unit and integration tests
 # make bench - benchmarks against the alternatives (bench/results/; about 22 min; needs wrk,
 #   and 11 GiB free under var/ for the 2 GiB figures)
@@ -11,7 +12,7 @@ BIN    := $(VENV)/bin
 PORT   ?= 8000
 export PATH := $(abspath $(BIN)):$(PATH)
 
-.PHONY: venv demo demo-setup test lint format bench soak clean test-postgres test-rabbitmq test-py312 \
+.PHONY: venv demo dev banner demo-setup test lint format bench soak clean test-postgres test-rabbitmq test-py312 \
 	test-install
 
 $(BIN)/.installed: requirements.txt requirements-dev.txt pyproject.toml
@@ -29,15 +30,27 @@ demo-setup: venv
 
 # The release step runs first and only enqueues; honcho then runs web and worker, which
 # picks the run up. (honcho stops every process when one exits, so release is not in it.)
+# project/run.py is honcho with time for the worker to hand its phases back on Ctrl-C.
 demo: demo-setup
 	$(BIN)/python manage.py start_init
+	@$(MAKE) --no-print-directory banner
+	$(BIN)/python -m project.run start --port $(PORT) web worker
+
+# make demo, for editing the project: the worker restarts when a Python file of the project
+# changes (watchfiles; it hands its running phases back first), Gunicorn reloads its
+# workers. After editing a phase, run start_init again: only what changed runs.
+dev: demo-setup
+	$(BIN)/python manage.py start_init
+	@$(MAKE) --no-print-directory banner
+	$(BIN)/python -m project.run start -f Procfile.dev --port $(PORT) web worker
+
+banner:
 	@echo
 	@echo "  demo site:          http://127.0.0.1:$(PORT)/"
 	@echo "  admin progress:     http://127.0.0.1:$(PORT)/admin/initpipeline/pipelinerun/progress/  (user admin, password admin)"
 	@echo "  readiness probe:    http://127.0.0.1:$(PORT)/init/readyz"
 	@echo "  status from a shell: $(BIN)/python manage.py init_status --watch"
 	@echo
-	$(BIN)/honcho start --port $(PORT) web worker
 
 lint: venv
 	$(BIN)/ruff check .

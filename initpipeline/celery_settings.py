@@ -52,7 +52,9 @@ def filesystem_broker(folder: str | os.PathLike[str]) -> dict[str, Any]:
     for path in (queue, control, processed):
         path.mkdir(parents=True, exist_ok=True)
     return {
-        "CELERY_BROKER_URL": "filesystem://",
+        # A host name the transport ignores: without one, kombu warns "No hostname was
+        # supplied. Reverting to default 'localhost'" at every connection.
+        "CELERY_BROKER_URL": "filesystem://localhost/",
         "CELERY_BROKER_TRANSPORT_OPTIONS": {
             # One folder both ways: every process sends to and reads from the same queue.
             "data_folder_in": str(queue),

@@ -92,7 +92,8 @@ class PhaseReport:
 
     def with_shards(self, shards: list[PhaseReport]) -> PhaseReport:
         """This phase's report with its shards: its progress counts theirs and its merge's,
-        and it started when its first shard did (its own row's times are its merge's)."""
+        and it started, and runs, from when its first shard did (its own row's times and
+        state are its merge's)."""
         progress = self.progress
         if not self.done and shards:
             progress = (sum(s.progress for s in shards) + self.progress) / (len(shards) + 1)
@@ -102,8 +103,17 @@ class PhaseReport:
             started_at = min(starts)
             end = self.finished_at or timezone.now()
             duration = max((end - started_at).total_seconds(), 0.0)
+        state = self.state
+        if state == PhaseState.PENDING and starts:
+            # Its own row waits for the merge; the phase runs from its first shard's start.
+            state = PhaseState.RUNNING
         return replace(
-            self, shards=shards, progress=progress, started_at=started_at, duration=duration
+            self,
+            shards=shards,
+            state=state,
+            progress=progress,
+            started_at=started_at,
+            duration=duration,
         )
 
     def lanes(self) -> list[PhaseReport]:

@@ -150,7 +150,8 @@ def start(
     run.refresh_from_db()
     if run.state == RunState.FAILED:
         raise EnqueueError(run.error)
-    logger.info("run %s enqueued: %s", run.pk, ", ".join(to_run) or "nothing to run")
+    # DEBUG: the command, the admin and the Gunicorn hook each say it in their own words.
+    logger.debug("run %s enqueued: %s", run.pk, ", ".join(to_run) or "nothing to run")
     return StartResult(ENQUEUED, run, superseded=superseded)
 
 

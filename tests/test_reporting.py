@@ -177,6 +177,25 @@ def test_a_sharded_phase_spans_its_shards_and_its_merge() -> None:
     assert b.as_dict()["duration"] == 9.0
 
 
+def test_a_sharded_phase_runs_from_its_first_shards_start() -> None:
+    shard = {"shard_of": "b", "shard_count": 2}
+    make_run(
+        "running",
+        [
+            Phase("b#0", "succeeded", start=0, took=5, extra={**shard, "shard_index": 0}),
+            Phase("b#1", "running", start=1, done=1, total=2, extra={**shard, "shard_index": 1}),
+            Phase("b", "pending", extra={"shard_count": 2}),
+        ],
+    )
+    report = reporting.latest_run_report()
+    assert report is not None
+    (b,) = report.phases
+    # Its own row (the merge's) is pending; the phase is running, everywhere it is shown.
+    assert b.state == "running"
+    assert b.public() == {"name": "b", "state": "running", "progress": 0.5}
+    assert b.as_dict()["state"] == "running"
+
+
 def test_the_admin_and_the_terminal_show_each_shard(client: Client) -> None:
     from initpipeline import formatters
 

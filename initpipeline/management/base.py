@@ -47,6 +47,10 @@ class InitCommand(BaseCommand):
         except OperationalError as exc:
             # "database is locked" after SQLite's timeout, a server that went away...
             self.exit(2, f"the database cannot be used: {plain_text(str(exc))}")
+        except KeyboardInterrupt:
+            # Ctrl-C while following a run (--wait, --watch): one line and 128 + SIGINT,
+            # as shells and CLI users expect, not a page of traceback. The run goes on.
+            self.exit(130, "interrupted; the run goes on (init_status --watch follows it)")
 
     def _check_configuration(self) -> None:
         errors = [e for e in checks.run_checks() if e.is_serious() and not e.is_silenced()]

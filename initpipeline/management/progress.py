@@ -114,6 +114,7 @@ class RichProgress:
             console=self.console,
         )
         self.tasks: dict[str, Any] = {}
+        self.run_task: Any = None
 
     def __enter__(self) -> RichProgress:
         self.progress.start()
@@ -123,6 +124,11 @@ class RichProgress:
         self.progress.stop()
 
     def __call__(self, run: RunReport) -> None:
+        # First the run itself: which one this is, its state and its overall progress.
+        head: dict[str, Any] = {"name": f"run {run.id}", "state": run.state, "message": ""}
+        if self.run_task is None:
+            self.run_task = self.progress.add_task("run", total=1.0, **head)
+        self.progress.update(self.run_task, completed=run.progress, **head)
         for p in run.lanes():
             fields: dict[str, Any] = {
                 "name": p.name,
