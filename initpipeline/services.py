@@ -92,7 +92,8 @@ def start(
     Runs what plan() says with the same options: the phases it plans to run are sent,
     the others are recorded as cached, each with the plan's reason. Raises
     PipelineConfigError for an invalid pipeline or an unknown phase name, and
-    EnqueueError when the broker refuses the tasks (the run is then marked failed).
+    EnqueueError when the broker refuses the tasks (the run is then cancelled, "not
+    started": it is no failed init, and init_status goes on saying what serves).
     """
     pipeline, forced = _resolve(force=force, from_phase=from_phase, only=only)
 
@@ -148,8 +149,8 @@ def start(
             raise
         return StartResult(ATTACHED, existing)
     run.refresh_from_db()
-    if run.state == RunState.FAILED:
-        raise EnqueueError(run.error)
+    if run.state == RunState.CANCELLED and run.error.startswith(NOT_SENT):
+        raise EnqueueError(run.error.removeprefix(NOT_SENT))
     # DEBUG: the command, the admin and the Gunicorn hook each say it in their own words.
     logger.debug("run %s enqueued: %s", run.pk, ", ".join(to_run) or "nothing to run")
     return StartResult(ENQUEUED, run, superseded=superseded)
@@ -245,8 +246,13 @@ def _parts_cached(parts: Sequence[str], fingerprint: str) -> bool:
     return True
 
 
+#: How the error of a run whose tasks never reached the broker begins.
+NOT_SENT = "not started: "
+
+
 def enqueue(run_id: int, names: Sequence[str]) -> None:
-    """Send a new run's ready chains; a broker that refuses them fails the run."""
+    """Send a new run's ready chains; a broker that refuses them cancels the run (it never
+    started: not a failed init)."""
     if not names:
         # Every phase is cached (say, a rollback to an earlier configuration): no worker
         # is needed to switch generations.
@@ -261,7 +267,9 @@ def enqueue(run_id: int, names: Sequence[str]) -> None:
         # start() raises EnqueueError with the reason, and its callers report it in one
         # line (the command on stderr, the admin as a message); the traceback is for DEBUG.
         logger.debug("run %s: %s", run_id, reason, exc_info=True)
-        end_run(run_id, RunState.FAILED, reason, phase_state=PhaseState.CANCELLED)
+        # Not a failed init: nothing ran, the active generation (if any) serves as before.
+        # Cancelled, so that init_status keeps saying what serves (README: Commands).
+        end_run(run_id, RunState.CANCELLED, NOT_SENT + reason, phase_state=PhaseState.CANCELLED)
 
 
 def cancel(*, run_id: int | None = None, reason: str = "cancelled") -> PipelineRun | None:

@@ -267,8 +267,12 @@ def test_start_init_against_a_broker_that_never_answers_fails_in_one_line(
         "CommandError: could not send the run's tasks to the broker: OperationalError: "
     )
     run = PipelineRun.objects.get()
-    assert run.state == "failed"  # not left pending
+    # Not left pending, and not a failed init: nothing ran.
+    assert (run.state, run.error) == ("cancelled", "not started: " + result.stderr[14:].strip())
     assert set(run.phases.values_list("state", flat=True)) == {"cancelled"}
+    status = stack.manage("init_status", "--json")
+    assert status.returncode == 3  # not ready (no generation yet), not 1 (failed)
+    assert json.loads(status.stdout)["state"] == "not_ready"
 
 
 def test_start_init_wait_against_a_refused_broker_prints_one_line(stack: Stack) -> None:
