@@ -264,6 +264,7 @@ class PipelineRunAdmin(ReadOnlyMixin, admin.ModelAdmin):  # type: ignore[type-ar
             page=page,
             web=web_reports(),
             active_generation=active,
+            in_flight=PipelineRun.objects.in_flight().exists(),
             details=can_see_details(request.user),
         )
         request.current_app = self.admin_site.name

@@ -137,11 +137,24 @@ def spans(run: PipelineRun, phases: Iterable[PhaseRun] | None = None) -> list[Sp
     """Where each phase of ``run`` sits on the run's time axis."""
     if phases is None:
         phases = run.phases.order_by("position")
+    phases = list(phases)
     origin = run.started_at
+    # A sharded phase's own row is its merge's: the phase began with its first shard.
+    first_shard: dict[str, datetime] = {}
+    for p in phases:
+        if p.shard_of and p.started_at is not None:
+            seen = first_shard.get(p.shard_of)
+            first_shard[p.shard_of] = p.started_at if seen is None else min(seen, p.started_at)
     result = []
     for p in phases:
+        started, duration = p.started_at, p.duration
+        shards_began = first_shard.get(p.name)
+        if shards_began is not None and (started is None or shards_began < started):
+            started = shards_began
+            if p.finished_at is not None:
+                duration = max((p.finished_at - started).total_seconds(), 0.0)
         offset = None
-        if origin is not None and p.started_at is not None:
-            offset = max((p.started_at - origin).total_seconds(), 0.0)
-        result.append(Span(p.name, p.state, offset, p.duration))
+        if origin is not None and started is not None:
+            offset = max((started - origin).total_seconds(), 0.0)
+        result.append(Span(p.name, p.state, offset, duration))
     return result

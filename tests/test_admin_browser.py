@@ -241,10 +241,17 @@ def test_progress_page_shows_each_shard_and_a_lane_for_each(
     stack.control(sleep={"squares": 2.0})
     stack.start_worker()
     stack.start_worker()
-    result = stack.manage("start_init")
+    # A first run, for the second to be compared with.
+    result = stack.manage("start_init", "--wait", timeout=120)
+    assert result.returncode == 0, result.stderr
+    result = stack.manage("start_init", "--force")
     assert result.returncode == 0, result.stderr
     run = latest_run()
     page = log_in(browser, live_server.url)
+    # While a run is in flight, the list offers no second one.
+    page.goto(f"{live_server.url}/admin/initpipeline/pipelinerun/progress/")
+    if latest_run().is_in_flight:
+        assert page.locator("text=Run the pipeline again").is_hidden()
     page.goto(f"{live_server.url}/admin/initpipeline/pipelinerun/progress/{run.pk}/")
     # Each shard has its row under its phase, and the rows follow the run to its end.
     for i in range(4):
@@ -259,9 +266,32 @@ def test_progress_page_shows_each_shard_and_a_lane_for_each(
         assert page.get_attribute(f"{row} [role=progressbar]", "aria-valuenow") == "100"
     # The timeline: a lane per phase and per shard.
     assert page.locator("#ip-timeline svg rect.ip-tl-bar").count() == 3 + 4
+    # Every lane's name is whole: none starts left of the chart ("ollect_docstrings#0").
+    lefts = page.eval_on_selector_all(
+        "#ip-timeline text.ip-tl-name", "els => els.map(e => e.getBBox().x)"
+    )
+    assert len(lefts) == 7 and min(lefts) >= 0, lefts
+    # The earlier run's lane of the sharded phase spans its shards, not its merge alone.
+    prev = page.eval_on_selector_all(
+        "#ip-timeline rect.ip-tl-prev",
+        "els => Object.fromEntries(els.map(e => [e.dataset.phase, [+e.getAttribute('x'),"
+        " +e.getAttribute('width')]]))",
+    )
+    first_shard = min(prev[f"squares#{i}"][0] for i in range(4))
+    assert prev["squares"][0] <= first_shard + 1, prev
+    last_end = max(x + w for name, (x, w) in prev.items() if name.startswith("squares#"))
+    assert prev["squares"][0] + prev["squares"][1] >= last_end, prev
+    # The legend's items stand apart.
+    boxes = page.eval_on_selector_all(
+        ".ip-legend-item", "els => els.map(e => e.getBoundingClientRect().toJSON())"
+    )
+    assert len(boxes) == 2 and boxes[0]["right"] + 8 <= boxes[1]["left"], boxes
     shot = ROOT / "docs" / "admin-shards.png"
     if shot.exists() and os.environ.get("INITPIPELINE_SCREENSHOTS") != "1":
         shot = tmp_path / shot.name
     page.wait_for_timeout(1000)  # the bars' CSS transitions, for the picture
     page.screenshot(path=str(shot), full_page=True)
     assert shot.read_bytes().startswith(b"\x89PNG")
+    # With nothing in flight, the list offers a new run again.
+    page.goto(f"{live_server.url}/admin/initpipeline/pipelinerun/progress/")
+    assert page.locator("text=Run the pipeline again").is_visible()

@@ -192,7 +192,10 @@
     /* One row per phase: this run's bar, and the previous successful run's below it. */
     function drawTimeline(container, run, previous, labels) {
         const width = 900;
-        const labelWidth = 150;
+        // Wide enough for the longest lane's name ("collect_docstrings#12"): about 7 px a
+        // character at the chart's font size, within bounds.
+        const longest = Math.max(0, ...lanes(run).map((p) => p.name.length));
+        const labelWidth = Math.min(320, Math.max(120, 16 + longest * 7));
         const right = 20;
         const top = 6;
         const rowHeight = previous ? 30 : 22;
@@ -380,6 +383,12 @@
                 if (!again) {
                     live -= 1;
                     root.dataset.live = live ? "on" : "off";
+                    if (!live) {
+                        // Nothing in flight any more: a new run may be started.
+                        for (const form of root.querySelectorAll('[data-when="idle"]')) {
+                            form.hidden = false;
+                        }
+                    }
                 }
                 return again;
             }, report);
