@@ -44,9 +44,9 @@ class Run:
     workers_list: list[int] = field(default_factory=lambda: [2, 4])
     seconds: float = 5
     big_bytes: int = 2 * GIB
-    #: The demo at 6,000 files and at its default size (no cap: 0), the largest last: its
-    #: artifacts stay for `--only memory`.
-    scale_files: list[int] = field(default_factory=lambda: [6000, 0])
+    #: The demo at 2,000 files and at its default size (no cap: 0; about 4,000), the largest
+    #: last: its artifacts stay for `--only memory`.
+    scale_files: list[int] = field(default_factory=lambda: [2000, 0])
     #: Empty shards in the per-shard cost figure (against a phase of one).
     shard_count: int = 64
     #: Entries of the pickled model of the serving figures (6 million: about 5 s to load).

@@ -133,8 +133,9 @@ INITPIPELINE = {
     "DEFAULT_TIMEOUT": 3600,
 }
 
-# The demo workload: 1 = the standard library (about 20 s); 2 and more add site-packages,
-# more SVD components and more work, for a longer init.
+# The demo workload: 1 = the standard library and the packages requirements.txt installs
+# (about 20 s); 2 and more add all of site-packages, more SVD components and more work,
+# for a longer init.
 SEARCH_SCALE = float(os.environ.get("SEARCH_SCALE", "1"))
 # Cap the corpus (tests use a small one); 0 = no cap.
 SEARCH_MAX_DOCS = int(os.environ.get("SEARCH_MAX_DOCS", "0"))

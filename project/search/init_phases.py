@@ -1,16 +1,18 @@
 """The demo's init: a latent-semantic search index over Python's own docstrings.
 
-Real CPU work on data every machine has: parse every module of the standard library
-(and, at larger scales, site-packages) with ast; build a TF-IDF matrix; compute a
-truncated SVD (LSA); check a few known queries. About 20 s at scale 1 on 2 cores.
+Real CPU work on data every machine has: parse every module of the standard library and
+of the packages the demo installs (at larger scales, all of site-packages) with ast; build
+a TF-IDF matrix; compute a truncated SVD (LSA); check a few known queries.
 """
 
 from __future__ import annotations
 
 import ast
 import os
+import re
 import sysconfig
 from collections import Counter
+from importlib import metadata
 from pathlib import Path
 from typing import Any
 
@@ -36,17 +38,57 @@ def _lsa_config() -> dict[str, Any]:
     return {"components": int(200 * scale)}
 
 
+SKIP = {"test", "tests", "idle_test", "__pycache__", "site-packages", "lib2to3"}
+
+
+def _demo_packages() -> set[Path]:
+    """The modules of the packages requirements.txt installs, and of what they need: what a
+    host running the demo has, whatever else (test tools, say) shares its environment."""
+    requirements = Path(settings.BASE_DIR) / "requirements.txt"
+    names = [
+        re.split(r"[\[=<>~!; ]", line.strip())[0]
+        for line in requirements.read_text().splitlines()
+        if line.strip() and not line.startswith(("#", "-"))
+    ]
+    purelib = Path(sysconfig.get_paths()["purelib"])
+    dists: dict[str, metadata.Distribution] = {}
+    while names:
+        name = names.pop()
+        key = re.sub(r"[-_.]+", "-", name).lower()
+        if key in dists:
+            continue
+        try:
+            dist = metadata.distribution(name)
+        except metadata.PackageNotFoundError:
+            continue
+        dists[key] = dist
+        names.extend(
+            re.split(r"[\[=<>~!; (]", r.strip())[0] for r in dist.requires or [] if "extra" not in r
+        )
+    found = set()
+    for dist in dists.values():
+        for file in dist.files or []:
+            path = Path(str(dist.locate_file(file)))
+            inside = path.suffix == ".py" and path.is_relative_to(purelib)
+            if inside and not SKIP & set(path.relative_to(purelib).parts):
+                found.add(path)
+    return found
+
+
 def _source_files(scale: float, max_files: int) -> list[Path]:
+    """Scale below 1: a part of the standard library; 1: the standard library and the
+    packages the demo installs; 2 and more: all of site-packages too."""
     paths = sysconfig.get_paths()
     roots = [Path(paths["stdlib"])]
-    if scale >= 1:
+    if scale >= 2:
         roots.append(Path(paths["purelib"]))
-    skip = {"test", "tests", "idle_test", "__pycache__", "site-packages", "lib2to3"}
     found: list[Path] = []
     for root in roots:
         for dirpath, dirnames, filenames in os.walk(root):
-            dirnames[:] = sorted(d for d in dirnames if d not in skip and not d.startswith("."))
+            dirnames[:] = sorted(d for d in dirnames if d not in SKIP and not d.startswith("."))
             found.extend(Path(dirpath) / f for f in sorted(filenames) if f.endswith(".py"))
+    if 1 <= scale < 2:
+        found.extend(sorted(_demo_packages()))
     if max_files and len(found) > max_files:
         # The modules of KNOWN_QUERIES are always in, whole, whatever else is installed:
         # an even sample of a large site-packages may otherwise keep json/tool.py and not
@@ -65,6 +107,20 @@ def _source_files(scale: float, max_files: int) -> list[Path]:
         chosen = keep | {rest[int(i * step)] for i in range(max_files - len(kept))}
         found = [p for p in found if p in chosen]
     return found
+
+
+_ROLE = re.compile(r":[\w:.-]+:`~?([^`<]+?)(?:\s*<[^>]*>)?`")
+_LITERAL = re.compile(r"``(.+?)``")
+_REFERENCE = re.compile(r"`([^`<]+?)(?:\s*<[^>]*>)?`_{0,2}")
+_STRONG = re.compile(r"\*\*(.+?)\*\*")
+
+
+def plain(text: str) -> str:
+    """A docstring's reStructuredText as the text it reads as: ``x``, :func:`x`, `x`_ and
+    **x** become x; lines are joined."""
+    for pattern in (_ROLE, _LITERAL, _REFERENCE, _STRONG):
+        text = pattern.sub(r"\1", text)
+    return " ".join(text.split())
 
 
 def _module_name(path: Path) -> str:
@@ -96,7 +152,7 @@ def _merge_corpus(ctx: PhaseContext) -> None:
     produces=["corpus", "titles"],
     version="3",
     config=_corpus_config,
-    code=[_source_files, _module_name],
+    code=[_source_files, _demo_packages, _module_name, plain],
     timeout=3600,
     # Split over every worker process: each shard parses its share of the files, and
     # _merge_corpus joins the shards' lists in order.
@@ -146,7 +202,7 @@ def collect_docstrings(ctx: PhaseContext) -> None:
     ctx.logger.info("collected %d docstrings from %d files", len(docs), len(files))
     ctx.save_json("corpus", docs, metadata={"documents": len(docs), "files": len(files)})
     # What the web page shows of each hit: small, so web workers never hold the corpus.
-    ctx.save_json("titles", [[title, text.split("\n\n")[0][:240]] for title, text in docs])
+    ctx.save_json("titles", [[title, plain(text.split("\n\n")[0])[:240]] for title, text in docs])
 
 
 @phase(
