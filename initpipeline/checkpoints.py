@@ -18,7 +18,7 @@ from typing import Any
 from django.utils import timezone
 
 from . import formats, storage
-from .exceptions import ArtifactCorrupt, ArtifactNotReady
+from .exceptions import ArtifactNotReady
 from .models import IN_FLIGHT, PHASE_DONE, Artifact, PhaseRun
 
 logger = logging.getLogger("initpipeline")
@@ -76,13 +76,38 @@ def _artifact(record: dict[str, Any]) -> Artifact:
 
 def load(record: dict[str, Any]) -> Any:
     """The state a checkpoint holds, after checking it; None when it cannot be used (the
-    phase then starts from the beginning, which is always correct)."""
+    phase then starts from the beginning, which is always correct).
+
+    One that cannot be read back (corrupt, or a pickle of a class since renamed: the
+    phase's fingerprint need not change with a helper module's code) is discarded: no later
+    attempt or run adopts it again, to fail the same way.
+    """
     try:
         path = storage.verify(_artifact(record))
         return formats.read(path, record["format"])
-    except (ArtifactCorrupt, ArtifactNotReady, OSError, ValueError, KeyError) as exc:
+    except ArtifactNotReady as exc:
         logger.warning("checkpoint %s cannot be used (%s): starting over", record.get("key"), exc)
         return None
+    except Exception as exc:
+        # Unpickling raises whatever the pickled objects' code raises (AttributeError,
+        # ModuleNotFoundError, TypeError...), not only UnpicklingError.
+        logger.warning(
+            "checkpoint %s cannot be read back (%s: %s): discarded, starting over",
+            record.get("key"),
+            type(exc).__name__,
+            exc,
+        )
+        forget(record)
+        return None
+
+
+def forget(record: dict[str, Any]) -> None:
+    """No row points at this checkpoint any more, and its file goes."""
+    key = record.get("key")
+    if not key:
+        return
+    PhaseRun.objects.filter(checkpoint__key=key).update(checkpoint=None)
+    _delete({key})
 
 
 def adopt(rows: list[PhaseRun]) -> None:

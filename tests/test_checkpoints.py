@@ -124,3 +124,26 @@ def test_a_run_planned_with_other_code_makes_way(sent: Sent) -> None:
         "superseded: the code or settings changed since it started",
     )
     assert result.run is not None and result.run.pk != old.pk
+
+
+class Acc:
+    """A phase's accumulator, pickled in its checkpoint (the class is renamed below)."""
+
+    def __init__(self, total: int) -> None:
+        self.total = total
+
+
+def test_a_checkpoint_that_cannot_be_unpickled_is_discarded_not_failed_on(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    run = live_run(a=done(), b=running(heartbeat_ago=0))
+    context(run, "b").checkpoint({"done": 5, "acc": Acc(41)}, done=5, total=10)
+    saved = phase_of(run, "b").checkpoint
+    assert saved["format"] == "pickle"
+    # The helper class was renamed since (the phase's own code, and fingerprint, did not change).
+    monkeypatch.delitem(globals(), "Acc")
+    assert checkpoints.load(saved) is None
+    assert "cannot be read back (AttributeError" in caplog.text
+    # Discarded: no row points at it, its file is gone, and the next run does not adopt it.
+    assert phase_of(run, "b").checkpoint is None
+    assert not storage.get_storage().exists(saved["key"])
