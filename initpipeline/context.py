@@ -16,7 +16,7 @@ from django.utils import timezone
 from . import checkpoints, events, formats, storage
 from .conf import settings
 from .exceptions import PhaseCancelled, PhaseHandedOff, PipelineConfigError
-from .formatters import plain_text
+from .formatters import plain_text, storable
 from .shards import Shard, part_name
 
 if TYPE_CHECKING:
@@ -182,7 +182,7 @@ class PhaseContext:
                 .update(
                     progress_done=done,
                     progress_total=total,
-                    message=plain_text(message)[:500],
+                    message=storable(plain_text(message))[:500],
                     heartbeat_at=timezone.now(),
                 )
             )
@@ -210,7 +210,7 @@ class PhaseContext:
             run_id=self.run_id,
             done=done,
             total=total,
-            message=plain_text(message)[:200],
+            message=storable(plain_text(message))[:200],
         )
 
     def heartbeat(self, *, checkpoint: Callable[[], Any] | None = None) -> None:

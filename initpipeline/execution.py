@@ -38,6 +38,7 @@ from .exceptions import (
     PipelineConfigError,
     RetryPhase,
 )
+from .formatters import storable
 from .models import (
     IN_FLIGHT,
     PHASE_DONE,
@@ -396,7 +397,8 @@ def record_stopped(pr: PhaseRun, seconds: float) -> str:
 
 def record_failed_attempt(pr: PhaseRun, exc: BaseException, tb: str) -> NoReturn:
     """Record a failed attempt; raise RetryPhase (attempts left) or PhaseFailed."""
-    error = f"{type(exc).__name__}: {exc}"
+    error = storable(f"{type(exc).__name__}: {exc}")
+    tb = storable(tb)
     if type(exc).__name__ == "SoftTimeLimitExceeded":
         # Celery's soft limit, set to the phase's timeout when the chain was sent.
         error = f"timed out after {pr.timeout} s (Celery soft time limit)"
@@ -584,6 +586,7 @@ def fail_phase(pr: PhaseRun, error: str, tb: str, *, stale_before: datetime | No
     claimed it, or it ended) or, with ``stale_before``, when it showed a sign of life since.
     """
     now = timezone.now()
+    error, tb = storable(error), storable(tb)
     with transaction.atomic():
         mine = PhaseRun.objects.held(pr.pk, pr.lease)
         if stale_before is not None:
@@ -612,6 +615,7 @@ def fail_phase(pr: PhaseRun, error: str, tb: str, *, stale_before: datetime | No
 def end_run(run_id: int, state: str, error: str, *, phase_state: str) -> None:
     """End a run in flight with ``state``; its unfinished phases become ``phase_state``."""
     now = timezone.now()
+    error = storable(error)
     with transaction.atomic():
         PhaseRun.objects.filter(run_id=run_id).unfinished().update(
             state=phase_state, finished_at=now

@@ -39,6 +39,19 @@ def plain_text(text: str) -> str:
     return _CONTROL.sub(" ", _ESCAPES.sub("", text)).strip()
 
 
+def storable(text: str) -> str:
+    """``text`` as every database stores it: lone surrogates (what ``Path.name`` gives for
+    a file name that is not UTF-8, ``caf\\udce9``) become U+FFFD, and NUL characters (which
+    PostgreSQL refuses in text) go. A message, an error or a traceback from user code must
+    never keep its own failure from being recorded."""
+    text = text.replace("\x00", "")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
+    return text
+
+
 def fmt_duration(seconds: float | None) -> str:
     if seconds is None:
         return "-"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from collections.abc import Callable, Sequence
@@ -12,7 +13,7 @@ from django.utils import timezone
 
 from . import checkpoints, checks, dispatch, shards, storage
 from .conf import settings
-from .exceptions import EnqueueError
+from .exceptions import EnqueueError, PipelineConfigError
 from .execution import end_run, finish_run
 from .models import (
     IN_FLIGHT,
@@ -96,58 +97,69 @@ def start(
     started": it is no failed init, and init_status goes on saying what serves).
     """
     pipeline, forced = _resolve(force=force, from_phase=from_phase, only=only)
+    fingerprints = pipeline.fingerprints()
 
     # A run "in flight" whose worker is gone must not capture this start: its stale phase
     # is sent again (or failed, out of attempts) before we decide to attach to it.
     recover_stale()
-    existing = PipelineRun.objects.in_flight().first()
     superseded = None
-    if existing is not None:
-        planned = dict(existing.phases.filter(shard_of="").values_list("name", "fingerprint"))
-        if planned == pipeline.fingerprints():
-            return StartResult(ATTACHED, existing)
-        # Planned with other code or settings (the previous deploy's): its output would
-        # be stale the moment it is active, and workers with the new code hand its phases
-        # back. It makes way; what it finished stays cached, its checkpoints are resumed.
-        superseded = cancel(
-            run_id=existing.pk, reason="superseded: the code or settings changed since it started"
-        )
-
-    # Planning verifies artifacts before the write transaction: hashing large files must
-    # not hold SQLite's write lock.
-    the_plan = make_plan(pipeline, forced=forced)
-    if the_plan.up_to_date:
-        return StartResult(UP_TO_DATE, None, the_plan.active)
-
     options = {"force": force, "from": from_phase, "only": list(only)}
-    try:
-        with transaction.atomic():
-            existing = PipelineRun.objects.in_flight().first()
-            if existing is not None:
-                return StartResult(ATTACHED, existing)
-            run = PipelineRun.objects.create(trigger=trigger[:200], options=options)
-            rows = _rows(run, pipeline, the_plan)
-            # A phase forced to run again starts from scratch; the others resume from the
-            # checkpoint an earlier run of the same code left, if any.
-            forced_now = {p.name for p in the_plan.phases if p.reason == FORCED}
-            checkpoints.adopt(
-                [
-                    r
-                    for r in rows
-                    if r.state == PhaseState.PENDING and (r.shard_of or r.name) not in forced_now
-                ]
-            )
-            PhaseRun.objects.bulk_create(rows)
-            _adopt(the_plan)
-            to_run = [r.name for r in rows if r.state == PhaseState.PENDING]
-            transaction.on_commit(lambda: enqueue(run.pk, to_run))
-    except IntegrityError:
-        # Another start won the race between our check and our insert: the partial
-        # unique index initpipeline_run_single_flight let exactly one through.
+    # Each pass either attaches to a run of this code, finds the init up to date, creates
+    # the run, or lost a race to another start (which it looks at again on the next pass).
+    for _ in range(START_PASSES):
         existing = PipelineRun.objects.in_flight().first()
-        if existing is None:
-            raise
-        return StartResult(ATTACHED, existing)
+        if existing is not None:
+            if _planned(existing) == fingerprints:
+                return StartResult(ATTACHED, existing)
+            # Planned with other code or settings (the previous deploy's, or a start with
+            # other code racing this one): its output would be stale the moment it is
+            # active, and workers with this code hand its phases back. It makes way; what
+            # it finished stays cached, its checkpoints are resumed.
+            superseded = (
+                cancel(
+                    run_id=existing.pk,
+                    reason="superseded: the code or settings changed since it started",
+                )
+                or superseded
+            )
+            continue
+
+        # Planning verifies artifacts before the write transaction: hashing large files
+        # must not hold SQLite's write lock.
+        the_plan = make_plan(pipeline, forced=forced)
+        if the_plan.up_to_date:
+            return StartResult(UP_TO_DATE, None, the_plan.active)
+        try:
+            with transaction.atomic():
+                if PipelineRun.objects.in_flight().exists():
+                    raise _Raced
+                run = PipelineRun.objects.create(trigger=trigger[:200], options=options)
+                rows = _rows(run, pipeline, the_plan)
+                # A phase forced to run again starts from scratch; the others resume from
+                # the checkpoint an earlier run of the same code left, if any.
+                forced_now = {p.name for p in the_plan.phases if p.reason == FORCED}
+                checkpoints.adopt(
+                    [
+                        r
+                        for r in rows
+                        if r.state == PhaseState.PENDING
+                        and (r.shard_of or r.name) not in forced_now
+                    ]
+                )
+                PhaseRun.objects.bulk_create(rows)
+                _adopt(the_plan)
+                to_run = [r.name for r in rows if r.state == PhaseState.PENDING]
+                transaction.on_commit(functools.partial(enqueue, run.pk, to_run))
+        except (IntegrityError, _Raced):
+            # Another start won the race between our look and our insert (the partial
+            # unique index initpipeline_run_single_flight let exactly one through): look
+            # at its run, which may have been planned with other code.
+            continue
+        break
+    else:
+        raise PipelineConfigError(
+            f"could not start: {START_PASSES} other starts with other code raced this one"
+        )
     run.refresh_from_db()
     if run.state == RunState.CANCELLED and run.error.startswith(NOT_SENT):
         raise EnqueueError(run.error.removeprefix(NOT_SENT))
@@ -244,6 +256,19 @@ def _parts_cached(parts: Sequence[str], fingerprint: str) -> bool:
         if record is None or not storage.is_valid(record):
             return False
     return True
+
+
+#: How often start() looks again after losing a race to another start.
+START_PASSES = 20
+
+
+class _Raced(Exception):
+    """Another start created a run between start()'s look and its insert."""
+
+
+def _planned(run: PipelineRun) -> dict[str, str]:
+    """The fingerprint the run planned for each phase (its shards aside)."""
+    return dict(run.phases.filter(shard_of="").values_list("name", "fingerprint"))
 
 
 #: How the error of a run whose tasks never reached the broker begins.

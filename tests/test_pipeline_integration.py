@@ -161,6 +161,43 @@ def test_ten_concurrent_start_init_create_exactly_one_run(stack: Stack) -> None:
     assert outputs.count(f"run {run.pk} is already pending; attached to it") == 9
 
 
+def test_concurrent_starts_with_other_code_never_attach_to_each_others_run(
+    stack: Stack,
+) -> None:
+    """Two deploys' release steps at once, each with its own code: a start attaches only to
+    a run planned with its own code; a run of the other code is superseded."""
+    cmd = [sys.executable, str(ROOT / "manage.py"), "start_init"]
+    variants = [
+        {"TESTAPP_PHASE_OPTIONS": json.dumps({"b": {"version": version}})}
+        for version in ("old", "new")
+    ]
+
+    def call(i: int) -> tuple[int, subprocess.CompletedProcess[str]]:
+        env = {**stack.env, **variants[i % 2]}
+        return i % 2, subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
+
+    with ThreadPoolExecutor(10) as pool:
+        results = list(pool.map(call, range(10)))
+    assert [r.returncode for _, r in results] == [0] * 10, [r.stderr for _, r in results]
+    fingerprint = {}
+    for variant, result in results:
+        for line in result.stdout.splitlines():
+            words = line.split()
+            if "enqueued" in words or "attached" in line:
+                run = PipelineRun.objects.get(pk=int(words[1]))
+                b = run.phases.get(name="b").fingerprint
+                fingerprint.setdefault(variant, b)
+                # Attached or enqueued: always a run of this start's own code.
+                assert fingerprint[variant] == b, (variant, line)
+    assert fingerprint[0] != fingerprint[1]
+    assert PipelineRun.objects.in_flight().count() == 1
+    for run in PipelineRun.objects.exclude(pk=PipelineRun.objects.in_flight().get().pk):
+        assert (run.state, run.error) == (
+            "cancelled",
+            "superseded: the code or settings changed since it started",
+        )
+
+
 @pytest.mark.parametrize(
     ("args", "reason"),
     [
@@ -201,3 +238,23 @@ def test_demo_pipeline_through_a_worker(stack: Stack) -> None:
     assert docs.metadata["shape"][0] == corpus.metadata["documents"]
     for record in Artifact.objects.all():
         storage.verify(record)
+
+
+def test_text_a_database_cannot_store_never_hides_what_happened(stack: Stack) -> None:
+    """A progress message with a file name that is not UTF-8 (Path.name gives a lone
+    surrogate) runs on; an error whose text holds one, or a NUL byte, is recorded as the
+    error it is, within its retries, not taken for a lost worker."""
+    stack.start_worker()
+    stack.control(
+        sleep={"a": 0.3},
+        message={"a": "parsed caf\udce9.csv"},
+        fail=["c"],
+        fail_text={"c": "cannot open caf\udce9.csv\x00: bad"},
+    )
+    result = stack.manage("start_init", "--wait")
+    assert result.returncode == 1, result.stderr + stack.log()
+    a, c = PhaseRun.objects.get(name="a"), PhaseRun.objects.get(name="c")
+    assert a.state == "succeeded"
+    assert (c.state, c.attempt, c.losses) == ("failed", 3, 0)
+    assert c.error == "RuntimeError: cannot open caf\ufffd.csv: bad"
+    assert PipelineRun.objects.get().error == f"phase c failed: {c.error}"

@@ -4,7 +4,7 @@
 
 The control file (``$INITPIPELINE_VAR_DIR/control.json``) may hold:
   versions: {phase: str}   goes into the phase's config, so its fingerprint changes
-  fail:     [phase, ...]   the phase raises
+  fail:     [phase, ...]   the phase raises (fail_text: {phase: text}, its error's text)
   sleep:    {phase: s}     the phase works this long, reporting progress
   message:  {phase: text}  the progress message, instead of "step i of n"
   checkpoint: {phase: n}   the phase checkpoints {"step": i} every n steps (of its sleep's
