@@ -10,6 +10,7 @@ from typing import Any
 from django.apps import AppConfig
 from django.conf import settings as django_settings
 from django.core import checks
+from django.core.exceptions import ImproperlyConfigured
 
 from .celery_settings import REDIS_SCHEMES
 from .conf import DEFAULTS
@@ -181,7 +182,10 @@ PIPELINE_IDS: dict[Fault, str] = {
     Fault.PRODUCES_NOTHING: "initpipeline.E011",
     Fault.BAD_LIMITS: "initpipeline.E012",
     Fault.BAD_ARTIFACT_NAME: "initpipeline.E023",
-    Fault.BAD_SHARDS: "initpipeline.E025",
+    Fault.BAD_SHARDS: "initpipeline.E028",
+    Fault.BAD_PHASE_NAME: "initpipeline.E029",
+    Fault.PART_NAME_TOO_LONG: "initpipeline.E030",
+    Fault.VERSION_TOO_LONG: "initpipeline.E031",
 }
 IMPORT_FAILED = "initpipeline.E009"
 
@@ -230,6 +234,19 @@ def check_pipeline(app_configs: Sequence[AppConfig] | None = None, **kwargs: Any
                     )
                 )
     return errors
+
+
+def refuse_to_serve() -> None:
+    """Raise ImproperlyConfigured naming the first settings or pipeline error, if any.
+
+    Gunicorn runs no system checks: a web process with a bad setting would answer 500 on
+    every request (REFRESH_INTERVAL "fast", an unknown STORAGE) or 503 for ever (a
+    REQUIRED_ARTIFACTS nobody produces). It refuses to start instead, with one line.
+    """
+    errors = [e for e in check_settings() + check_pipeline() if e.is_serious()]
+    if errors:
+        more = f" (and {len(errors) - 1} more: manage.py check)" if len(errors) > 1 else ""
+        raise ImproperlyConfigured(f"{errors[0].msg} ({errors[0].id}){more}")
 
 
 # -- warnings about the deployment (initpipeline.W001...) ---------------------------------

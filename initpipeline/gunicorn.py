@@ -89,16 +89,32 @@ def keep_alive(worker: Any, interval: float | None = None) -> Iterator[None]:
 # -- serving in the background -------------------------------------------------------------
 
 
+#: Gunicorn's exit code of a worker that could not boot (Arbiter.WORKER_BOOT_ERROR): the
+#: arbiter halts the whole server on it.
+WORKER_BOOT_ERROR = 3
+
+
 def post_worker_init(worker: Any) -> None:
     """``post_worker_init`` hook: this worker loads its artifacts in a background thread.
 
     When other workers of the server already serve (this one replaces a worker that
     died), it loads before it takes its first connection: its siblings serve meanwhile,
     and no request of this worker ever answers "warming up". At a server's start, it
-    takes connections at once and answers "warming up" until loaded. Nothing here may
-    raise: an exception in this hook stops the worker, and a worker that cannot boot
-    stops the whole server.
+    takes connections at once and answers "warming up" until loaded. A bad setting or
+    pipeline stops the server here with one line (a worker that cannot boot halts it);
+    nothing else here may raise.
     """
+    from django.core.exceptions import ImproperlyConfigured
+
+    try:
+        from . import checks
+
+        checks.refuse_to_serve()
+    except ImproperlyConfigured as exc:
+        # One line, and Gunicorn's "Worker failed to boot": the exit code of a worker that
+        # cannot boot halts the server, instead of a 500 on every request.
+        worker.log.error("initpipeline: %s", exc)
+        sys.exit(WORKER_BOOT_ERROR)
     try:
         from . import servers, serving
         from .processes import alive

@@ -4,10 +4,9 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from django.core.exceptions import ImproperlyConfigured
 from django.http import HttpRequest, HttpResponse
 
-from .checks import check_pipeline, check_settings
+from .checks import refuse_to_serve
 from .conf import settings
 from .health import missing_artifacts
 from .responses import warming_up
@@ -20,13 +19,7 @@ class WarmingUpMiddleware:
         self.get_response = get_response
         # Gunicorn runs no system checks: a WARMUP_PATHS of the wrong shape would answer
         # 500 on every request, or 503 for ever. Refuse to start instead, with the reason.
-        errors = [
-            e
-            for e in check_settings() + check_pipeline()
-            if e.id in ("initpipeline.E016", "initpipeline.E017")
-        ]
-        if errors:
-            raise ImproperlyConfigured(f"{errors[0].msg} ({errors[0].id})")
+        refuse_to_serve()
 
     def __call__(self, request: HttpRequest) -> HttpResponse:
         prefixes: dict[str, list[str]] = settings.WARMUP_PATHS

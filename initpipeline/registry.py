@@ -27,6 +27,18 @@ DISCOVER_MODULE = "init_phases"
 ARTIFACT_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,199}\Z")
 
 
+#: The longest artifact name (ARTIFACT_NAME), phase name (a shard's record adds "#" and
+#: up to 4 digits to it: PhaseRun.name holds 200) and version (PhaseRun.version holds 100).
+MAX_NAME = 200
+MAX_PHASE_NAME = 195
+MAX_VERSION = 100
+
+
+def part_name(artifact: str, index: int, count: int) -> str:
+    """The artifact name a shard's part of ``artifact`` is recorded under."""
+    return f"{artifact}.shard-{index:04d}-of-{count:04d}"
+
+
 def valid_name(name: str) -> bool:
     return bool(ARTIFACT_NAME.match(name)) and ".." not in name
 
@@ -106,6 +118,9 @@ class Fault(StrEnum):
     BAD_LIMITS = "bad retries or timeout"
     BAD_ARTIFACT_NAME = "artifact name not a safe path segment"
     BAD_SHARDS = "bad shards or merge"
+    BAD_PHASE_NAME = "phase name that a shard's record cannot extend"
+    PART_NAME_TOO_LONG = "sharded artifact name too long for its parts' names"
+    VERSION_TOO_LONG = "version longer than its record holds"
 
 
 @dataclass(frozen=True)
@@ -155,7 +170,23 @@ def _shard_problems(p: Phase) -> list[Problem]:
         ]
     if count is None or not 1 <= count <= MAX_SHARDS:
         return [Problem(Fault.BAD_SHARDS, f"phase {p.name!r} has shards={count!r}.", hint, p.name)]
-    return []
+    found = []
+    for artifact_name in p.produces:
+        longest = part_name(artifact_name, count - 1, count)
+        room = MAX_NAME - len(longest) + len(artifact_name)
+        if valid_name(artifact_name) and not valid_name(longest):
+            found.append(
+                Problem(
+                    Fault.PART_NAME_TOO_LONG,
+                    f"phase {p.name!r} has {count} shards, and its artifact {artifact_name!r} "
+                    f"is too long a name for theirs ({longest!r} has {len(longest)} "
+                    "characters).",
+                    f"A sharded phase's artifact names take at most {room} characters: "
+                    "each shard saves its part under the name and a suffix.",
+                    p.name,
+                )
+            )
+    return found
 
 
 def descendants(depends_on: Mapping[str, Iterable[str]], name: str) -> set[str]:
@@ -359,6 +390,28 @@ class Pipeline:
                         f"phase {p.name!r} produces no artifact.",
                         "Every phase needs produces=...: its artifacts are what makes it "
                         "cacheable and what the site serves.",
+                        p.name,
+                    )
+                )
+            if "#" in p.name or not 0 < len(p.name) <= MAX_PHASE_NAME:
+                found.append(
+                    Problem(
+                        Fault.BAD_PHASE_NAME,
+                        f"phase {p.name[:60]!r} has a name that is empty, longer than "
+                        f"{MAX_PHASE_NAME} characters or holds '#'.",
+                        "A sharded phase's shards are recorded as '<phase>#<index>': a "
+                        "phase name holds no '#' and leaves room for the index.",
+                        p.name,
+                    )
+                )
+            if len(p.version) > MAX_VERSION:
+                found.append(
+                    Problem(
+                        Fault.VERSION_TOO_LONG,
+                        f"phase {p.name!r} has a version of {len(p.version)} characters; its "
+                        f"record holds {MAX_VERSION}.",
+                        'A version is a short label ("3", "2024-05-lsa"): bump it when the '
+                        "phase's output must change.",
                         p.name,
                     )
                 )

@@ -34,7 +34,7 @@ from typing import Any
 from django.core.signals import request_finished, request_started
 from django.db import close_old_connections
 
-from . import loading
+from . import checks, loading
 from .conf import settings
 from .exceptions import ArtifactCorrupt, ArtifactNotReady, InitPipelineError
 from .loading import FREE_FIRST, NEW_WORKER, Loaded, Record
@@ -594,17 +594,21 @@ def start(
 ) -> Repository:
     """Serve in the background in this process (once; again after a fork).
 
-    Imports the URLconf first, so that the handles its views declare exist, then starts
-    the thread. ``before(repository)`` runs before the thread starts (the Gunicorn hook
-    loads there when the server's other workers serve, so this one takes no request
-    before it can serve). Gunicorn's ``initpipeline.gunicorn_conf`` calls it in every
-    worker; for another server, call it after the fork (uWSGI: ``@postfork``).
+    Raises ImproperlyConfigured for a bad setting or pipeline (what ``manage.py check``
+    reports as an error). Imports the URLconf first, so that the handles its views declare
+    exist, then starts the thread. ``before(repository)`` runs before the thread starts
+    (the Gunicorn hook loads there when the server's other workers serve, so this one
+    takes no request before it can serve). Gunicorn's ``initpipeline.gunicorn_conf``
+    calls it in every worker; for another server, call it after the fork (uWSGI:
+    ``@postfork``).
     """
     global _repository
     with _lock:
         repo = repository()
         if repo is not None:
             return repo
+        # A bad setting would otherwise answer 500 (or 503 for ever) on every request.
+        checks.refuse_to_serve()
         _import_views()
         repo = Repository(heartbeat=heartbeat)
         loading.serving = repo

@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, BinaryIO
 
 from . import formats
 from .exceptions import PipelineConfigError
+from .registry import part_name as part_name
 
 if TYPE_CHECKING:
     from .context import PhaseContext
@@ -43,11 +44,6 @@ class Shard:
 def row_name(phase: str, index: int) -> str:
     """The name of a shard's record in a run."""
     return f"{phase}#{index}"
-
-
-def part_name(artifact: str, index: int, count: int) -> str:
-    """The artifact name a shard's part of ``artifact`` is recorded under."""
-    return f"{artifact}.shard-{index:04d}-of-{count:04d}"
 
 
 def fingerprint(phase_fingerprint: str, index: int, count: int) -> str:

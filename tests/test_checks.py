@@ -136,6 +136,10 @@ def test_settings_that_are_not_a_dict() -> None:
             ),
         ),
         (
+            {"LOST_LIMIT": -1},
+            ("initpipeline.E024", "INITPIPELINE['LOST_LIMIT'] must be an integer >= 0, not -1."),
+        ),
+        (
             {"REQUIRED_ARTIFACTS": ["ghost"]},
             (
                 "initpipeline.E008",

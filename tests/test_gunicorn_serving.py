@@ -393,3 +393,30 @@ def test_a_new_worker_that_cannot_load_serves_what_its_siblings_serve(
     log = server.log()
     assert f"generation {new.pk} failed to load in this new worker" in log, log
     assert log.count("makes way for a new one") == 1, log
+
+
+@pytest.mark.parametrize(
+    ("setting", "check"),
+    [
+        ({"REFRESH_INTERVAL": "fast"}, "initpipeline.E014"),
+        ({"STORAGE": "nowhere"}, "initpipeline.E007"),
+        ({"REQUIRED_ARTIFACTS": "model"}, "initpipeline.E020"),
+    ],
+)
+def test_a_bad_setting_stops_gunicorn_at_boot_with_one_line(
+    stack: Stack, setting: dict[str, Any], check: str
+) -> None:
+    """Gunicorn runs no system checks: without this, every request would answer 500 (or
+    readyz 503 for ever)."""
+    env = {**SERVING_ENV, "INITPIPELINE_TEST_SETTINGS": json.dumps(setting)}
+    server = Gunicorn(stack, "--workers", "2", env=env)
+    try:
+        assert server.proc.wait(timeout=60) != 0
+    finally:
+        server.stop()
+    log = server.log()
+    errors = [line for line in log.splitlines() if check in line]
+    assert errors and all("[ERROR] initpipeline: " in line for line in errors), log
+    assert "Worker failed to boot" in log, log
+    # (Gunicorn prints a traceback of its own as it halts; none goes through our code.)
+    assert not [line for line in log.splitlines() if "initpipeline/" in line], log

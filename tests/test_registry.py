@@ -208,10 +208,10 @@ def test_legacy_fingerprints_are_what_earlier_versions_recorded() -> None:
         ({"merge": lambda ctx: None}, "phase 'a' has a merge= but no shards=."),
     ],
 )
-def test_bad_shards_are_e025(spec: dict[str, Any], message: str) -> None:
+def test_bad_shards_are_e028(spec: dict[str, Any], message: str) -> None:
     pipeline = make({"name": "a", "produces": "x", **spec})
     problems = pipeline.problems()
-    assert [PIPELINE_IDS[p.fault] for p in problems] == ["initpipeline.E025"]
+    assert [PIPELINE_IDS[p.fault] for p in problems] == ["initpipeline.E028"]
     assert problems[0].msg.startswith(message)
 
 
@@ -220,3 +220,38 @@ def test_the_shard_count_is_part_of_the_fingerprint() -> None:
     three = make({"name": "a", "produces": "x", "shards": 3}).fingerprints()
     plain = make({"name": "a", "produces": "x"}).fingerprints()
     assert len({two["a"], three["a"], plain["a"]}) == 3
+
+
+@pytest.mark.parametrize(
+    ("spec", "check", "message"),
+    [
+        # A shard's record is "<phase>#<index>": a phase of that name would collide with it.
+        (
+            {"name": "squares#0", "produces": "y"},
+            "initpipeline.E029",
+            "phase 'squares#0' has a name that is empty, longer than 195 characters or holds '#'.",
+        ),
+        (
+            {"name": "p" * 196, "produces": "y"},
+            "initpipeline.E029",
+            f"phase {'p' * 60!r} has a name that is empty, longer than 195 characters",
+        ),
+        # Valid alone, too long once a shard's part suffix is added to it.
+        (
+            {"name": "s", "produces": "x" * 190, "shards": 4},
+            "initpipeline.E030",
+            f"phase 's' has 4 shards, and its artifact {'x' * 190!r} is too long a name",
+        ),
+        (
+            {"name": "v", "produces": "y", "version": "v" * 101},
+            "initpipeline.E031",
+            "phase 'v' has a version of 101 characters; its record holds 100.",
+        ),
+    ],
+)
+def test_names_and_lengths_that_would_fail_at_run_time_are_checks(
+    spec: dict[str, Any], check: str, message: str
+) -> None:
+    problems = make(spec).problems()
+    assert [PIPELINE_IDS[p.fault] for p in problems] == [check]
+    assert problems[0].msg.startswith(message)

@@ -52,9 +52,13 @@ def events(event: str, version: str) -> list[tuple[int, str, str, float, int]]:
 
 
 @pytest.fixture
-def repo(settings: Any) -> Iterator[serving.Repository]:
+def repo(settings: Any, monkeypatch: pytest.MonkeyPatch) -> Iterator[serving.Repository]:
     """This process serving in the background, with tests/servingapp's handles declared."""
     settings.INITPIPELINE = {**settings.INITPIPELINE, **SERVING_SETTINGS}
+    # The pipeline of this process is tests/testapp's, which does not produce the required
+    # "model" (tests/servingapp's phase, whose artifacts these tests publish themselves):
+    # the start's settings check would refuse to serve (test_gunicorn_serving tests it).
+    monkeypatch.setattr(serving.checks, "refuse_to_serve", lambda: None)
     loading.active.__init__()  # type: ignore[misc]
     loading._handles.clear()
     loading._handles.update(model=views.MODEL, folder=views.FOLDER)
