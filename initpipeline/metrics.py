@@ -7,13 +7,14 @@ Two kinds of series (README "Monitoring" lists them all):
   whichever process answers. Every process, every Gunicorn worker, every host tells the
   same truth: no state is kept here, and no multiprocess folder is needed for them.
 - **Of this process** (``LOAD_SECONDS``, ``LOADED_BYTES``, ``LOAD_FAILURES``,
-  ``SERVING_GENERATION``): what a web process's loader thread did (serving.py). Under
-  Gunicorn each worker is a process of its own, so a scrape reaching one worker would see
-  only its numbers: prometheus-client's multiprocess mode adds them up across the
-  workers of a server when ``PROMETHEUS_MULTIPROC_DIR`` is set in Gunicorn's environment
-  (gunicorn.py empties the folder at start and forgets a worker that ended).
+  ``LOAD_FAILING``, ``SERVING_GENERATION``): what a web process's loader thread did
+  (serving.py). Under Gunicorn each worker is a process of its own, so a scrape reaching
+  one worker would see only its numbers: prometheus-client's multiprocess mode adds them
+  up across the workers of a server when ``PROMETHEUS_MULTIPROC_DIR`` is set in
+  Gunicorn's environment (gunicorn.py empties the folder at start and forgets a worker
+  that ended).
 
-Use ``metrics_view`` (``/init/metrics`` in initpipeline.urls), or ``register(registry)``
+Use the view ``/init/metrics`` (views.metrics, in initpipeline.urls), or ``register(registry)``
 to add them to a registry you already serve (django-prometheus' ``/metrics``).
 
 Needs the ``metrics`` extra (``pip install "initpipeline[metrics]"``); nothing else in the
@@ -82,6 +83,15 @@ LOAD_FAILURES = Counter(
     ["artifact"],
     registry=None,
 )
+LOAD_FAILING = Gauge(
+    "initpipeline_artifact_load_failing",
+    "1 while this process's last load of an artifact failed (it is tried again with "
+    "backoff), 0 once it loaded.",
+    ["artifact"],
+    # The worst live process: one worker that cannot load it is enough to say so.
+    multiprocess_mode="livemax",
+    registry=None,
+)
 SERVING_GENERATION = Gauge(
     "initpipeline_serving_generation",
     "The generation whose artifacts this process serves (0: none yet).",
@@ -95,6 +105,7 @@ PROCESS_METRICS: tuple[Collector, ...] = (
     LOAD_SECONDS,
     LOADED_BYTES,
     LOAD_FAILURES,
+    LOAD_FAILING,
     SERVING_GENERATION,
 )
 
@@ -103,11 +114,13 @@ def observe_load(name: str, seconds: float, size: int) -> None:
     """serving.py: this process loaded (and warmed) artifact ``name``."""
     LOAD_SECONDS.labels(artifact=name).observe(seconds)
     LOADED_BYTES.labels(artifact=name).inc(max(size, 0))
+    LOAD_FAILING.labels(artifact=name).set(0)
 
 
 def observe_failure(name: str) -> None:
     """serving.py: a load of artifact ``name`` failed in this process."""
     LOAD_FAILURES.labels(artifact=name).inc()
+    LOAD_FAILING.labels(artifact=name).set(1)
 
 
 def observe_serving(generation: int | None) -> None:
@@ -530,6 +543,7 @@ def exposition(accept: str | None) -> tuple[bytes, str]:
 
 __all__ = [
     "LOADED_BYTES",
+    "LOAD_FAILING",
     "LOAD_FAILURES",
     "LOAD_SECONDS",
     "SERVING_GENERATION",
