@@ -31,7 +31,7 @@ from datetime import datetime, timedelta
 from django.db.models import F
 from django.utils import timezone
 
-from . import dispatch
+from . import dispatch, tracing
 from .conf import settings
 from .execution import backoff_ceiling, fail_phase, finish_run
 from .models import PHASE_DONE, PhaseRun, PhaseState, PipelineRun
@@ -110,6 +110,7 @@ def _recover_running(
     if pr.out_of_losses:
         reason = f"{reason}; lost more often than LOST_LIMIT ({pr.max_losses}) allows"
         if fail_phase(pr, reason, "", stale_before=cutoff):
+            tracing.event(pr, tracing.LOST, error=reason, reason=reason, losses=pr.losses)
             return Recovered(run.pk, pr.name, FAILED, reason)
         return None
     # The conditional UPDATE is the lock: it matches only while nobody claimed the phase
@@ -129,6 +130,7 @@ def _recover_running(
     )
     if not taken:
         return None
+    tracing.event(pr, tracing.LOST, reason=reason, losses=pr.losses + 1)
     return _send(run, pr, _chain_from(pr, phases), reason)
 
 

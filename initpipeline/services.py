@@ -6,11 +6,12 @@ import logging
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from django.db import IntegrityError, close_old_connections, transaction
 from django.utils import timezone
 
-from . import checkpoints, checks, dispatch, shards, storage
+from . import checkpoints, checks, dispatch, shards, storage, tracing
 from .conf import settings
 from .exceptions import EnqueueError
 from .execution import end_run, finish_run
@@ -94,6 +95,8 @@ def start(
     PipelineConfigError for an invalid pipeline or an unknown phase name, and
     EnqueueError when the broker refuses the tasks (the run is then marked failed).
     """
+    # The run's trace (if the project traces) starts here, but only a new run makes one.
+    trace = tracing.RunTrace()
     pipeline, forced = _resolve(force=force, from_phase=from_phase, only=only)
 
     # A run "in flight" whose worker is gone must not capture this start: its stale phase
@@ -118,12 +121,13 @@ def start(
     if the_plan.up_to_date:
         return StartResult(UP_TO_DATE, None, the_plan.active)
 
-    options = {"force": force, "from": from_phase, "only": list(only)}
+    options: dict[str, Any] = {"force": force, "from": from_phase, "only": list(only)}
     try:
         with transaction.atomic():
             existing = PipelineRun.objects.in_flight().first()
             if existing is not None:
                 return StartResult(ATTACHED, existing)
+            trace.begin(trigger=trigger, options=options)
             run = PipelineRun.objects.create(trigger=trigger[:200], options=options)
             rows = _rows(run, pipeline, the_plan)
             # A phase forced to run again starts from scratch; the others resume from the
@@ -139,17 +143,25 @@ def start(
             PhaseRun.objects.bulk_create(rows)
             _adopt(the_plan)
             to_run = [r.name for r in rows if r.state == PhaseState.PENDING]
-            transaction.on_commit(lambda: enqueue(run.pk, to_run))
-    except IntegrityError:
+            trace.created(run, to_run)
+            transaction.on_commit(lambda: trace.within(enqueue, run.pk, to_run))
+    except IntegrityError as exc:
         # Another start won the race between our check and our insert: the partial
         # unique index initpipeline_run_single_flight let exactly one through.
+        trace.end(exc)
         existing = PipelineRun.objects.in_flight().first()
         if existing is None:
             raise
         return StartResult(ATTACHED, existing)
+    except BaseException as exc:
+        trace.end(exc)
+        raise
     run.refresh_from_db()
     if run.state == RunState.FAILED:
-        raise EnqueueError(run.error)
+        error = EnqueueError(run.error)
+        trace.end(error)
+        raise error
+    trace.end()
     logger.info("run %s enqueued: %s", run.pk, ", ".join(to_run) or "nothing to run")
     return StartResult(ENQUEUED, run, superseded=superseded)
 
