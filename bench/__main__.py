@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from bench import big, figures, overhead, serving, shardfigures, startup, warmup
+from bench import big, figures, monitoring, overhead, serving, shardfigures, startup, warmup
 from bench.harness import ROOT, Env, compile_bytecode, log, redis_server
 from bench.report import write
 
@@ -89,6 +89,7 @@ FIGURES: dict[str, Callable[[Run], Any]] = {
     "scale": _scale,
     "shards": lambda r: shardfigures.figures(r.files, r.reps, r.shard_count),
     "serving": lambda r: serving.figures(r.serving_entries, r.quick),
+    "monitoring": lambda r: monitoring.figures(r.files, r.reps, r.quick),
 }
 
 

@@ -9,7 +9,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from bench import serving, shardfigures
+from bench import monitoring, serving, shardfigures
 from bench.figures import PEERS
 from bench.overhead import CAUSE_TEXT, CAUSES
 
@@ -177,6 +177,8 @@ def goals(results: dict[str, Any]) -> list[list[str]]:
         row("orchestration per shard on Redis", "", "skipped", False, cost["skipped"], "shards")
     for figure, goal, measured, met, why in serving.goal_rows(results.get("serving", {})):
         row(figure, goal, measured, met, why, "serving")
+    for figure, goal, measured, met, why in monitoring.goal_rows(results.get("monitoring", {})):
+        row(figure, goal, measured, met, why, "monitoring")
     return rows
 
 
@@ -379,6 +381,13 @@ def markdown(results: dict[str, Any]) -> str:
             "each worker loads, as before; background: initpipeline's Gunicorn hooks)",
             "",
             serving.markdown(results["serving"]),
+        ]
+    if "monitoring" in results:
+        lines += [
+            "**11. Monitoring** (a scrape of the records' series; a deploy traced over "
+            "OTLP/HTTP against one not traced)",
+            "",
+            monitoring.markdown(results["monitoring"]),
         ]
     if "seconds" in meta:
         spent = ", ".join(f"{k} {v:.0f} s" for k, v in meta["seconds"].items())

@@ -34,7 +34,10 @@ _POSITIVE = (
     "HANDOFF_GRACE",
     "SKEW_TIMEOUT",
 )
-_BOOLEANS = ("GC_AFTER_ACTIVATION", "START_ON_GUNICORN_READY")
+_BOOLEANS = ("GC_AFTER_ACTIVATION", "START_ON_GUNICORN_READY", "METRICS_SHARDS")
+
+#: The shortest bearer token /init/metrics accepts (a guessable token is no protection).
+METRICS_TOKEN_MIN = 16
 
 
 def _positive(value: Any) -> bool:
@@ -154,6 +157,23 @@ def check_settings(app_configs: Sequence[AppConfig] | None = None, **kwargs: Any
                 f"not {celery_app!r}.",
                 hint='For example "myproject.celery.app".',
                 id="initpipeline.E025",
+            )
+        )
+    token = conf.raw("METRICS_TOKEN")
+    if token is not None and not (isinstance(token, str) and len(token) >= METRICS_TOKEN_MIN):
+        # Never the token itself: the check's output ends up in logs.
+        shown = (
+            f"a string of {len(token)} characters"
+            if isinstance(token, str)
+            else f"a {type(token).__name__}"
+        )
+        errors.append(
+            checks.Error(
+                f"INITPIPELINE['METRICS_TOKEN'] must be None or a string of at least "
+                f"{METRICS_TOKEN_MIN} characters, not {shown}.",
+                hint='For example os.environ.get("INITPIPELINE_METRICS_TOKEN"), made with '
+                "python -c 'import secrets; print(secrets.token_urlsafe(32))'.",
+                id="initpipeline.E027",
             )
         )
     alias = conf.raw("STORAGE")

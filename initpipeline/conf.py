@@ -64,6 +64,12 @@ DEFAULTS: dict[str, Any] = {
     # Django layout imports it in the project's __init__.py, which costs every web
     # process the import of Celery at start).
     "CELERY_APP": None,
+    # The bearer token Prometheus sends to /init/metrics (Authorization: Bearer ...);
+    # None: only staff who may see the init's details get the metrics (in a browser).
+    "METRICS_TOKEN": None,
+    # A series per shard of a sharded phase in the metrics, besides the phase's own; off:
+    # a phase's shards are counted by state, so 1,000 shards are not 1,000 series a name.
+    "METRICS_SHARDS": False,
     # Where a host keeps verified copies of artifacts from a remote storage (S3 and the
     # like), to memory-map them; None = "initpipeline-cache" in the system temp folder.
     "LOCAL_CACHE_DIR": None,
@@ -174,6 +180,15 @@ class Settings:
     def CELERY_APP(self) -> str | None:
         value = self.raw("CELERY_APP")
         return str(value) if value else None
+
+    @property
+    def METRICS_TOKEN(self) -> str | None:
+        value = self.raw("METRICS_TOKEN")
+        return str(value) if value else None
+
+    @property
+    def METRICS_SHARDS(self) -> bool:
+        return bool(self.raw("METRICS_SHARDS"))
 
     @property
     def LOCAL_CACHE_DIR(self) -> str | None:

@@ -27,7 +27,7 @@ from django.db.models import F, Value
 from django.db.models.functions import Coalesce
 from django.utils import timezone
 
-from . import checkpoints, dispatch, processes, retention, shards, storage
+from . import checkpoints, dispatch, processes, retention, shards, storage, tracing
 from .conf import settings
 from .context import PhaseContext
 from .exceptions import (
@@ -141,6 +141,7 @@ def claim(run_id: int, phase_name: str, task_id: str, worker: str) -> PhaseRun:
         logger.warning(
             "phase %s of run %s: lease %d takes over (%s)", pr.name, run_id, pr.lease, lost
         )
+    tracing.phase_claimed(pr, task_id=task_id, worker=pr.worker, lost=lost)
     return pr
 
 
@@ -420,6 +421,9 @@ def record_failed_attempt(pr: PhaseRun, exc: BaseException, tb: str) -> NoReturn
             )
         )
         if retrying:
+            tracing.event(
+                pr, tracing.RETRY, error=error, attempt=pr.attempt, countdown=round(countdown, 3)
+            )
             logger.warning(
                 "phase %s attempt %d/%d failed (%s); retrying in %.1f s",
                 pr.name,
@@ -513,6 +517,7 @@ def record_handed_off(pr: PhaseRun, why: str) -> str:
     )
     if not handed:
         raise _taken_over(pr)
+    tracing.event(pr, tracing.HANDED_OFF, reason=why)
     # Not sent again from here: a worker shutting down may still take messages (kombu's
     # filesystem transport does, until its pool is idle). The worker's main process sends
     # it as it exits (signals.py), and recovery does if the worker dies first.

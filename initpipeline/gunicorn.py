@@ -9,6 +9,8 @@ worker killed with WORKER TIMEOUT (FIELD_NOTES, Gunicorn; benoitc/gunicorn#3242)
 
 from __future__ import annotations
 
+import glob
+import importlib.util
 import logging
 import os
 import signal
@@ -162,13 +164,53 @@ def worker_exit(server: Any, worker: Any) -> None:
 
 def child_exit(server: Any, worker: Any) -> None:
     """``child_exit`` hook (in the master): remove the file of a worker that ended, killed
-    or not, so that its siblings' readiness stops counting it at once."""
+    or not, so that its siblings' readiness stops counting it at once; and its live
+    gauges in prometheus-client's multiprocess folder (its counters stay: they count what
+    it did)."""
     try:
         from .servers import ServerFolder
 
         ServerFolder(os.getpid()).remove(worker.pid)
     except Exception:
         server.log.exception("initpipeline: could not forget worker %s", worker.pid)
+    if os.environ.get(MULTIPROC_ENV):
+        try:
+            from prometheus_client import multiprocess
+
+            multiprocess.mark_process_dead(worker.pid)  # type: ignore[no-untyped-call]
+        except Exception:
+            server.log.exception("initpipeline: could not forget the metrics of %s", worker.pid)
+
+
+#: prometheus-client's multiprocess folder (FIELD_NOTES: set in the environment before
+#: Gunicorn starts, so that every worker has it before it imports prometheus-client).
+MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
+
+
+def on_starting(server: Any) -> None:
+    """``on_starting`` hook (the master, before any worker): empty prometheus-client's
+    multiprocess folder, creating it if needed.
+
+    Its files are the counters of this server's workers; those of an earlier server would
+    be added to them. One folder per Gunicorn server, then. Without the folder, a scrape
+    of /init/metrics counts the loads of the worker that answers only: said once here.
+    """
+    path = os.environ.get(MULTIPROC_ENV)
+    if not path:
+        workers = int(getattr(getattr(server, "cfg", None), "workers", 1) or 1)
+        if workers > 1 and importlib.util.find_spec("prometheus_client") is not None:
+            server.log.info(
+                "initpipeline: %s is not set, so the artifact load metrics of "
+                "/init/metrics are those of the worker that answers, not of the server",
+                MULTIPROC_ENV,
+            )
+        return
+    try:
+        os.makedirs(path, exist_ok=True)
+        for stale in glob.glob(os.path.join(path, "*.db")):
+            os.remove(stale)
+    except OSError:
+        server.log.exception("initpipeline: could not empty %s (%s)", MULTIPROC_ENV, path)
 
 
 def _on_exit_signals(callback: Any) -> None:

@@ -22,6 +22,9 @@ Why these values:
 - Each worker loads its artifacts in a background thread (``post_worker_init``), records
   what it serves for the server's readiness, and is forgotten when it ends
   (``worker_exit``, ``child_exit``): no request waits for a load.
+- ``on_starting`` empties prometheus-client's multiprocess folder when
+  ``PROMETHEUS_MULTIPROC_DIR`` is set (the workers' load metrics, README "Monitoring"), and
+  ``child_exit`` forgets the live gauges of a worker that ended.
 - No ``max_requests``: a recycled worker would only pay the artifact load again.
 - ``when_ready`` runs ``start_init`` in a child process when
   ``INITPIPELINE["START_ON_GUNICORN_READY"]`` is true, and otherwise does nothing; it
@@ -30,12 +33,19 @@ Why these values:
 
 from __future__ import annotations
 
-from .gunicorn import child_exit, post_worker_init, start_init_when_ready, worker_exit
+from .gunicorn import (
+    child_exit,
+    on_starting,
+    post_worker_init,
+    start_init_when_ready,
+    worker_exit,
+)
 
 __all__ = [
     "child_exit",
     "graceful_timeout",
     "keepalive",
+    "on_starting",
     "post_worker_init",
     "threads",
     "timeout",

@@ -122,6 +122,21 @@ def estimate_remaining(
     return max(ends.values(), default=0.0)
 
 
+def expected_duration(phases: Sequence[PhaseRun], timings: Mapping[str, float]) -> float | None:
+    """Seconds the run of ``phases`` takes if each phase it runs takes what it took the last
+    time it ran for real (``timings``: previous_timings); a cached phase counts 0. The run's
+    longest path, as in estimate_remaining; None when a phase it runs never ran before."""
+    rows = sorted(phases, key=lambda p: p.position)
+    ends: dict[str, float] = {}
+    for pr in rows:
+        own = 0.0 if pr.state == PhaseState.CACHED else timings.get(pr.name)
+        if own is None:
+            return None
+        begins = max((ends.get(d, 0.0) for d in pr.depends_on), default=0.0)
+        ends[pr.name] = begins + own
+    return max(ends.values(), default=0.0)
+
+
 class _HasProgress(Protocol):
     @property
     def progress(self) -> float: ...

@@ -32,7 +32,7 @@ from datetime import datetime, timedelta
 from django.db.models import F
 from django.utils import timezone
 
-from . import dispatch, processes
+from . import dispatch, processes, tracing
 from .conf import settings
 from .execution import backoff_ceiling, fail_phase, finish_run
 from .models import IN_FLIGHT, PHASE_DONE, PhaseRun, PhaseState, PipelineRun
@@ -121,6 +121,7 @@ def reclaim_from_gone(hostname: str, *, now: datetime | None = None) -> list[Rec
         if pr.out_of_losses:
             reason = f"{reason}; lost more often than LOST_LIMIT ({pr.max_losses}) allows"
             if fail_phase(pr, reason, ""):
+                tracing.event(pr, tracing.LOST, error=reason, reason=reason, losses=pr.losses)
                 done.append(Recovered(run.pk, pr.name, FAILED, reason))
             continue
         taken = PhaseRun.objects.owned(pr.pk, pr.lease).update(
@@ -132,6 +133,7 @@ def reclaim_from_gone(hostname: str, *, now: datetime | None = None) -> list[Rec
             message=f"{reason}; sent again"[:500],
         )
         if taken:
+            tracing.event(pr, tracing.LOST, reason=reason, losses=pr.losses + 1)
             done.append(_send(run, pr, _chain_from(pr, phases), reason))
     for item in done:
         logger.warning(
@@ -154,6 +156,7 @@ def _recover_running(
     if pr.out_of_losses:
         reason = f"{reason}; lost more often than LOST_LIMIT ({pr.max_losses}) allows"
         if fail_phase(pr, reason, "", stale_before=cutoff):
+            tracing.event(pr, tracing.LOST, error=reason, reason=reason, losses=pr.losses)
             return Recovered(run.pk, pr.name, FAILED, reason)
         return None
     # The conditional UPDATE is the lock: it matches only while nobody claimed the phase
@@ -173,6 +176,7 @@ def _recover_running(
     )
     if not taken:
         return None
+    tracing.event(pr, tracing.LOST, reason=reason, losses=pr.losses + 1)
     return _send(run, pr, _chain_from(pr, phases), reason)
 
 

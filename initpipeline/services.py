@@ -7,11 +7,12 @@ import logging
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from django.db import IntegrityError, close_old_connections, transaction
 from django.utils import timezone
 
-from . import checkpoints, checks, dispatch, shards, storage
+from . import checkpoints, checks, dispatch, shards, storage, tracing
 from .conf import settings
 from .exceptions import EnqueueError, PipelineConfigError
 from .execution import end_run, finish_run
@@ -96,6 +97,8 @@ def start(
     EnqueueError when the broker refuses the tasks (the run is then cancelled, "not
     started": it is no failed init, and init_status goes on saying what serves).
     """
+    # The run's trace (if the project traces) starts here, but only a new run makes one.
+    trace = tracing.RunTrace()
     pipeline, forced = _resolve(force=force, from_phase=from_phase, only=only)
     fingerprints = pipeline.fingerprints()
 
@@ -103,7 +106,6 @@ def start(
     # is sent again (or failed, out of attempts) before we decide to attach to it.
     recover_stale()
     superseded = None
-    options = {"force": force, "from": from_phase, "only": list(only)}
     # Each pass either attaches to a run of this code, finds the init up to date, creates
     # the run, or lost a race to another start (which it looks at again on the next pass).
     for _ in range(START_PASSES):
@@ -129,10 +131,12 @@ def start(
         the_plan = make_plan(pipeline, forced=forced)
         if the_plan.up_to_date:
             return StartResult(UP_TO_DATE, None, the_plan.active)
+        options: dict[str, Any] = {"force": force, "from": from_phase, "only": list(only)}
         try:
             with transaction.atomic():
                 if PipelineRun.objects.in_flight().exists():
                     raise _Raced
+                trace.begin(trigger=trigger, options=options)
                 run = PipelineRun.objects.create(trigger=trigger[:200], options=options)
                 rows = _rows(run, pipeline, the_plan)
                 # A phase forced to run again starts from scratch; the others resume from
@@ -149,12 +153,18 @@ def start(
                 PhaseRun.objects.bulk_create(rows)
                 _adopt(the_plan)
                 to_run = [r.name for r in rows if r.state == PhaseState.PENDING]
-                transaction.on_commit(functools.partial(enqueue, run.pk, to_run))
-        except (IntegrityError, _Raced):
+                trace.created(run, to_run)
+                transaction.on_commit(functools.partial(trace.within, enqueue, run.pk, to_run))
+        except (IntegrityError, _Raced) as exc:
             # Another start won the race between our look and our insert (the partial
             # unique index initpipeline_run_single_flight let exactly one through): look
             # at its run, which may have been planned with other code.
+            trace.end(exc)
+            trace = tracing.RunTrace()
             continue
+        except BaseException as exc:
+            trace.end(exc)
+            raise
         break
     else:
         raise PipelineConfigError(
@@ -162,7 +172,10 @@ def start(
         )
     run.refresh_from_db()
     if run.state == RunState.CANCELLED and run.error.startswith(NOT_SENT):
-        raise EnqueueError(run.error.removeprefix(NOT_SENT))
+        error = EnqueueError(run.error.removeprefix(NOT_SENT))
+        trace.end(error)
+        raise error
+    trace.end()
     # DEBUG: the command, the admin and the Gunicorn hook each say it in their own words.
     logger.debug("run %s enqueued: %s", run.pk, ", ".join(to_run) or "nothing to run")
     return StartResult(ENQUEUED, run, superseded=superseded)

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import functools
 import gc
 import itertools
 import logging
@@ -29,6 +30,7 @@ import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field, replace
+from types import ModuleType
 from typing import Any
 
 from django.core.signals import request_finished, request_started
@@ -418,6 +420,7 @@ class Repository:
             return None
         finally:
             self.progress.loading.pop(rec.name, None)
+        _observe("observe_load", rec.name, loaded.seconds, rec.size)
         old = self.failures.pop(rec.name, None)
         if old is not None:
             logger.info(
@@ -429,6 +432,7 @@ class Repository:
         return loaded
 
     def _failed(self, rec: Record, generation: int | None, exc: Exception) -> None:
+        _observe("observe_failure", rec.name)
         old = self.failures.get(rec.name)
         same = old is not None and old.sha256 == rec.sha256
         attempts = old.attempts + 1 if same and old is not None else 1
@@ -478,6 +482,7 @@ class Repository:
     def _publish(self, served: Served) -> None:
         old = self.current
         self.current = served  # The swap: one assignment, read without a lock.
+        _observe("observe_serving", served.generation_id)
         if served.generation_id != old.generation_id and served.loaded:
             logger.info(
                 "serving generation %s (%s)", served.generation_id, ", ".join(sorted(served.loaded))
@@ -518,6 +523,32 @@ class Repository:
                 self._log_once(
                     f"listener:{listener!r}", "reporting what this process serves failed"
                 )
+
+
+@functools.cache
+def _metrics() -> ModuleType | None:
+    """initpipeline.metrics, when prometheus-client (the "metrics" extra) is installed.
+
+    Imported by the loader thread at its first load, never by a request: the import takes
+    about 50 ms, which a worker's first answer should not wait for.
+    """
+    try:
+        from . import metrics
+    except ImportError:
+        return None
+    return metrics
+
+
+def _observe(what: str, *args: Any) -> None:
+    """Count a load, a failure or a switch in this process's metrics (metrics.py)."""
+    found = _metrics()
+    if found is None:
+        return
+    try:
+        getattr(found, what)(*args)
+    except Exception:
+        # A metric is worth losing, a load is not.
+        logger.debug("could not update the metrics (%s)", what, exc_info=True)
 
 
 #: Entries freed between two hand-overs of the GIL when a retired container is released.

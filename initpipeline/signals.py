@@ -4,7 +4,7 @@ time limit.
 Connected when tasks.py is imported: a worker imports it to find the tasks (Celery's
 ``autodiscover_tasks``, at its start, before it sends ``worker_init``), and a web process
 never does, so it never imports Celery's worker stack. Nothing here runs outside a worker's
-main process.
+main process, but the end of a task's span (tracing.py), in the process that ran the task.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from typing import Any
 
 from celery.signals import (
     task_failure,
+    task_postrun,
     worker_init,
     worker_process_init,
     worker_ready,
@@ -29,7 +30,7 @@ from celery.signals import (
 from django.db import close_old_connections, connection
 from django.utils import timezone
 
-from . import dispatch, execution
+from . import dispatch, execution, tracing
 from .conf import settings
 from .exceptions import PhaseSkipped
 from .models import IN_FLIGHT, PhaseRun, PhaseState, PipelineRun
@@ -288,6 +289,18 @@ def on_task_failure(
         close_old_connections()
 
 
+def trace_task_end(
+    sender: Any = None,
+    task_id: str | None = None,
+    retval: Any = None,
+    state: str | None = None,
+    **kwargs: Any,
+) -> None:
+    """task_postrun: the task's span (tracing.py) ends with its outcome."""
+    if getattr(sender, "name", None) in (dispatch.RUN_PHASE, dispatch.FINISH_RUN):
+        tracing.task_ended(task_id or "", state=state or "", retval=retval)
+
+
 worker_ready.connect(start_watchdog, dispatch_uid="initpipeline.start_watchdog", weak=False)
 task_failure.connect(on_task_failure, dispatch_uid="initpipeline.on_task_failure", weak=False)
 worker_shutting_down.connect(stop_watchdogs, dispatch_uid="initpipeline.stop_watchdogs", weak=False)
@@ -296,3 +309,4 @@ worker_init.connect(forget_leaving, dispatch_uid="initpipeline.forget_leaving", 
 worker_process_init.connect(
     leave_the_process_group, dispatch_uid="initpipeline.leave_the_process_group", weak=False
 )
+task_postrun.connect(trace_task_end, dispatch_uid="initpipeline.trace_task_end", weak=False)

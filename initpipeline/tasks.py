@@ -10,7 +10,7 @@ from celery.exceptions import Ignore
 
 # signals: the worker's recovery watchdog, hand-off and hard time limits, connected here
 # because every process that runs these tasks imports this module first (signals.py).
-from . import execution, signals  # noqa: F401
+from . import execution, signals, tracing  # noqa: F401
 from .dispatch import FINISH_RUN, PHASE_TASK_OPTIONS, RUN_PHASE
 from .exceptions import PhaseFailed, PhaseSkipped, RetryPhase
 from .models import PhaseState
@@ -46,8 +46,11 @@ def run_phase(self: Any, run_id: int, phase_name: str, advance: bool = False) ->
     return state
 
 
-@shared_task(name=FINISH_RUN, acks_late=True, ignore_result=True)
-def finish_run(run_id: int) -> int | None:
+@shared_task(bind=True, name=FINISH_RUN, acks_late=True, ignore_result=True)
+def finish_run(self: Any, run_id: int) -> int | None:
     """Activate the run's generation."""
+    # Here, not in task_prerun: Celery's instrumentation, if installed, has made its run/
+    # span current by now, and this one nests under it (tracing.py).
+    tracing.finish_started(run_id, self.request.id or "")
     generation = execution.finish_run(run_id=run_id)
     return generation.pk if generation else None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hmac
 import re
 
 from django.http import HttpRequest, HttpResponse, JsonResponse
@@ -56,6 +57,56 @@ def readyz(request: HttpRequest) -> HttpResponse:
         expected_unavailable(request)
         response["Retry-After"] = str(settings.RETRY_AFTER)
     return _uncached(response)
+
+
+#: The challenge of a 401 from /init/metrics (RFC 6750).
+BEARER_CHALLENGE = 'Bearer realm="initpipeline metrics"'
+
+
+def metrics_access(request: HttpRequest) -> int:
+    """200 when ``request`` may read the metrics, else the status to answer: 401 for a
+    missing or wrong bearer token (Prometheus scrapes with ``METRICS_TOKEN``, which is
+    compared in constant time), 403 for a signed-in user who may not see the init's
+    details (``can_see_details``, the admin's progress pages' rule)."""
+    header = request.headers.get("Authorization", "")
+    scheme, _, given = header.partition(" ")
+    if scheme.lower() == "bearer":
+        token = settings.METRICS_TOKEN
+        ok = token is not None and hmac.compare_digest(
+            given.strip().encode("utf-8", "surrogateescape"), token.encode()
+        )
+        return 200 if ok else 401
+    user = getattr(request, "user", None)
+    if user is None or not user.is_authenticated:
+        return 401
+    return 200 if can_see_details(user) else 403
+
+
+@never_cache
+def metrics(request: HttpRequest) -> HttpResponse:
+    """Prometheus metrics (README: Monitoring): for Prometheus with METRICS_TOKEN, and for
+    staff who may see the init's details."""
+    status = metrics_access(request)
+    if status != 200:
+        response = HttpResponse(
+            "forbidden\n" if status == 403 else "a valid bearer token is needed\n",
+            status=status,
+            content_type="text/plain",
+        )
+        if status == 401:
+            response["WWW-Authenticate"] = BEARER_CHALLENGE
+        return response
+    try:
+        # Only here: a web process that serves no metrics never imports prometheus-client.
+        from . import metrics as prometheus
+    except ImportError:
+        return HttpResponse(
+            'prometheus-client is not installed: pip install "initpipeline[metrics]"\n',
+            status=501,
+            content_type="text/plain",
+        )
+    body, content_type = prometheus.exposition(request.headers.get("Accept"))
+    return HttpResponse(body, content_type=content_type)
 
 
 @never_cache

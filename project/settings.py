@@ -131,6 +131,9 @@ INITPIPELINE = {
     "REFRESH_INTERVAL": float(os.environ.get("INITPIPELINE_REFRESH_INTERVAL", "2")),
     "REQUIRED_ARTIFACTS": ["lsa_docs"],
     "DEFAULT_TIMEOUT": 3600,
+    # The bearer token Prometheus scrapes /init/metrics with (README: Monitoring); without
+    # it, staff read the metrics in a browser (admin / admin in the demo).
+    "METRICS_TOKEN": os.environ.get("INITPIPELINE_METRICS_TOKEN") or None,
 }
 
 # The demo workload: 1 = the standard library and the packages requirements.txt installs

@@ -419,6 +419,87 @@ class MotoServer:
             self.proc = None
 
 
+class PrometheusServer:
+    """Debian's ``prometheus`` on a free loopback port, scraping ``targets`` (host:port) at
+    ``metrics_path`` every ``interval`` with a bearer token; its data in ``workdir``."""
+
+    def __init__(
+        self,
+        workdir: Path,
+        targets: list[str],
+        *,
+        metrics_path: str = "/init/metrics",
+        token: str | None = None,
+        interval: str = "1s",
+    ) -> None:
+        self.binary = _binary("prometheus")
+        self.workdir = workdir
+        self.port = free_port()
+        self.log = workdir / "prometheus.log"
+        auth = f"    authorization: {{credentials: '{token}'}}\n" if token else ""
+        self.config = workdir / "prometheus.yml"
+        self.config.write_text(
+            "global: {scrape_interval: " + interval + ", evaluation_interval: " + interval + "}\n"
+            "scrape_configs:\n"
+            "  - job_name: initpipeline\n"
+            f"    metrics_path: {metrics_path}\n"
+            f"{auth}"
+            f"    static_configs: [{{targets: {targets!r}}}]\n"
+        )
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self) -> None:
+        self.proc = proc = spawn(
+            [
+                self.binary,
+                f"--config.file={self.config}",
+                f"--storage.tsdb.path={self.workdir / 'data'}",
+                f"--web.listen-address=127.0.0.1:{self.port}",
+            ],
+            dict(os.environ),
+            self.log,
+            cwd=self.workdir,
+        )
+        wait_for(
+            lambda: self._ready() or proc.poll() is not None,
+            60,
+            what="prometheus did not start",
+            log=self.log,
+        )
+        if proc.poll() is not None:
+            raise RuntimeError(f"prometheus exited:\n{self.log.read_text(errors='replace')}")
+
+    def _ready(self) -> bool:
+        import urllib.request
+
+        try:
+            with urllib.request.urlopen(f"{self.url}/-/ready", timeout=1) as r:
+                return bool(r.status == 200)
+        except OSError:
+            return False
+
+    def query(self, expr: str) -> list[dict[str, Any]]:
+        """The result of an instant query (``data.result`` of the HTTP API)."""
+        import json
+        import urllib.parse
+        import urllib.request
+
+        url = f"{self.url}/api/v1/query?" + urllib.parse.urlencode({"query": expr})
+        with urllib.request.urlopen(url, timeout=5) as r:
+            body = json.load(r)
+        assert body["status"] == "success", body
+        return list(body["data"]["result"])
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            kill_group(self.proc)
+            self.proc = None
+
+
 def main(argv: list[str]) -> int:
     if "--" not in argv or argv[: argv.index("--")] != ["postgres"]:
         print("usage: python -m tests.servers postgres -- COMMAND ...", file=sys.stderr)

@@ -119,3 +119,10 @@ PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
 # Serve static files from the apps' folders (no collectstatic in tests).
 WHITENOISE_USE_FINDERS = True
 WHITENOISE_AUTOREFRESH = True
+
+# tests/test_tracing.py: every process of the test traces, as in a project that configured
+# OpenTelemetry (tests/tracing_setup.py).
+if os.environ.get("INITPIPELINE_TEST_TRACING"):
+    from tests.tracing_setup import install
+
+    install(os.environ["INITPIPELINE_TEST_TRACING"])

@@ -41,6 +41,7 @@ def test_bench_quick_writes_every_figure(tmp_path: Path) -> None:
         "scale",
         "shards",
         "serving",
+        "monitoring",
     }
     first = data["first_response"]["2"]
     assert first["ratios"]["bare Django"] == 1.0
@@ -72,12 +73,17 @@ def test_bench_quick_writes_every_figure(tmp_path: Path) -> None:
     # A loader that holds the GIL past timeout: the heartbeat process keeps the worker.
     assert serving["gil"]["background"]["worker_timeouts"] == 0
     assert serving["gil"]["in-request"]["worker_timeouts"] >= 1
+    scrape = data["monitoring"]["scrape"]
+    # The same queries whatever the run's size (tests/test_metrics.py counts them too).
+    assert scrape["phases"]["queries"] == scrape["shards"]["queries"] == [2]
+    assert data["monitoring"]["tracing"]["exports"] > 0
     assert (tmp_path / "latest.png").read_bytes().startswith(b"\x89PNG")
     report = (tmp_path / "latest.md").read_text()
     assert "**Goals**" in report
     assert "**1. Time to first response**" in report
     assert "**9. Sharded phases**" in report
     assert "**10. Serving: no request waits for a load**" in report
+    assert "**11. Monitoring**" in report
 
 
 def test_the_bench_stops_at_once_when_the_run_failed(monkeypatch: pytest.MonkeyPatch) -> None:

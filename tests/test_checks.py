@@ -140,6 +140,27 @@ def test_settings_that_are_not_a_dict() -> None:
             ("initpipeline.E024", "INITPIPELINE['LOST_LIMIT'] must be an integer >= 0, not -1."),
         ),
         (
+            {"METRICS_SHARDS": 1},
+            ("initpipeline.E021", "INITPIPELINE['METRICS_SHARDS'] must be True or False, not 1."),
+        ),
+        (
+            # The token itself is never shown: check output ends up in logs.
+            {"METRICS_TOKEN": "s3cret"},
+            (
+                "initpipeline.E027",
+                "INITPIPELINE['METRICS_TOKEN'] must be None or a string of at least 16 "
+                "characters, not a string of 6 characters.",
+            ),
+        ),
+        (
+            {"METRICS_TOKEN": b"0123456789abcdef0123"},
+            (
+                "initpipeline.E027",
+                "INITPIPELINE['METRICS_TOKEN'] must be None or a string of at least 16 "
+                "characters, not a bytes.",
+            ),
+        ),
+        (
             {"REQUIRED_ARTIFACTS": ["ghost"]},
             (
                 "initpipeline.E008",

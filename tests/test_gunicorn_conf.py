@@ -94,3 +94,63 @@ def test_when_ready_does_nothing_unless_the_setting_asks(monkeypatch: pytest.Mon
     server = Server()
     assert start_init_when_ready(server) is None
     assert server.log.lines == []
+
+
+class FakeServer:
+    """What the hooks use of Gunicorn's arbiter: its log and config."""
+
+    def __init__(self, workers: int = 2) -> None:
+        self.lines: list[str] = []
+        self.cfg = type("Cfg", (), {"workers": workers})()
+        self.log = self
+
+    def info(self, msg: str, *args: Any) -> None:
+        self.lines.append(msg % args)
+
+    def exception(self, msg: str, *args: Any) -> None:
+        self.lines.append("EXCEPTION " + msg % args)
+
+
+def test_the_metrics_hooks_empty_the_folder_at_start_and_forget_a_dead_workers_gauges(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Any
+) -> None:
+    from initpipeline.gunicorn import child_exit, on_starting
+
+    cfg = config("python:initpipeline.gunicorn_conf", monkeypatch)
+    assert (cfg.on_starting, cfg.child_exit) == (on_starting, child_exit)
+    folder = tmp_path / "metrics"
+    monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", str(folder))
+    server = FakeServer()
+    on_starting(server)  # creates it
+    # What an earlier server left, and then what two workers of this one write.
+    (folder / "counter_99.db").write_bytes(b"old")
+    on_starting(server)
+    assert list(folder.iterdir()) == []
+    for name in (
+        "counter_101.db",
+        "gauge_liveall_101.db",
+        "gauge_livemax_101.db",
+        "gauge_liveall_102.db",
+    ):
+        (folder / name).write_bytes(b"")
+    child_exit(server, type("Worker", (), {"pid": 101})())
+    # Its live gauges go; what it counted stays, and so does the other worker's gauge.
+    assert sorted(p.name for p in folder.iterdir()) == ["counter_101.db", "gauge_liveall_102.db"]
+    assert server.lines == []
+
+
+def test_without_the_folder_a_server_of_several_workers_says_what_it_misses(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from initpipeline.gunicorn import on_starting
+
+    monkeypatch.delenv("PROMETHEUS_MULTIPROC_DIR", raising=False)
+    server = FakeServer(workers=2)
+    on_starting(server)
+    assert server.lines == [
+        "initpipeline: PROMETHEUS_MULTIPROC_DIR is not set, so the artifact load metrics of "
+        "/init/metrics are those of the worker that answers, not of the server"
+    ]
+    alone = FakeServer(workers=1)
+    on_starting(alone)
+    assert alone.lines == []
