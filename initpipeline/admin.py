@@ -33,6 +33,7 @@ from .models import (
     PhaseState,
     PipelineRun,
     RunState,
+    WebProcess,
     trigger_label,
 )
 from .permissions import can_see_details
@@ -429,8 +430,20 @@ class PipelineRunAdmin(ReadOnlyMixin, admin.ModelAdmin):  # type: ignore[type-ar
         return HttpResponseRedirect(self._url("progress_run", run.pk))
 
 
+class DetailsRule:
+    """The records' pages show the init's details (messages, errors, tracebacks, what
+    failed to load): for the users ``can_see_details`` names, whatever the model's own view
+    permission says (PipelineRunAdmin and /init/status.json follow the same rule)."""
+
+    def has_view_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        return can_see_details(request.user)
+
+    def has_module_permission(self, request: HttpRequest) -> bool:
+        return can_see_details(request.user)
+
+
 @admin.register(PhaseRun)
-class PhaseRunAdmin(ReadOnlyMixin, admin.ModelAdmin):  # type: ignore[type-arg]
+class PhaseRunAdmin(DetailsRule, ReadOnlyMixin, admin.ModelAdmin):  # type: ignore[type-arg]
     list_display = ["run", "name", "state", "attempt", "started_at", "finished_at"]
     list_filter = ["state", "name"]
     list_select_related = ["run"]
@@ -438,7 +451,7 @@ class PhaseRunAdmin(ReadOnlyMixin, admin.ModelAdmin):  # type: ignore[type-arg]
 
 
 @admin.register(Artifact)
-class ArtifactAdmin(ReadOnlyMixin, admin.ModelAdmin):  # type: ignore[type-arg]
+class ArtifactAdmin(DetailsRule, ReadOnlyMixin, admin.ModelAdmin):  # type: ignore[type-arg]
     list_display = ["name", "format", "size", "sha256", "run", "created_at"]
     list_filter = ["name", "format"]
     search_fields = ["name", "sha256", "fingerprint"]
@@ -446,7 +459,14 @@ class ArtifactAdmin(ReadOnlyMixin, admin.ModelAdmin):  # type: ignore[type-arg]
 
 
 @admin.register(Generation)
-class GenerationAdmin(ReadOnlyMixin, admin.ModelAdmin):  # type: ignore[type-arg]
+class GenerationAdmin(DetailsRule, ReadOnlyMixin, admin.ModelAdmin):  # type: ignore[type-arg]
     list_display = ["id", "is_active", "run", "created_at", "activated_at"]
     readonly_fields = ["run", "fingerprints", "is_active", "created_at", "activated_at"]
     filter_horizontal = ["artifacts"]
+
+
+@admin.register(WebProcess)
+class WebProcessAdmin(DetailsRule, ReadOnlyMixin, admin.ModelAdmin):  # type: ignore[type-arg]
+    list_display = ["host", "server", "pid", "state", "generation", "reported_at"]
+    list_filter = ["host", "state"]
+    readonly_fields = [f.name for f in WebProcess._meta.fields]

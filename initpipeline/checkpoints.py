@@ -39,11 +39,18 @@ def _as_json(state: Any) -> bytes | None:
     return data.encode() if json.loads(data) == state else None
 
 
-def save(state: Any, *, run_id: int, done: float | None, total: float | None) -> dict[str, Any]:
+def save(
+    state: Any,
+    *,
+    run_id: int,
+    done: float | None,
+    total: float | None,
+    phase_run_id: int | None = None,
+) -> dict[str, Any]:
     """Publish ``state``; returns the record to keep on the phase's row."""
     data = _as_json(state)
     fmt = "json" if data is not None else "pickle"
-    path = storage.new_scratch_path(formats.SUFFIX[fmt], run_id=run_id)
+    path = storage.new_scratch_path(formats.SUFFIX[fmt], run_id=run_id, phase_run_id=phase_run_id)
     try:
         if data is not None:
             formats.write_bytes(path, data)

@@ -134,6 +134,7 @@ class PhaseContext:
             record = checkpoints.save(
                 state,
                 run_id=self.run_id,
+                phase_run_id=self._phase_run_id,
                 done=self._done if done is None else done,
                 total=self._total if total is None else total,
             )
@@ -272,7 +273,7 @@ class PhaseContext:
             raise PipelineConfigError(f"phase {self.name!r} saved artifact {name!r} twice")
 
     def _scratch(self, suffix: str) -> Path:
-        return storage.new_scratch_path(suffix, run_id=self.run_id)
+        return storage.new_scratch_path(suffix, run_id=self.run_id, phase_run_id=self._phase_run_id)
 
     def _save(
         self,

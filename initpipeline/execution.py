@@ -142,6 +142,9 @@ def claim(run_id: int, phase_name: str, task_id: str, worker: str) -> PhaseRun:
             "phase %s of run %s: lease %d takes over (%s)", pr.name, run_id, pr.lease, lost
         )
     tracing.phase_claimed(pr, task_id=task_id, worker=pr.worker, lost=lost)
+    if pr.losses or resume:
+        # A copy before this one was lost or handed off: what it was writing is garbage.
+        retention.forget_scratch_of(pr.run_id, pr.pk)
     return pr
 
 

@@ -158,6 +158,8 @@ def status_text(report: StatusReport) -> str:
     else:
         head += f"   active generation: {gen.id} (run {gen.run_id})"
     lines = [head]
+    for name, reason in report.corrupt.items():
+        lines.append(f"corrupt: {name}: {plain_text(reason)}; start_init rebuilds it")
     run = report.run
     if run is None:
         lines.append("no run yet: python manage.py start_init")
@@ -240,7 +242,8 @@ def summary_text(run: RunReport, outcome: RunOutcome) -> str:
 def plan_text(plan: Plan, *, in_flight: int | None = None) -> str:
     """What ``start_init --dry-run`` prints: ``NAME  run|cached  REASON`` per phase, then
     one summary line."""
-    lines = [table([[p.name, p.action, p.reason] for p in plan.phases])] if plan.phases else []
+    rows = [[plain_text(p.name), p.action, plain_text(p.reason)] for p in plan.phases]
+    lines = [table(rows)] if rows else []
     to_run = plan.to_run
     if plan.up_to_date:
         assert plan.active is not None

@@ -14,7 +14,7 @@ from typing import Any
 
 from django.utils import timezone
 
-from . import history
+from . import history, storage
 from .exceptions import PipelineConfigError
 from .models import (
     PHASE_DONE,
@@ -26,6 +26,7 @@ from .models import (
     RunState,
     WebProcess,
 )
+from .registry import required_artifacts
 from .servers import REPORT_STALE
 
 READY = "ready"
@@ -379,11 +380,14 @@ class StatusReport:
     run: RunReport | None
     #: The web processes that serve in the background and report what they serve.
     web: list[WebProcessReport] = field(default_factory=list)
+    #: Required artifacts of the active generation whose file is bad here: name -> why.
+    corrupt: dict[str, str] = field(default_factory=dict)
 
     def as_dict(self) -> dict[str, Any]:
         """``init_status --json`` and ``/init/status.json``."""
         return {
             "state": self.state,
+            "corrupt": self.corrupt,
             "active_generation": None if self.active is None else self.active.as_dict(),
             "run": None if self.run is None else self.run.as_dict(),
             "web": [w.as_dict() for w in self.web],
@@ -397,9 +401,18 @@ def status_report(*, run_id: int | None = None) -> StatusReport:
     run = PipelineRun.objects.filter(pk=run_id).first() if run_id is not None else latest
     if run_id is not None and run is None:
         raise PipelineConfigError(f"there is no run {run_id}")
+    corrupt: dict[str, str] = {}
+    if active is not None:
+        # What /init/readyz refuses on this host: a required artifact whose file is known
+        # to be bad (a stat each, no hashing).
+        required = set(required_artifacts())
+        for art in active.artifacts.all():
+            reason = storage.problem(art) if art.name in required else None
+            if reason:
+                corrupt[art.name] = reason
     if latest is not None and latest.state == RunState.FAILED:
         state = FAILED
-    elif active is not None:
+    elif active is not None and not corrupt:
         state = READY
     else:
         state = NOT_READY
@@ -408,6 +421,7 @@ def status_report(*, run_id: int | None = None) -> StatusReport:
         active=None if active is None else GenerationReport.of(active),
         run=None if run is None else run_report(run),
         web=web_reports(),
+        corrupt=corrupt,
     )
 
 

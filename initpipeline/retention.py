@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import time
 
+from django.core.exceptions import SuspiciousOperation
 from django.db.models import Q
 
 from .conf import settings
@@ -64,10 +65,16 @@ def collect(*, keep: int | None = None, dry_run: bool = False) -> list[Artifact]
         if art.storage_key in seen:
             continue
         seen.add(art.storage_key)
-        if not storage.exists(art.storage_key):
+        try:
+            if not storage.exists(art.storage_key):
+                continue
+            if not dry_run:
+                storage.delete(art.storage_key)
+        except (SuspiciousOperation, OSError, ValueError) as exc:
+            # One bad record (a key outside the storage, a file the storage refuses) must
+            # not keep the others from being collected.
+            logger.warning("skipped artifact %s (%s): %s", art.pk, art.storage_key[:200], exc)
             continue
-        if not dry_run:
-            storage.delete(art.storage_key)
         removed.append(art)
     if removed and not dry_run:
         logger.info("deleted the files of %d old artifacts", len(removed))
@@ -94,3 +101,10 @@ def _remove_stale_scratch() -> None:
                 path.unlink()
         except FileNotFoundError:
             pass
+
+
+def forget_scratch_of(run_id: int, phase_run_id: int) -> None:
+    """Delete what a copy of this phase left in the scratch folder: a new copy claimed it,
+    so the one that wrote them is gone (a SIGKILL during a write, say)."""
+    for path in scratch_dir().glob(f"r{run_id}-p{phase_run_id}-*.part*"):
+        path.unlink(missing_ok=True)

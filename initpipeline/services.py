@@ -54,7 +54,8 @@ def _forced(
     if force:
         return set(pipeline.phases)
     forced: set[str] = set()
-    if from_phase:
+    if from_phase is not None:
+        # `--from ""` (an empty shell variable) is a mistake, not "no --from".
         pipeline[from_phase]
         forced |= {from_phase, *pipeline.descendants(from_phase)}
     for name in only:

@@ -17,6 +17,7 @@ import logging
 import os
 import re
 import shutil
+import stat
 import tempfile
 import threading
 import uuid
@@ -103,7 +104,18 @@ def cache_dir() -> Path:
     if str(path) in _checked_dirs:
         return path
     path.mkdir(mode=0o700, parents=True, exist_ok=True)
-    st = path.stat()
+    st = path.lstat()
+    if stat.S_ISLNK(st.st_mode):
+        raise PipelineConfigError(
+            f"LOCAL_CACHE_DIR {path} is a symbolic link: whoever may change the link may "
+            "plant files taken for verified artifacts; name the folder itself"
+        )
+    parent = path.parent.stat()
+    if parent.st_mode & 0o002 and not parent.st_mode & stat.S_ISVTX:
+        raise PipelineConfigError(
+            f"LOCAL_CACHE_DIR {path} is in {path.parent}, which anyone may write without the "
+            "sticky bit: another user could replace the folder; choose a private parent"
+        )
     if st.st_uid != os.geteuid() or st.st_mode & 0o022:
         owner = "another user" if st.st_uid != os.geteuid() else "this user"
         raise PipelineConfigError(
@@ -123,9 +135,14 @@ def scratch_dir() -> Path:
     return base
 
 
-def new_scratch_path(suffix: str = "", *, run_id: int | None = None) -> Path:
-    """A fresh scratch path; ``run_id`` lets init_gc remove it once the run has ended."""
+def new_scratch_path(
+    suffix: str = "", *, run_id: int | None = None, phase_run_id: int | None = None
+) -> Path:
+    """A fresh scratch path; ``run_id`` lets init_gc remove it once the run has ended, and
+    ``phase_run_id`` lets the next copy of the phase remove what a killed one left."""
     prefix = f"r{run_id}-" if run_id is not None else ""
+    if run_id is not None and phase_run_id is not None:
+        prefix += f"p{phase_run_id}-"
     return scratch_dir() / f"{prefix}{uuid.uuid4().hex}.part{suffix}"
 
 

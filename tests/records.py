@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 from django.utils import timezone
@@ -85,12 +86,23 @@ def make_run(
     return run
 
 
+def _file_of_size(key: str, size: int) -> None:
+    root = storage.get_storage().path("")
+    path = Path(root) / key
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if not path.exists() or path.stat().st_size != size:
+        path.write_bytes(b"\0" * size)
+
+
 def make_generation(
     run: PipelineRun, artifacts: list[tuple[str, str, int]], *, active: bool = True
 ) -> Generation:
-    """A generation of ``run`` with artifacts (name, format, size); sha256 is derived."""
+    """A generation of ``run`` with artifacts (name, format, size); sha256 is derived. Each
+    has a file of its size under its key (what readiness and init_status look at), never
+    hashed by these tests."""
     records = []
     for name, fmt, size in artifacts:
+        _file_of_size(f"{name}/{name}.bin", size)
         phase_run = run.phases.filter(name=name.removesuffix("_out")).first()
         records.append(
             Artifact.objects.create(

@@ -560,3 +560,15 @@ def test_progress_list_shows_which_generation_each_web_process_serves(
         "</td>",
         html=True,
     )
+
+
+@pytest.mark.parametrize("model", ["phaserun", "artifact", "generation", "webprocess"])
+def test_the_records_pages_follow_the_one_rule_for_details(login: UserFactory, model: str) -> None:
+    """A phase's message, error and traceback, an artifact's failed check, a web process's
+    failed loads: for those who may see the init's details, not for any model viewer."""
+    failed_run()
+    url = reverse(f"admin:initpipeline_{model}_changelist")
+    assert login(f"view_{model}").get(url).status_code == 403
+    Client().logout()
+    viewer = login(f"view_{model}", "view_pipelinerun", name="viewer")
+    assert viewer.get(url).status_code == 200

@@ -51,6 +51,20 @@ def test_redelivered_copy_of_a_stale_phase_out_of_losses_fails_it() -> None:
     assert PipelineRun.objects.get(pk=run.pk).state == "failed"
 
 
+def test_the_copy_that_takes_over_removes_what_the_lost_one_was_writing() -> None:
+    run = live_run(a=done(), b=running(heartbeat_ago=10), c={"state": "pending"})
+    b, c = phase_of(run, "b"), phase_of(run, "c")
+    # A checkpoint the killed copy was writing, and a file of another phase of the run.
+    left = storage.new_scratch_path(".pkl", run_id=run.pk, phase_run_id=b.pk)
+    other = storage.new_scratch_path(".pkl", run_id=run.pk, phase_run_id=c.pk)
+    left.write_bytes(b"half a checkpoint")
+    other.write_bytes(b"being written")
+    execution.claim(run.pk, "b", "task-2", "w2@host")
+    assert not left.exists()
+    assert other.exists()
+    other.unlink()
+
+
 # -- a copy that lost its phase, and cancel against finish --------------------------------
 
 

@@ -286,6 +286,10 @@ def test_dry_run_of_an_unknown_phase_is_bad_usage(use: Use) -> None:
     with pytest.raises(CommandError) as exc:
         dry_run("--wait")
     assert (str(exc.value), exc.value.returncode) == ("--dry-run starts nothing to --wait for", 2)
+    # An empty --from (an unset shell variable) is a mistake, not "from nowhere".
+    with pytest.raises(CommandError) as exc:
+        dry_run("--from", "")
+    assert (str(exc.value), exc.value.returncode) == ("unknown phase '' (known: x, y, z)", 2)
 
 
 def test_dry_run_on_a_database_that_lacks_migrations_is_bad_usage(

@@ -261,3 +261,39 @@ def test_init_status_shows_what_each_web_server_serves() -> None:
     with contextlib.suppress(SystemExit, CommandError):
         call_command("init_status", stdout=out)
     assert "\n".join(web_lines(report.web)) in out.getvalue()
+
+
+def test_the_plan_prints_names_and_reasons_as_plain_text() -> None:
+    from types import SimpleNamespace
+
+    from initpipeline.formatters import plan_text
+
+    phase = SimpleNamespace(
+        name="evil\x1b]0;title\x07name", action="run", reason="code\x1b[31m changed"
+    )
+    plan = SimpleNamespace(phases=[phase], to_run=[phase], up_to_date=False, active=None)
+    assert plan_text(plan) == "evilname  run  code changed\n1 of 1 phase to run"  # type: ignore[arg-type]
+
+
+def test_init_status_is_not_ready_while_a_required_active_artifact_is_corrupt() -> None:
+    import os
+
+    from initpipeline import storage
+    from tests.records import publish_generation
+
+    gen = publish_generation(b_out=("npy", [1.0, 2.0, 3.0]))
+    art = gen.artifacts.get()
+    path = storage.local_path(art)
+    os.chmod(path, 0o644)
+    with open(path, "ab") as fh:
+        fh.write(b"!")  # a stray write: readyz answers 503 for it on this host
+    report = reporting.status_report()
+    assert report.state == "not_ready"
+    assert report.corrupt == {
+        "b_out": f"its file changed: {art.size + 1} bytes, {art.size} published"
+    }
+    out = io.StringIO()
+    with pytest.raises(CommandError) as exc:
+        call_command("init_status", stdout=out)
+    assert (str(exc.value), exc.value.returncode) == ("not ready: corrupt b_out", 3)
+    assert "corrupt: b_out: its file changed" in out.getvalue()

@@ -171,3 +171,17 @@ def test_gc_after_activation_deletes_the_files_of_generations_no_longer_kept(
     assert all(path.exists() for path in new)
     # The second activation ran init_gc (KEEP_GENERATIONS=1): the first run's files are gone.
     assert [path.exists() for path in old] == [not gc] * 3
+
+
+def test_a_record_with_a_bad_storage_key_is_skipped_not_a_traceback(
+    artifacts_dir: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    gens = [generation(n, age=10 - n) for n in range(1, 5)]
+    Generation.objects.filter(pk=gens[-1].pk).update(is_active=True)
+    bad = gens[0].artifacts.get()
+    Artifact.objects.filter(pk=bad.pk).update(storage_key="../../etc/passwd")
+    out = StringIO()
+    call_command("init_gc", "--keep", "2", stdout=out)
+    # The other old generation's file went; the bad record was left, with a warning.
+    assert not (artifacts_dir / gens[1].artifacts.get().storage_key).exists()
+    assert f"skipped artifact {bad.pk} (../../etc/passwd)" in caplog.text

@@ -377,3 +377,28 @@ def test_the_default_cache_folder_is_private_to_this_user(tmp_path: Path) -> Non
         folder = storage.cache_dir()
     assert folder.name == f"initpipeline-cache-{os.geteuid()}"
     assert folder.stat().st_mode & 0o777 == 0o700
+
+
+def test_a_cache_folder_behind_a_link_or_in_a_folder_anyone_may_write_is_refused(
+    tmp_path: Path,
+) -> None:
+    private = tmp_path / "private"
+    private.mkdir(mode=0o700)
+    link = tmp_path / "link"
+    link.symlink_to(private)
+    with (
+        override_settings(INITPIPELINE={"LOCAL_CACHE_DIR": str(link)}),
+        pytest.raises(PipelineConfigError, match="is a symbolic link"),
+    ):
+        storage.cache_dir()
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shared.chmod(0o777)  # no sticky bit: another user could rename our folder away
+    with (
+        override_settings(INITPIPELINE={"LOCAL_CACHE_DIR": str(shared / "cache")}),
+        pytest.raises(PipelineConfigError, match="anyone may write without the sticky bit"),
+    ):
+        storage.cache_dir()
+    shared.chmod(0o1777)  # as /tmp: the sticky bit keeps others from renaming it
+    with override_settings(INITPIPELINE={"LOCAL_CACHE_DIR": str(shared / "cache")}):
+        assert storage.cache_dir() == shared / "cache"

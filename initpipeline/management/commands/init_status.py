@@ -43,6 +43,8 @@ class Command(InitCommand):
             self.write_json(report.as_dict())
         else:
             self.stdout.write(status_text(report))
+        if report.state == NOT_READY and report.corrupt:
+            self.exit(3, f"not ready: corrupt {', '.join(report.corrupt)}")
         if report.state in EXIT:
             self.exit(*EXIT[report.state])
 
