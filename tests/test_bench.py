@@ -14,6 +14,7 @@ from tests.conftest import REQUIRE_SERVICES, ROOT
 pytestmark = [pytest.mark.slow]
 
 
+@pytest.mark.timeout(900)  # beyond pytest's 300 s: the subprocess's own bound is 600 s
 def test_bench_quick_writes_every_figure(tmp_path: Path) -> None:
     result = subprocess.run(
         [sys.executable, "-m", "bench", "--quick", "--out", str(tmp_path)],
@@ -88,7 +89,6 @@ def test_bench_quick_writes_every_figure(tmp_path: Path) -> None:
 
 def test_the_bench_stops_at_once_when_the_run_failed(monkeypatch: pytest.MonkeyPatch) -> None:
     import threading
-    import time
     from http.server import BaseHTTPRequestHandler, HTTPServer
     from types import SimpleNamespace
 
@@ -118,11 +118,10 @@ def test_the_bench_stops_at_once_when_the_run_failed(monkeypatch: pytest.MonkeyP
     reason = "run 1 is failed: phase check_queries failed: AssertionError: only 1 of 5"
     monkeypatch.setattr(harness, "run_failure", lambda env: reason)
     running = SimpleNamespace(name="deploy-web", proc=SimpleNamespace(poll=lambda: None))
-    started = time.monotonic()
     try:
+        # At once: waiting out the timeout would end in "not ready after 120 s" instead.
         with pytest.raises(SystemExit, match="the run failed \\(check_queries\\)") as stopped:
-            harness.wait_ready(server.server_port, harness.Env(files=40), [running])  # type: ignore[list-item]
+            harness.wait_ready(server.server_port, harness.Env(files=40), [running], timeout=120)  # type: ignore[list-item]
     finally:
         server.shutdown()
     assert reason in str(stopped.value)
-    assert time.monotonic() - started < 5

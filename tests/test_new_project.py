@@ -166,6 +166,7 @@ def project(tmp_path: Path) -> Iterator[NewProject]:
     made.stop()
 
 
+@pytest.mark.timeout(900)  # a wheel, a venv and pip: beyond pytest's 300 s on a slow host
 def test_readme_steps_take_a_fresh_startproject_to_ready(project: NewProject) -> None:
     steps = readme_steps()
     assert [(kind, path) for kind, path, _ in steps] == [
