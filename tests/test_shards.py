@@ -92,21 +92,32 @@ def test_shards_run_side_by_side_on_two_worker_processes_and_merge(shards: Stack
 
 
 def test_a_worker_killed_mid_shard_costs_only_that_shard(shards: Stack) -> None:
-    shards.control(sleep={"squares": 3}, shards=2)
+    # Two workers: shard 1 finishes at once, shard 0 lingers (3 s after its work), so the
+    # kill lands after a sibling succeeded, and a loss that re-ran every shard would show.
+    shards.control(sleep={"squares": 0.2}, shards=2, shard_sleep={"0": 3})
+    shards.start_worker()
     shards.start_worker()
     assert shards.manage("start_init").returncode == 0
     run = PipelineRun.objects.get()
-    wait_for(lambda: rows(run)["squares#0"].progress >= 0.3, timeout=60)
-    victim = shards.workers[0]
+    wait_for(
+        lambda: (
+            rows(run)["squares#1"].state == "succeeded" and rows(run)["squares#0"].progress >= 1.0
+        ),
+        timeout=60,
+    )
+    sibling = rows(run)["squares#1"]
+    victim = shards.workers[int(rows(run)["squares#0"].worker.split("@")[0].removeprefix("test"))]
+    shards.control(sleep={"squares": 0.2}, shards=2)  # the next copy of shard 0 lingers not
     os.killpg(victim.pid, signal.SIGKILL)
     victim.wait()
-    shards.start_worker()
     run = shards.ended(run)
     assert run.state == "succeeded", run.error
     records = rows(run)
     assert (records["squares#0"].losses, records["squares#1"].losses) == (1, 0)
-    starts = [index for index, _, _ in shard_starts(shards, run)]
-    assert sorted(starts) == [0, 0, 1]  # shard 0 twice, shard 1 once
+    # The sibling ran once, and its record was left as it was.
+    assert sorted(index for index, _, _ in shard_starts(shards, run)) == [0, 0, 1]
+    assert records["squares#1"].finished_at == sibling.finished_at
+    assert records["squares#1"].lease == sibling.lease
     assert merged_total()["sum"] == SUM
 
 
