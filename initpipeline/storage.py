@@ -2,10 +2,11 @@
 
 Every process checks an artifact's sha256 before its first use, but a host hashes a file
 once: what was verified is recorded in ``LOCAL_CACHE_DIR/verified/`` by (device, inode,
-size, mtime), and a process whose file still has that identity takes the record's word
-for it. A file changed in place changes its identity, so it is hashed again (and found
-corrupt); a failed check is recorded too, so it is not hashed again by every process.
-Published files are read-only.
+size, mtime, ctime), and a process whose file still has that identity takes the record's
+word for it. A file changed in place changes its identity (its ctime, which user space
+cannot set back, even when its size and mtime were restored), so it is hashed again (and
+found corrupt); a failed check is recorded too, so it is not hashed again by every
+process. Published files are read-only.
 """
 
 from __future__ import annotations
@@ -326,7 +327,17 @@ def _remote_sha256(storage: Storage, key: str) -> str | None:
 
 
 def _identity(st: os.stat_result) -> list[int]:
-    return [st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns]
+    """What a file must still show for this host to trust its earlier verdict on it.
+
+    The ctime too: an edit in place whose size and mtime were put back (``os.utime``)
+    leaves (device, inode, size, mtime) as they were, but the kernel sets the ctime on
+    every change of the file, and user space cannot set it.
+    """
+    return [st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns]
+
+
+#: The identity earlier releases recorded: (device, inode, size, mtime), no ctime.
+_LEGACY_IDENTITY = 4
 
 
 def _key_id(key: str) -> str:
@@ -344,6 +355,9 @@ def _record_path(sha: str, *, create: bool = False) -> Path:
 #: only when a process of the host replaced it (os.replace gives it another inode).
 _records_read: dict[str, tuple[tuple[int, int, int], dict[str, Any] | None]] = {}
 
+#: The key under which _read_record() gives a record's own mtime (when it was written).
+_WRITTEN = "_written_ns"
+
 
 def _read_record(sha: str) -> dict[str, Any] | None:
     path = _record_path(sha)
@@ -359,7 +373,7 @@ def _read_record(sha: str) -> dict[str, Any] | None:
         data = json.loads(path.read_text())
     except (OSError, ValueError):
         return None
-    record = data if isinstance(data, dict) else None
+    record = {**data, _WRITTEN: st.st_mtime_ns} if isinstance(data, dict) else None
     _records_read[sha] = (seen, record)
     return record
 
@@ -372,11 +386,24 @@ def _write_record(sha: str, path: Path, st: os.stat_result, **fields: Any) -> No
 
 
 def _record_holds(record: dict[str, Any] | None, path: Path, st: os.stat_result) -> bool:
-    return (
-        record is not None
-        and record.get("path") == str(path)
-        and record.get("identity") == _identity(st)
-    )
+    """Whether the host's record speaks of ``path`` as it is now (``st``)."""
+    if record is None or record.get("path") != str(path):
+        return False
+    identity = record.get("identity")
+    if not isinstance(identity, list):
+        return False
+    if len(identity) == _LEGACY_IDENTITY:
+        # Written by a release before the ctime counted: it holds while nothing changed
+        # the file since the record was written (any change sets the file's ctime to the
+        # time of the change, after the record's mtime). The hash is not taken again
+        # after an upgrade for files nothing touched.
+        written = record.get(_WRITTEN)
+        return (
+            identity == _identity(st)[:_LEGACY_IDENTITY]
+            and isinstance(written, int)
+            and st.st_ctime_ns <= written
+        )
+    return bool(identity == _identity(st))
 
 
 def _verified_here(sha: str, path: Path) -> bool:
@@ -446,7 +473,7 @@ def _check_file(artifact: Artifact, path: Path) -> None:
             )
             raise _corrupt(artifact, path, st, reason, unsigned=True)
         signer = _key_id(formats.signing_keys()[index])
-    if path.stat().st_mtime_ns == st.st_mtime_ns:
+    if _identity(path.stat()) == _identity(st):  # Not changed while it was hashed.
         _write_record(artifact.sha256, path, st, ok=True, signer=signer)
 
 
@@ -543,14 +570,13 @@ def materialize(artifact: Artifact) -> Path:
 
 
 def _tree(root: Path) -> dict[str, list[int]]:
-    """Every file and folder under ``root``: relative name -> its identity (st_ctime_ns
-    too: user space cannot set it, so an edit whose mtime was put back still shows)."""
+    """Every file and folder under ``root``: relative name -> its identity (_identity:
+    the ctime too, so an edit whose mtime was put back still shows)."""
     found = {}
     for top, dirs, files in os.walk(root):
         for name in dirs + files:
             full = os.path.join(top, name)
-            st = os.lstat(full)
-            found[os.path.relpath(full, root)] = [*_identity(st), st.st_ctime_ns]
+            found[os.path.relpath(full, root)] = _identity(os.lstat(full))
     return found
 
 
@@ -639,7 +665,7 @@ def problem(artifact: Artifact) -> str | None:
     record = _read_record(artifact.sha256)
     if record is None or record.get("path") != str(path):
         return None
-    if record.get("identity") != _identity(st):
+    if not _record_holds(record, path, st):
         return "its file changed since it was verified"
     return None if record.get("ok") else str(record.get("reason"))
 

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import json
 import os
 import pickle
 import threading
@@ -198,6 +199,58 @@ def test_a_file_changed_in_place_is_noticed_from_its_stat(artifacts_dir: Path) -
         storage.verify(art)
     assert "fails its checksum" in str(storage.problem(art))
     path.unlink()
+
+
+def test_an_edit_in_place_whose_size_and_mtime_were_put_back_is_noticed(
+    artifacts_dir: Path,
+) -> None:
+    art = record(publish_bytes(b"w" * 5000))
+    path = storage.verify(art)
+    before = path.stat()
+    os.chmod(path, 0o644)
+    with open(path, "r+b") as fh:
+        fh.seek(10)
+        fh.write(b"W")  # same size
+    os.chmod(path, 0o444)
+    os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))
+    after = path.stat()
+    assert (after.st_size, after.st_mtime_ns) == (before.st_size, before.st_mtime_ns)
+    assert storage.problem(art) == "its file changed since it was verified"
+    with pytest.raises(ArtifactCorrupt, match="fails its checksum"):
+        storage.verify(art)
+    path.unlink()
+
+
+def test_a_record_of_an_earlier_release_holds_until_the_file_changes(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    art = record(publish_bytes(b"v" * 5000))
+    path = storage.verify(art)
+    # What releases before the ctime counted wrote: (device, inode, size, mtime).
+    st = path.stat()
+    legacy = {"path": str(path), "identity": [st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns]}
+    kept = storage._record_path(art.sha256)
+    kept.write_text(json.dumps({**legacy, "ok": True}))
+    # Written as the file was published (the same tick of the kernel's clock, at best).
+    os.utime(kept, ns=(st.st_ctime_ns, st.st_ctime_ns))
+    hashed: list[Path] = []
+    real = storage.file_sha256
+
+    def counting(path: Path | str) -> tuple[str, int]:
+        hashed.append(Path(path))
+        return real(path)
+
+    monkeypatch.setattr(storage, "file_sha256", counting)
+    storage.verify(art)
+    assert storage.problem(art) is None
+    assert hashed == []  # nothing touched the file since the record was written
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))  # sets the ctime, not the mtime
+    changed = path.stat().st_ctime_ns
+    # A change after the record was written (the clock's tick may not have passed yet).
+    os.utime(kept, ns=(changed - 1, changed - 1))
+    assert storage.problem(art) == "its file changed since it was verified"
+    storage.verify(art)
+    assert hashed == [path]
 
 
 def test_a_missing_file_is_a_problem(artifacts_dir: Path) -> None:
