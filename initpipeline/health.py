@@ -86,6 +86,14 @@ class ArtifactCheck:
 
 
 CORRUPT_OUTPUT = "its file failed its check; run start_init to rebuild it"
+#: A pickle whose signature this host's keys do not verify: the host's problem (its
+#: SECRET_KEY), not the artifact's; start_init elsewhere does not rebuild it.
+UNSIGNED_OUTPUT = "its signature does not verify with this host's SECRET_KEY; see the logs"
+
+
+def _bad_file(reason: str) -> str:
+    """The output of an artifact check whose file is known bad on this host."""
+    return UNSIGNED_OUTPUT if storage.NO_VALID_SIGNATURE in reason else CORRUPT_OUTPUT
 
 
 def artifact_checks(names: list[str]) -> list[ArtifactCheck]:
@@ -98,7 +106,7 @@ def artifact_checks(names: list[str]) -> list[ArtifactCheck]:
         missing = missing_artifacts(names)
         corrupt = corrupt_artifacts(names)
         return [
-            ArtifactCheck(n, "fail", CORRUPT_OUTPUT)
+            ArtifactCheck(n, "fail", _bad_file(corrupt[n]))
             if n in corrupt
             else ArtifactCheck(n, "fail", "not active yet")
             if n in missing
@@ -128,7 +136,7 @@ def artifact_checks(names: list[str]) -> list[ArtifactCheck]:
             continue
         reason = active.corrupt.get(loaded.sha256) or storage.problem(loaded.record.as_artifact())
         if reason:
-            checks.append(ArtifactCheck(name, "fail", CORRUPT_OUTPUT))
+            checks.append(ArtifactCheck(name, "fail", _bad_file(reason)))
             continue
         others = sorted(pid for pid, names_ in lacking.items() if name in names_)
         if others:
@@ -214,8 +222,11 @@ def _readiness(
                 }
             ]
     corrupt = [c.name for c in failing if c.output == CORRUPT_OUTPUT]
+    unsigned = [c.name for c in failing if c.output == UNSIGNED_OUTPUT]
     if corrupt:
         description = f"corrupt: {', '.join(corrupt)}"
+    elif unsigned:
+        description = f"signature not verified on this host: {', '.join(unsigned)}"
     elif failing:
         description = f"warming up: waiting for {', '.join(c.name for c in failing)}"
     elif warning:

@@ -416,21 +416,51 @@ def _verified_here(sha: str, path: Path) -> bool:
     return _record_holds(record, path, st) and bool(record and record.get("ok"))
 
 
+def _key_ids() -> list[str]:
+    """This host's signing keys (SECRET_KEY, then SECRET_KEY_FALLBACKS), as record ids."""
+    return [_key_id(k) for k in formats.signing_keys()]
+
+
 def _signer_still_trusted(record: dict[str, Any]) -> bool:
-    keys = formats.signing_keys()
-    return record.get("signer") in {_key_id(k) for k in keys}
+    return record.get("signer") in _key_ids()
+
+
+#: In the reason of a pickle refused for its signature (health.py tells it apart by this).
+NO_VALID_SIGNATURE = "has no valid signature"
+
+
+def _refused_with_these_keys(record: dict[str, Any]) -> bool | None:
+    """For a record of a pickle whose signature this host refused: whether it was refused
+    with the keys this host has now (False: check it again). None for other records.
+
+    Records of earlier releases say ``unsigned`` without the keys: checked again once."""
+    if "keys" in record:
+        return bool(record["keys"] == _key_ids())
+    return False if record.get("unsigned") else None
 
 
 # -- verifying ------------------------------------------------------------------------------
 
 
-def _corrupt(
-    artifact: Artifact, path: Path, st: os.stat_result, reason: str, *, unsigned: bool = False
-) -> ArtifactCorrupt:
+def _corrupt(artifact: Artifact, path: Path, st: os.stat_result, reason: str) -> ArtifactCorrupt:
     """Record on this host (and on the artifact's records) that the file failed its check."""
-    _write_record(artifact.sha256, path, st, ok=False, reason=reason, unsigned=unsigned)
+    _write_record(artifact.sha256, path, st, ok=False, reason=reason)
     _mark_failed(artifact, reason)
-    return ArtifactSignatureError(reason) if unsigned else ArtifactCorrupt(reason)
+    return ArtifactCorrupt(reason)
+
+
+def _unsigned(
+    artifact: Artifact, path: Path, st: os.stat_result, reason: str
+) -> ArtifactSignatureError:
+    """Record on this host only that its keys verify none of the pickle's signature.
+
+    A verdict on this host's keys, not on the artifact: a host with a stale SECRET_KEY
+    must not mark a good pickle corrupt for every other host and the next start_init
+    (issue 21). The record names the keys it was refused with: once this host's keys
+    change (the SECRET_KEY set right), the file is checked again.
+    """
+    _write_record(artifact.sha256, path, st, ok=False, reason=reason, keys=_key_ids())
+    return ArtifactSignatureError(reason)
 
 
 def _mark_failed(artifact: Artifact, reason: str) -> None:
@@ -468,10 +498,11 @@ def _check_file(artifact: Artifact, path: Path) -> None:
         index = formats.pickle_signer(path)
         if index is None:
             reason = (
-                f"artifact {artifact.name!r} ({artifact.storage_key}) has no valid signature: "
-                "it verifies with neither SECRET_KEY nor SECRET_KEY_FALLBACKS"
+                f"artifact {artifact.name!r} ({artifact.storage_key}) {NO_VALID_SIGNATURE}: "
+                "it verifies with neither SECRET_KEY nor SECRET_KEY_FALLBACKS of this host "
+                "(its checksum holds: a key this host lacks, or a forgery)"
             )
-            raise _corrupt(artifact, path, st, reason, unsigned=True)
+            raise _unsigned(artifact, path, st, reason)
         signer = _key_id(formats.signing_keys()[index])
     if _identity(path.stat()) == _identity(st):  # Not changed while it was hashed.
         _write_record(artifact.sha256, path, st, ok=True, signer=signer)
@@ -484,8 +515,12 @@ def _needs_check(artifact: Artifact, path: Path, st: os.stat_result) -> bool:
         return True
     assert record is not None
     if not record.get("ok"):
-        error = ArtifactSignatureError if record.get("unsigned") else ArtifactCorrupt
-        raise error(str(record.get("reason")))
+        refused = _refused_with_these_keys(record)
+        if refused is None:
+            raise ArtifactCorrupt(str(record.get("reason")))
+        if refused:
+            raise ArtifactSignatureError(str(record.get("reason")))
+        return True  # Refused with other keys than this host has now: check again.
     return artifact.format == "pickle" and not _signer_still_trusted(record)
 
 
@@ -667,7 +702,9 @@ def problem(artifact: Artifact) -> str | None:
         return None
     if not _record_holds(record, path, st):
         return "its file changed since it was verified"
-    return None if record.get("ok") else str(record.get("reason"))
+    if record.get("ok") or _refused_with_these_keys(record) is False:
+        return None  # Sound, or refused with keys this host no longer has.
+    return str(record.get("reason"))
 
 
 MISSING = "missing"
@@ -676,7 +713,8 @@ UNREADABLE = "unreadable"
 
 
 def assess(artifact: Artifact) -> str | None:
-    """What keeps the artifact from serving: missing, corrupt or unreadable; None if sound.
+    """What keeps the artifact from serving here: missing, corrupt or unreadable (on this
+    host: an OSError, a pickle whose signature none of its keys verify); None if sound.
 
     Its file is verified (once per host); a remote one that this host has no verified
     copy of is not downloaded for this: its object must exist with the recorded size, and
@@ -692,6 +730,10 @@ def assess(artifact: Artifact) -> str | None:
         return None if size == artifact.size else CORRUPT
     try:
         verify(artifact)
+    except ArtifactSignatureError:
+        # This host's keys verify none of its signature (a stale SECRET_KEY, or a forgery):
+        # it cannot read it, which says nothing of the artifact elsewhere.
+        return UNREADABLE
     except ArtifactCorrupt:
         return CORRUPT
     except (ArtifactNotReady, FileNotFoundError):

@@ -153,12 +153,60 @@ def test_a_pickle_whose_key_was_rotated_out_is_invalid(settings) -> None:  # typ
     settings.SECRET_KEY = "new-key"
     settings.SECRET_KEY_FALLBACKS = []
     # The host's record says which key verified it; that key is gone, so it is checked
-    # again, fails, and stops counting as a cache: the next start_init rebuilds it.
-    assert storage.is_valid(art) is False
+    # again, fails, and stops counting as a cache here: start_init rebuilds it.
+    assert storage.assess(art) == storage.UNREADABLE
     with pytest.raises(ArtifactSignatureError, match="neither SECRET_KEY nor SECRET_KEY_FALL"):
         storage.verify(art)
+
+
+@pytest.mark.django_db
+def test_a_host_with_a_stale_secret_key_does_not_mark_a_good_pickle_for_everyone(
+    settings: Any, tmp_path: Path
+) -> None:
+    from initpipeline.health import UNSIGNED_OUTPUT, artifact_checks
+    from tests.records import publish_generation
+
+    settings.SECRET_KEY = "the-key"
+    generation = publish_generation(model=("pickle", {"w": [1, 2]}))
+    art = generation.artifacts.get()
+    stale, good = tmp_path / "stale-host", tmp_path / "good-host"
+    for folder in (stale, good):
+        folder.mkdir(mode=0o700)
+
+    # A host whose SECRET_KEY is stale: its own problem, logged, and its readyz says so...
+    settings.SECRET_KEY = "a-stale-key"
+    with override_settings(INITPIPELINE={**settings.INITPIPELINE, "LOCAL_CACHE_DIR": str(stale)}):
+        with pytest.raises(ArtifactSignatureError, match="has no valid signature"):
+            storage.verify(art)
+        assert storage.is_valid(art) is False
+        check = artifact_checks(["model"])[0]
+        assert (check.status, check.output) == ("fail", UNSIGNED_OUTPUT)
+    # ...but not a verdict on the artifact: its shared record stays sound.
     art.refresh_from_db()
-    assert "no valid signature" in art.failed_check
+    assert art.failed_check == ""
+
+    settings.SECRET_KEY = "the-key"
+    with override_settings(INITPIPELINE={**settings.INITPIPELINE, "LOCAL_CACHE_DIR": str(good)}):
+        assert storage.is_valid(art) is True
+        assert formats.read(storage.verify(art), "pickle") == {"w": [1, 2]}
+    # The stale host, its SECRET_KEY set right, checks the file again and serves it.
+    with override_settings(INITPIPELINE={**settings.INITPIPELINE, "LOCAL_CACHE_DIR": str(stale)}):
+        assert storage.problem(art) is None
+        assert storage.is_valid(art) is True
+
+
+@pytest.mark.django_db
+def test_a_checksum_failure_is_still_marked_for_every_host(artifacts_dir: Path) -> None:
+    art = record(publish_bytes(b"u" * 5000))
+    art.save()
+    path = artifacts_dir / art.storage_key
+    os.chmod(path, 0o644)
+    path.write_bytes(b"U" * 5000)
+    with pytest.raises(ArtifactCorrupt, match="fails its checksum"):
+        storage.verify(art)
+    art.refresh_from_db()
+    assert "fails its checksum" in art.failed_check
+    path.unlink()
 
 
 # -- verified once per host; changed in place -----------------------------------------------
