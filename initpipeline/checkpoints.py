@@ -114,6 +114,8 @@ def drop(*, name: str, fingerprint: str) -> None:
     """The phase succeeded with this fingerprint: delete every checkpoint of it."""
     rows = PhaseRun.objects.filter(name=name, fingerprint=fingerprint).exclude(checkpoint=None)
     keys = {c["key"] for c in rows.values_list("checkpoint", flat=True) if c}
+    if not keys:
+        return  # Nothing to delete: every row pointing at a checkpoint need not be read.
     rows.update(checkpoint=None)
     _delete(keys - referenced())
 

@@ -189,6 +189,10 @@ class PhaseRun(models.Model):
     shard_of = models.CharField(_("shard of"), max_length=200, blank=True)
     shard_index = models.PositiveIntegerField(_("shard"), null=True, blank=True)
     shard_count = models.PositiveIntegerField(_("shards"), null=True, blank=True)
+    #: On a sharded phase's own row: its shards done (cached, or succeeded since), counted
+    #: under the run's lock as each succeeds, so that a shard's success costs the same few
+    #: queries whatever the count, and the one that completes the count sends the merge.
+    shards_done = models.PositiveIntegerField(_("shards done"), default=0)
     timeout = models.PositiveIntegerField(_("timeout (s)"), null=True, blank=True)
     progress_done = models.FloatField(default=0)
     progress_total = models.FloatField(null=True, blank=True)
