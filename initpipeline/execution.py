@@ -453,7 +453,7 @@ def record_succeeded(
                     name=name,
                     fingerprint=pr.fingerprint,
                     storage_key=pub.key,
-                    sha256=pub.sha256,
+                    digest=pub.digest,
                     size=pub.size,
                     format=fmt,
                     metadata=metadata,

@@ -6,7 +6,7 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
-from . import storage
+from . import digests, storage
 from .exceptions import ArtifactNotReady
 from .loading import active
 from .models import PhaseState
@@ -47,7 +47,7 @@ def corrupt_artifacts(names: list[str]) -> dict[str, str]:
         rec = records.get(name)
         if rec is None:
             continue
-        reason = active.corrupt.get(rec.sha256) or storage.problem(rec.as_artifact())
+        reason = active.corrupt.get(rec.digest) or storage.problem(rec.as_artifact())
         if reason:
             found[name] = reason
     return found
@@ -91,9 +91,17 @@ CORRUPT_OUTPUT = "its file failed its check; run start_init to rebuild it"
 UNSIGNED_OUTPUT = "its signature does not verify with this host's SECRET_KEY; see the logs"
 
 
+#: A digest of an algorithm this release does not know: this host must be upgraded.
+UNKNOWN_DIGEST_OUTPUT = "this release cannot verify its digest; upgrade initpipeline here"
+
+
 def _bad_file(reason: str) -> str:
     """The output of an artifact check whose file is known bad on this host."""
-    return UNSIGNED_OUTPUT if storage.NO_VALID_SIGNATURE in reason else CORRUPT_OUTPUT
+    if storage.NO_VALID_SIGNATURE in reason:
+        return UNSIGNED_OUTPUT
+    if digests.UNKNOWN_ALGORITHM in reason:
+        return UNKNOWN_DIGEST_OUTPUT
+    return CORRUPT_OUTPUT
 
 
 def artifact_checks(names: list[str]) -> list[ArtifactCheck]:
@@ -134,7 +142,7 @@ def artifact_checks(names: list[str]) -> list[ArtifactCheck]:
                 output = "loading"
             checks.append(ArtifactCheck(name, "fail", output))
             continue
-        reason = active.corrupt.get(loaded.sha256) or storage.problem(loaded.record.as_artifact())
+        reason = active.corrupt.get(loaded.digest) or storage.problem(loaded.record.as_artifact())
         if reason:
             checks.append(ArtifactCheck(name, "fail", _bad_file(reason)))
             continue
@@ -150,12 +158,12 @@ def artifact_checks(names: list[str]) -> list[ArtifactCheck]:
             )
             continue
         newer = records.get(name)
-        if newer is None or newer.sha256 == loaded.sha256:
+        if newer is None or newer.digest == loaded.digest:
             checks.append(ArtifactCheck(name, "pass"))
             continue
         failure = repo.failures.get(name)
         serving = f"serving generation {loaded.generation_id}"
-        if failure is not None and failure.sha256 == newer.sha256:
+        if failure is not None and failure.digest == newer.digest:
             output = f"{serving}; the active generation's failed to load (see the logs)"
             checks.append(ArtifactCheck(name, "warn", output))
         else:
@@ -222,11 +230,11 @@ def _readiness(
                 }
             ]
     corrupt = [c.name for c in failing if c.output == CORRUPT_OUTPUT]
-    unsigned = [c.name for c in failing if c.output == UNSIGNED_OUTPUT]
+    here = [c.name for c in failing if c.output in (UNSIGNED_OUTPUT, UNKNOWN_DIGEST_OUTPUT)]
     if corrupt:
         description = f"corrupt: {', '.join(corrupt)}"
-    elif unsigned:
-        description = f"signature not verified on this host: {', '.join(unsigned)}"
+    elif here:
+        description = f"cannot be verified on this host: {', '.join(here)}"
     elif failing:
         description = f"warming up: waiting for {', '.join(c.name for c in failing)}"
     elif warning:

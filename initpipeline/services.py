@@ -166,7 +166,7 @@ def _adopt(the_plan: Plan) -> None:
                 name=old.name,
                 fingerprint=p.fingerprint,
                 storage_key=old.storage_key,
-                sha256=old.sha256,
+                digest=old.digest,
                 size=old.size,
                 format=old.format,
                 metadata={**old.metadata, "adopted_from": old.pk},

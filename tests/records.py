@@ -88,7 +88,7 @@ def make_run(
 def make_generation(
     run: PipelineRun, artifacts: list[tuple[str, str, int]], *, active: bool = True
 ) -> Generation:
-    """A generation of ``run`` with artifacts (name, format, size); sha256 is derived."""
+    """A generation of ``run`` with artifacts (name, format, size); the digest is derived."""
     records = []
     for name, fmt, size in artifacts:
         phase_run = run.phases.filter(name=name.removesuffix("_out")).first()
@@ -97,7 +97,7 @@ def make_generation(
                 name=name,
                 fingerprint=f"fp-{name}",
                 storage_key=f"{name}/{name}.bin",
-                sha256=(name.encode().hex() * 64)[:64],
+                digest="blake3:" + (name.encode().hex() * 64)[:64],
                 size=size,
                 format=fmt,
                 run=run,
@@ -181,7 +181,7 @@ def record_artifacts(run: PipelineRun, *names: str) -> None:
             name=produced,
             fingerprint=pr.fingerprint,
             storage_key=pub.key,
-            sha256=pub.sha256,
+            digest=pub.digest,
             size=pub.size,
             format="json",
             run=run,
@@ -222,9 +222,9 @@ def publish_generation(**artifacts: tuple[str, Any]) -> Generation:
         records.append(
             Artifact.objects.create(
                 name=name,
-                fingerprint=published.sha256,
+                fingerprint=published.digest.partition(":")[2],  # 64 characters
                 storage_key=published.key,
-                sha256=published.sha256,
+                digest=published.digest,
                 size=published.size,
                 format=fmt,
                 run=run,
@@ -260,7 +260,13 @@ def web_process(
         state="serving",
         generation_id=gen,
         serves={
-            n: {"sha256": "0" * 64, "generation": gen, "seconds": 1.5, "at": 0, "loaded": True}
+            n: {
+                "digest": "blake3:" + "0" * 64,
+                "generation": gen,
+                "seconds": 1.5,
+                "at": 0,
+                "loaded": True,
+            }
             for n in serves
         },
         loading=loading or {"target": None, "since": {}},
