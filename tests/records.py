@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -274,3 +276,90 @@ def web_process(
         started_at=at,
         reported_at=at,
     )
+
+
+# -- a sharded phase in flight: what one shard's success costs ----------------------------
+
+
+def sharded_run(count: int) -> PipelineRun:
+    """numbers -> squares (``count`` shards, all running) -> total, as start() records it."""
+    now = timezone.now()
+    run = PipelineRun.objects.create(state="running", started_at=now)
+    shard_names = [f"squares#{i}" for i in range(count)]
+    rows = [PhaseRun(name="numbers", state="succeeded")]
+    rows += [
+        PhaseRun(
+            name=name,
+            depends_on=["numbers"],
+            state="running",
+            shard_of="squares",
+            shard_index=i,
+            shard_count=count,
+            attempt=1,
+            lease=1,
+            started_at=now,
+            heartbeat_at=now,
+        )
+        for i, name in enumerate(shard_names)
+    ]
+    rows += [
+        PhaseRun(name="squares", depends_on=shard_names, shard_count=count),
+        PhaseRun(name="total", depends_on=["squares"]),
+    ]
+    for position, pr in enumerate(rows):
+        pr.run, pr.position, pr.fingerprint = run, position, f"fp-{pr.name}"
+    PhaseRun.objects.bulk_create(rows)
+    return run
+
+
+def shard_parts(index: int, count: int) -> dict[str, tuple[storage.Published, str, dict[str, Any]]]:
+    """What shard ``index`` of a sharded_run() publishes: one part."""
+    part = f"squares.shard-{index:04d}-of-{count:04d}"
+    return {part: (storage.Published(f"{part}/x.json", "blake3:" + "1" * 64, 2), "json", {})}
+
+
+_FETCHES = ("fetchone", "fetchmany", "fetchall")
+
+
+@contextmanager
+def rows_read() -> Iterator[list[int]]:
+    """How many rows the database hands back inside the block (one number: ``[n]``)."""
+    from django.db.backends import utils
+
+    counted = [0]
+    originals = {name: getattr(utils.CursorWrapper, name, None) for name in _FETCHES}
+
+    def counting(name: str) -> Any:
+        def fetch(self: Any, *args: Any) -> Any:
+            got = getattr(self.cursor, name)(*args)
+            counted[0] += (1 if got is not None else 0) if name == "fetchone" else len(got)
+            return got
+
+        return fetch
+
+    for name in _FETCHES:
+        setattr(utils.CursorWrapper, name, counting(name))
+    try:
+        yield counted
+    finally:
+        for name, original in originals.items():
+            if original is None:
+                delattr(utils.CursorWrapper, name)
+            else:
+                setattr(utils.CursorWrapper, name, original)
+
+
+def shard_success_cost(count: int) -> tuple[int, int]:
+    """(queries, rows read) of the success of one shard of ``count`` that leaves others
+    running, so that it unblocks nothing. Ends the run it made (one run in flight)."""
+    from django.db import connection
+    from django.test.utils import CaptureQueriesContext
+
+    from initpipeline import execution
+
+    run = sharded_run(count)
+    pr = PhaseRun.objects.get(run=run, name="squares#0")
+    with CaptureQueriesContext(connection) as queries, rows_read() as rows:
+        assert execution.record_succeeded(pr, shard_parts(0, count), 1.0, advance=True)
+    PipelineRun.objects.filter(pk=run.pk).update(state="cancelled")
+    return len(queries), rows[0]

@@ -6,14 +6,10 @@ tests/test_recovery.py and tests/test_parallel.py run the same code in real work
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
 from typing import Any
 
 import pytest
-from django.db import connection
 from django.test import override_settings
-from django.test.utils import CaptureQueriesContext
 from django.utils import timezone
 
 from initpipeline import execution, services, storage
@@ -29,6 +25,9 @@ from tests.records import (
     phase_of,
     record_artifacts,
     running,
+    shard_parts,
+    shard_success_cost,
+    sharded_run,
 )
 from tests.test_dispatch import DIAMOND, TWO_BRANCHES, records
 
@@ -181,84 +180,6 @@ def test_of_two_sides_the_last_to_finish_sends_the_join(sent: Sent) -> None:
     PhaseRun.objects.filter(run=run, name="join").update(state="running", attempt=1)
     finish(run, "join")
     assert sent == [(run.pk, ["join"]), (run.pk, ["finish"])]
-
-
-def sharded_run(count: int) -> PipelineRun:
-    """numbers -> squares (``count`` shards, all running) -> total, as start() records it."""
-    now = timezone.now()
-    run = PipelineRun.objects.create(state="running", started_at=now)
-    shard_names = [f"squares#{i}" for i in range(count)]
-    rows = [PhaseRun(name="numbers", state="succeeded")]
-    rows += [
-        PhaseRun(
-            name=name,
-            depends_on=["numbers"],
-            state="running",
-            shard_of="squares",
-            shard_index=i,
-            shard_count=count,
-            attempt=1,
-            lease=1,
-            started_at=now,
-            heartbeat_at=now,
-        )
-        for i, name in enumerate(shard_names)
-    ]
-    rows += [
-        PhaseRun(name="squares", depends_on=shard_names, shard_count=count),
-        PhaseRun(name="total", depends_on=["squares"]),
-    ]
-    for position, pr in enumerate(rows):
-        pr.run, pr.position, pr.fingerprint = run, position, f"fp-{pr.name}"
-    PhaseRun.objects.bulk_create(rows)
-    return run
-
-
-def shard_parts(index: int, count: int) -> dict[str, tuple[storage.Published, str, dict[str, Any]]]:
-    part = f"squares.shard-{index:04d}-of-{count:04d}"
-    return {part: (storage.Published(f"{part}/x.json", "1" * 64, 2), "json", {})}
-
-
-@contextmanager
-def rows_read() -> Iterator[list[int]]:
-    """How many rows the database hands back inside the block (one number: ``[n]``)."""
-    from django.db.backends import utils
-
-    counted = [0]
-    originals = {name: getattr(utils.CursorWrapper, name, None) for name in FETCHES}
-
-    def counting(name: str) -> Any:
-        def fetch(self: Any, *args: Any) -> Any:
-            got = getattr(self.cursor, name)(*args)
-            counted[0] += (1 if got is not None else 0) if name == "fetchone" else len(got)
-            return got
-
-        return fetch
-
-    for name in FETCHES:
-        setattr(utils.CursorWrapper, name, counting(name))
-    try:
-        yield counted
-    finally:
-        for name, original in originals.items():
-            if original is None:
-                delattr(utils.CursorWrapper, name)
-            else:
-                setattr(utils.CursorWrapper, name, original)
-
-
-FETCHES = ("fetchone", "fetchmany", "fetchall")
-
-
-def shard_success_cost(count: int) -> tuple[int, int]:
-    """(queries, rows read) of the success of one shard of ``count`` that leaves others
-    running: it unblocks nothing."""
-    run = sharded_run(count)
-    pr = PhaseRun.objects.get(run=run, name="squares#0")
-    with CaptureQueriesContext(connection) as queries, rows_read() as rows:
-        assert execution.record_succeeded(pr, shard_parts(0, count), 1.0, advance=True)
-    PipelineRun.objects.filter(pk=run.pk).update(state="cancelled")  # one run in flight
-    return len(queries), rows[0]
 
 
 def test_a_shards_success_costs_the_same_whatever_the_shard_count(sent: Sent) -> None:
