@@ -75,11 +75,13 @@ ON_POSTGRES := $(BIN)/python -m tests.servers postgres --
 # PostgreSQL, with Redis as the broker of every test that names none. Left to make test:
 # the filesystem broker's runs (it is the embedded default's, beside SQLite), and the tests
 # with servers of their own or no database (the hosts, a new project, the demo's sizes,
-# code hashes, deploy files, Prometheus, trace exporters), which would run the same here.
-# The metrics' queries do run here (tests/test_metrics.py).
+# code hashes, digests, deploy files, the upgrade from the previous release, Prometheus,
+# trace exporters), which would run the same here. The metrics' queries do run here
+# (tests/test_metrics.py).
 PG_SAME := --ignore=tests/test_hosts.py --ignore=tests/test_new_project.py \
 	--ignore=tests/test_demo.py --ignore=tests/test_codehash.py --ignore=tests/test_deploy.py \
-	--ignore=tests/test_prometheus.py --ignore=tests/test_tracing.py
+	--ignore=tests/test_prometheus.py --ignore=tests/test_tracing.py \
+	--ignore=tests/test_digests.py --ignore=tests/test_upgrade.py
 test-postgres: venv
 	INITPIPELINE_TEST_BROKER=redis $(ON_POSTGRES) $(BIN)/pytest $(CORE_TESTS) $(PG_SAME) \
 		-k "not rabbitmq and not filesystem" --durations=10

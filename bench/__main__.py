@@ -1,6 +1,6 @@
 """Benchmarks of initpipeline against what a user would do instead, side by side in one run.
 
-    python -m bench                  # the full run (about 22 minutes on 2 cores)
+    python -m bench                  # the full run (about 24 minutes on 2 cores)
     python -m bench --quick          # a tiny workload, to check the harness works
     python -m bench --only big flood # measure these figures again, into the last results
 
@@ -47,8 +47,8 @@ class Run:
     #: The demo at 2,000 files and at its default size (no cap: 0; about 4,000), the largest
     #: last: its artifacts stay for `--only memory`.
     scale_files: list[int] = field(default_factory=lambda: [2000, 0])
-    #: Empty shards in the per-shard cost figure (against a phase of one).
-    shard_count: int = 64
+    #: Empty shards in the per-shard cost figures (each against a phase of one).
+    shard_counts: tuple[int, ...] = (64, 1000)
     #: Entries of the pickled model of the serving figures (6 million: about 5 s to load).
     serving_entries: int = 6_000_000
 
@@ -87,7 +87,7 @@ FIGURES: dict[str, Callable[[Run], Any]] = {
     "flood": lambda r: warmup.flood(r.env, r.reps),
     "big": lambda r: big.figures(r.big_bytes, r.reps),
     "scale": _scale,
-    "shards": lambda r: shardfigures.figures(r.files, r.reps, r.shard_count),
+    "shards": lambda r: shardfigures.figures(r.files, r.reps, r.shard_counts),
     "serving": lambda r: serving.figures(r.serving_entries, r.quick),
     "monitoring": lambda r: monitoring.figures(r.files, r.reps, r.quick),
 }
@@ -123,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.quick:
         run.reps, run.files, run.seconds = 1, 40, 1
         run.workers_list, run.big_bytes, run.scale_files = [2], 64 * 1024**2, [40, 80]
-        run.shard_count = 8
+        run.shard_counts = (8,)
         run.serving_entries = 20_000
 
     results: dict[str, Any] = {}

@@ -18,7 +18,9 @@ from pathlib import Path
 from typing import Any
 
 from tests.servers import (
+    PostgresServer,
     RedisServer,
+    ServiceUnavailable,
     celery_worker,
     kill_group,
     spawn,
@@ -263,6 +265,23 @@ def redis_server() -> Iterator[str | None]:
             yield server.url
         finally:
             server.stop()
+
+
+@contextmanager
+def postgres_server() -> Iterator[str | None]:
+    """The DATABASE_URL of a throwaway PostgreSQL server on loopback, or None when none is
+    installed (tests/servers.PostgresServer)."""
+    try:
+        server = PostgresServer()
+    except ServiceUnavailable as exc:
+        log(f"PostgreSQL unavailable ({exc}): SQLite instead")
+        yield None
+        return
+    try:
+        server.start()
+        yield server.url()
+    finally:
+        server.stop()
 
 
 def run_module(module: str, env: Env, *args: str, timeout: float = 1800) -> Any:

@@ -128,9 +128,9 @@ def _publish(version: int, with_slow: bool) -> dict[str, Any]:
         records.append(
             Artifact.objects.create(
                 name=name,
-                fingerprint=published.sha256,
+                fingerprint=published.digest.partition(":")[2],  # 64 characters
                 storage_key=published.key,
-                sha256=published.sha256,
+                digest=published.digest,
                 size=published.size,
                 format=fmt,
                 run=run,

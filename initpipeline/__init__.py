@@ -12,6 +12,7 @@ from .exceptions import (
     InitPipelineError,
     PhaseCancelled,
     PipelineConfigError,
+    UnknownDigest,
 )
 from .registry import registry as _registry
 
@@ -33,6 +34,7 @@ __all__ = [
     "PhaseCancelled",
     "PhaseContext",
     "PipelineConfigError",
+    "UnknownDigest",
     "artifact",
     "phase",
     "requires_artifacts",

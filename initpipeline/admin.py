@@ -452,9 +452,9 @@ class PhaseRunAdmin(DetailsRule, ReadOnlyMixin, admin.ModelAdmin):  # type: igno
 
 @admin.register(Artifact)
 class ArtifactAdmin(DetailsRule, ReadOnlyMixin, admin.ModelAdmin):  # type: ignore[type-arg]
-    list_display = ["name", "format", "size", "sha256", "run", "created_at"]
+    list_display = ["name", "format", "size", "digest", "run", "created_at"]
     list_filter = ["name", "format"]
-    search_fields = ["name", "sha256", "fingerprint"]
+    search_fields = ["name", "digest", "fingerprint"]
     readonly_fields = [f.name for f in Artifact._meta.fields]
 
 

@@ -3,7 +3,7 @@
 ``ctx.checkpoint(state)`` publishes the state (JSON, or a signed pickle when JSON would not
 give it back as it was) under a content-addressed key in the artifact storage, so any
 worker on any host can resume from it, and records it on the phase's row (``checkpoint``:
-key, sha256, size, format, progress, time) only while the copy still owns the row. The
+key, digest, size, format, progress, time) only while the copy still owns the row. The
 next attempt of the phase, in this run or in the next run of the same fingerprint, finds
 it as ``ctx.resumed``. A phase that succeeds drops them; ``init_gc`` deletes the rest.
 """
@@ -62,7 +62,7 @@ def save(
     pub = storage.publish(path, name=FOLDER, suffix=formats.SUFFIX[fmt])
     return {
         "key": pub.key,
-        "sha256": pub.sha256,
+        "digest": pub.digest,
         "size": pub.size,
         "format": fmt,
         "done": done,
@@ -75,7 +75,7 @@ def _artifact(record: dict[str, Any]) -> Artifact:
     return Artifact(
         name=FOLDER,
         storage_key=record["key"],
-        sha256=record["sha256"],
+        digest=record["digest"],
         size=record["size"],
         format=record["format"],
     )
@@ -146,6 +146,8 @@ def drop(*, name: str, fingerprint: str) -> None:
     """The phase succeeded with this fingerprint: delete every checkpoint of it."""
     rows = PhaseRun.objects.filter(name=name, fingerprint=fingerprint).exclude(checkpoint=None)
     keys = {c["key"] for c in rows.values_list("checkpoint", flat=True) if c}
+    if not keys:
+        return  # Nothing to delete: every row pointing at a checkpoint need not be read.
     rows.update(checkpoint=None)
     _delete(keys - referenced())
 

@@ -315,11 +315,11 @@ class PhaseContext:
             )
         self._published[name] = (published, fmt, dict(metadata or {}))
         self.logger.info(
-            "published %s (%s, %d bytes, sha256 %s)",
+            "published %s (%s, %d bytes, %s)",
             recorded,
             fmt,
             published.size,
-            published.sha256,
+            published.digest,
         )
 
     def save_prepared(

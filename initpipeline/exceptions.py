@@ -23,6 +23,11 @@ class ArtifactSignatureError(ArtifactCorrupt):
     """A pickle artifact has no valid signature; it is refused before unpickling."""
 
 
+class UnknownDigest(ArtifactCorrupt):
+    """The artifact's digest names an algorithm this release does not know (or is not a
+    digest): this host cannot verify it, and says so without marking the artifact."""
+
+
 class ArtifactLoadError(InitPipelineError):
     """The loader or the warm-up of an artifact handle raised (the cause is attached)."""
 

@@ -470,7 +470,7 @@ def record_succeeded(
                     name=name,
                     fingerprint=pr.fingerprint,
                     storage_key=pub.key,
-                    sha256=pub.sha256,
+                    digest=pub.digest,
                     size=pub.size,
                     format=fmt,
                     metadata=metadata,
@@ -488,7 +488,8 @@ def record_succeeded(
                 worker_pid=None,
             )
             transaction.on_commit(lambda: drop_checkpoints(pr))
-            if advance and run_state in IN_FLIGHT:
+            merge_waits = pr.shard_of and not _count_shard_done(pr)
+            if advance and run_state in IN_FLIGHT and not merge_waits:
                 _advance(pr)
     if not mine or state not in (PhaseState.RUNNING, PhaseState.CANCELLED):
         raise _taken_over(pr)
@@ -564,6 +565,21 @@ def drop_checkpoints(pr: PhaseRun) -> None:
         checkpoints.drop(name=pr.name, fingerprint=pr.fingerprint)
     except Exception:
         logger.exception("deleting the checkpoints of phase %s failed", pr.name)
+
+
+def _count_shard_done(pr: PhaseRun) -> bool:
+    """Inside record_succeeded's transaction: count shard ``pr`` done on its phase's row;
+    True when it was the last shard the phase waited for.
+
+    A constant number of queries whatever the shard count: reading the run's rows after
+    each shard (to see whether the merge may start) cost 1,000 shards a million row reads.
+    The run's row lock (taken by every shard ending a chain) serialises the counts, so
+    exactly one shard sees the count complete and sends the merge.
+    """
+    merge = PhaseRun.objects.filter(run_id=pr.run_id, name=pr.shard_of)
+    merge.update(shards_done=F("shards_done") + 1)
+    done, count = merge.values_list("shards_done", "shard_count").get()
+    return bool(done >= (count or 0))
 
 
 def _advance(pr: PhaseRun) -> None:

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING
 
 from django.utils import timezone
 
+from . import digests
 from .models import PhaseState, RunState
 from .reporting import (
     ArtifactReport,
@@ -126,7 +127,7 @@ def artifact_lines(artifacts: Sequence[ArtifactReport], *, run_id: int | None = 
     rows = []
     for a in sorted(artifacts, key=lambda a: a.name):
         origin = f"from run {a.run_id}" if run_id is not None and a.run_id != run_id else ""
-        rows.append([a.name, a.format, fmt_size(a.size), f"sha256 {a.sha256[:12]}", origin])
+        rows.append([a.name, a.format, fmt_size(a.size), digests.short(a.digest), origin])
     return table(rows, indent="  ").splitlines() if rows else []
 
 
@@ -171,7 +172,7 @@ def status_text(report: StatusReport) -> str:
     if gen is not None and gen.artifacts:
         lines.append(f"artifacts of generation {gen.id}:")
         rows = [
-            [a.name, a.format, fmt_size(a.size), f"sha256 {a.sha256[:12]}"] for a in gen.artifacts
+            [a.name, a.format, fmt_size(a.size), digests.short(a.digest)] for a in gen.artifacts
         ]
         lines.append(table(rows, indent="  "))
     lines.extend(web_lines(report.web))

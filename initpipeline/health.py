@@ -6,7 +6,7 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
-from . import storage
+from . import digests, storage
 from .exceptions import ArtifactNotReady
 from .loading import active
 from .models import PhaseState
@@ -47,7 +47,7 @@ def corrupt_artifacts(names: list[str]) -> dict[str, str]:
         rec = records.get(name)
         if rec is None:
             continue
-        reason = active.corrupt.get(rec.sha256) or storage.problem(rec.as_artifact())
+        reason = active.corrupt.get(rec.digest) or storage.problem(rec.as_artifact())
         if reason:
             found[name] = reason
     return found
@@ -86,6 +86,22 @@ class ArtifactCheck:
 
 
 CORRUPT_OUTPUT = "its file failed its check; run start_init to rebuild it"
+#: A pickle whose signature this host's keys do not verify: the host's problem (its
+#: SECRET_KEY), not the artifact's; start_init elsewhere does not rebuild it.
+UNSIGNED_OUTPUT = "its signature does not verify with this host's SECRET_KEY; see the logs"
+
+
+#: A digest of an algorithm this release does not know: this host must be upgraded.
+UNKNOWN_DIGEST_OUTPUT = "this release cannot verify its digest; upgrade initpipeline here"
+
+
+def _bad_file(reason: str) -> str:
+    """The output of an artifact check whose file is known bad on this host."""
+    if storage.NO_VALID_SIGNATURE in reason:
+        return UNSIGNED_OUTPUT
+    if digests.UNKNOWN_ALGORITHM in reason:
+        return UNKNOWN_DIGEST_OUTPUT
+    return CORRUPT_OUTPUT
 
 
 def artifact_checks(names: list[str]) -> list[ArtifactCheck]:
@@ -98,7 +114,7 @@ def artifact_checks(names: list[str]) -> list[ArtifactCheck]:
         missing = missing_artifacts(names)
         corrupt = corrupt_artifacts(names)
         return [
-            ArtifactCheck(n, "fail", CORRUPT_OUTPUT)
+            ArtifactCheck(n, "fail", _bad_file(corrupt[n]))
             if n in corrupt
             else ArtifactCheck(n, "fail", "not active yet")
             if n in missing
@@ -126,9 +142,9 @@ def artifact_checks(names: list[str]) -> list[ArtifactCheck]:
                 output = "loading"
             checks.append(ArtifactCheck(name, "fail", output))
             continue
-        reason = active.corrupt.get(loaded.sha256) or storage.problem(loaded.record.as_artifact())
+        reason = active.corrupt.get(loaded.digest) or storage.problem(loaded.record.as_artifact())
         if reason:
-            checks.append(ArtifactCheck(name, "fail", CORRUPT_OUTPUT))
+            checks.append(ArtifactCheck(name, "fail", _bad_file(reason)))
             continue
         others = sorted(pid for pid, names_ in lacking.items() if name in names_)
         if others:
@@ -142,12 +158,12 @@ def artifact_checks(names: list[str]) -> list[ArtifactCheck]:
             )
             continue
         newer = records.get(name)
-        if newer is None or newer.sha256 == loaded.sha256:
+        if newer is None or newer.digest == loaded.digest:
             checks.append(ArtifactCheck(name, "pass"))
             continue
         failure = repo.failures.get(name)
         serving = f"serving generation {loaded.generation_id}"
-        if failure is not None and failure.sha256 == newer.sha256:
+        if failure is not None and failure.digest == newer.digest:
             output = f"{serving}; the active generation's failed to load (see the logs)"
             checks.append(ArtifactCheck(name, "warn", output))
         else:
@@ -214,8 +230,11 @@ def _readiness(
                 }
             ]
     corrupt = [c.name for c in failing if c.output == CORRUPT_OUTPUT]
+    here = [c.name for c in failing if c.output in (UNSIGNED_OUTPUT, UNKNOWN_DIGEST_OUTPUT)]
     if corrupt:
         description = f"corrupt: {', '.join(corrupt)}"
+    elif here:
+        description = f"cannot be verified on this host: {', '.join(here)}"
     elif failing:
         description = f"warming up: waiting for {', '.join(c.name for c in failing)}"
     elif warning:

@@ -33,7 +33,7 @@ class Record:
     name: str
     pk: int
     storage_key: str
-    sha256: str
+    digest: str
     size: int
     format: str
 
@@ -45,7 +45,7 @@ class Record:
             pk=self.pk,
             name=self.name,
             storage_key=self.storage_key,
-            sha256=self.sha256,
+            digest=self.digest,
             size=self.size,
             format=self.format,
         )
@@ -81,7 +81,7 @@ class ActiveGeneration:
         self._lock = threading.Lock()
         self._progress: tuple[float, dict[str, Any]] | None = None
         self._progress_lock = threading.Lock()
-        # sha256 -> reason, for files this process found corrupt (reported by /init/readyz).
+        # digest -> reason, for files this process found corrupt (reported by /init/readyz).
         self.corrupt: dict[str, str] = {}
 
     def snapshot(self) -> Snapshot:
@@ -159,7 +159,7 @@ def snapshot_of(generation_id: int) -> Snapshot:
     from .models import Artifact
 
     rows = Artifact.objects.filter(generations=generation_id).values_list(
-        "name", "pk", "storage_key", "sha256", "size", "format"
+        "name", "pk", "storage_key", "digest", "size", "format"
     )
     return Snapshot(generation_id, {r[0]: Record(*r) for r in rows})
 
@@ -200,8 +200,8 @@ class Loaded:
         return self.record.name
 
     @property
-    def sha256(self) -> str:
-        return self.record.sha256
+    def digest(self) -> str:
+        return self.record.digest
 
 
 class Serving(Protocol):
@@ -299,11 +299,11 @@ class ArtifactHandle:
             return found
         rec = self.record()
         cached = self._loaded
-        if cached is not None and cached.sha256 == rec.sha256:
+        if cached is not None and cached.digest == rec.digest:
             return cached
         with self._lock:
             cached = self._loaded
-            if cached is not None and cached.sha256 == rec.sha256:
+            if cached is not None and cached.digest == rec.digest:
                 return cached
             loaded = load(self, rec, active.snapshot().generation_id)
             self._loaded = loaded
@@ -331,10 +331,10 @@ def verified_path(rec: Record) -> Path:
     try:
         path = storage.materialize(rec.as_artifact())
     except ArtifactCorrupt as exc:
-        active.corrupt[rec.sha256] = str(exc)
+        active.corrupt[rec.digest] = str(exc)
         logger.error("%s", exc)
         raise
-    active.corrupt.pop(rec.sha256, None)
+    active.corrupt.pop(rec.digest, None)
     return Path(path)
 
 

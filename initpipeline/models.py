@@ -10,6 +10,8 @@ from django.db.models import Q
 from django.utils import timezone
 from django.utils.translation import gettext_lazy as _
 
+from . import digests
+
 
 class RunState(models.TextChoices):
     PENDING = "pending", _("pending")
@@ -183,12 +185,16 @@ class PhaseRun(models.Model):
     waiting_since = models.DateTimeField(null=True, blank=True)
     #: The artifact names the phase was planned to produce (finish_run needs no code).
     produces = models.JSONField(_("produces"), default=list, blank=True)
-    #: The latest checkpoint: storage key, sha256, size, format, progress, time.
+    #: The latest checkpoint: storage key, digest, size, format, progress, time.
     checkpoint = models.JSONField(_("checkpoint"), null=True, blank=True)
     #: A shard's phase (this row is one of its tasks); blank for a phase's own row.
     shard_of = models.CharField(_("shard of"), max_length=200, blank=True)
     shard_index = models.PositiveIntegerField(_("shard"), null=True, blank=True)
     shard_count = models.PositiveIntegerField(_("shards"), null=True, blank=True)
+    #: On a sharded phase's own row: its shards done (cached, or succeeded since), counted
+    #: under the run's lock as each succeeds, so that a shard's success costs the same few
+    #: queries whatever the count, and the one that completes the count sends the merge.
+    shards_done = models.PositiveIntegerField(_("shards done"), default=0)
     timeout = models.PositiveIntegerField(_("timeout (s)"), null=True, blank=True)
     progress_done = models.FloatField(default=0)
     progress_total = models.FloatField(null=True, blank=True)
@@ -269,7 +275,14 @@ class Artifact(models.Model):
     name = models.CharField(_("name"), max_length=200)
     fingerprint = models.CharField(_("fingerprint"), max_length=64)
     storage_key = models.CharField(_("storage key"), max_length=500)
-    sha256 = models.CharField("sha256", max_length=64)
+    digest = models.CharField(
+        _("digest"),
+        max_length=200,
+        help_text=_(
+            "The file's content digest with its algorithm: blake3:<hex>, or sha256:<hex> for "
+            "artifacts published before BLAKE3."
+        ),
+    )
     size = models.BigIntegerField(_("size (bytes)"))
     format = models.CharField(_("format"), max_length=16)
     metadata = models.JSONField(_("metadata"), default=dict, blank=True)
@@ -299,7 +312,7 @@ class Artifact(models.Model):
         indexes = [models.Index(fields=["name", "fingerprint"], name="initpipeline_artifact_fp")]
 
     def __str__(self) -> str:
-        return f"{self.name} {self.sha256[:12]}"
+        return f"{self.name} {digests.short(self.digest)}"
 
 
 class Generation(models.Model):

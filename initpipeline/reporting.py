@@ -171,15 +171,15 @@ class ArtifactReport:
     name: str
     format: str
     size: int
-    sha256: str
+    digest: str
     run_id: int | None
 
     @classmethod
     def of(cls, art: Artifact) -> ArtifactReport:
-        return cls(art.name, art.format, art.size, art.sha256, art.run_id)
+        return cls(art.name, art.format, art.size, art.digest, art.run_id)
 
     def as_dict(self) -> dict[str, Any]:
-        return {"name": self.name, "sha256": self.sha256, "size": self.size, "format": self.format}
+        return {"name": self.name, "digest": self.digest, "size": self.size, "format": self.format}
 
 
 @dataclass(frozen=True)

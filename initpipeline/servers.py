@@ -283,7 +283,7 @@ class Reporter:
             "generation_id": served.generation_id,
             "serves": {
                 n: {
-                    "sha256": v.sha256,
+                    "digest": v.digest,
                     "generation": v.generation_id,
                     "seconds": round(v.seconds, 3),
                     "at": v.at,
@@ -294,7 +294,7 @@ class Reporter:
             "loading": {"target": progress.target, "since": dict(progress.loading.copy())},
             "failures": {
                 n: {
-                    "sha256": f.sha256,
+                    "digest": f.digest,
                     "generation": f.generation_id,
                     "error": f.error,
                     "attempts": f.attempts,

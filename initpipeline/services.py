@@ -194,7 +194,7 @@ def _adopt(the_plan: Plan) -> None:
                 name=old.name,
                 fingerprint=p.fingerprint,
                 storage_key=old.storage_key,
-                sha256=old.sha256,
+                digest=old.digest,
                 size=old.size,
                 format=old.format,
                 metadata={**old.metadata, "adopted_from": old.pk},
@@ -225,10 +225,12 @@ def _rows(run: PipelineRun, pipeline: Pipeline, the_plan: Plan) -> list[PhaseRun
         depends_on = pipeline.dependencies(p.name)
         count = phase.shard_count() if phase.sharded else None
         shard_names = []
+        shards_done = 0
         for index in range(0 if p.cached else count or 0):
             fingerprint = shards.fingerprint(p.fingerprint, index, count or 0)
             parts = [shards.part_name(a, index, count or 0) for a in phase.produces]
             cached = p.reason != FORCED and _parts_cached(parts, fingerprint)
+            shards_done += cached
             shard_names.append(shards.row_name(p.name, index))
             rows.append(
                 PhaseRun(
@@ -257,6 +259,7 @@ def _rows(run: PipelineRun, pipeline: Pipeline, the_plan: Plan) -> list[PhaseRun
                 produces=list(phase.produces),
                 state=PhaseState.CACHED if p.cached else PhaseState.PENDING,
                 shard_count=count,
+                shards_done=shards_done,
                 **common,
             )
         )

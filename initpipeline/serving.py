@@ -62,7 +62,7 @@ EMPTY = Served(None, {})
 class Failure:
     """A load that failed, and when it is tried again."""
 
-    sha256: str
+    digest: str
     generation_id: int | None
     error: str
     attempts: int
@@ -221,7 +221,7 @@ class Repository:
         found = self.current.loaded.get(name)
         return (
             found is not None
-            and found.sha256 == rec.sha256
+            and found.digest == rec.digest
             # Verified only, then a handle was declared: it must be loaded now.
             and (found.has_value or handle is None)
         )
@@ -250,7 +250,7 @@ class Repository:
             if waiting is not None:
                 return waiting
         self._pending = {
-            n: v for n, v in self._pending.items() if n in todo and v.sha256 == records[n].sha256
+            n: v for n, v in self._pending.items() if n in todo and v.digest == records[n].digest
         }
         freeing = [
             n
@@ -273,7 +273,7 @@ class Repository:
             if n not in self._pending
             and not (
                 (failure := self.failures.get(n)) is not None
-                and failure.sha256 == records[n].sha256
+                and failure.digest == records[n].digest
                 and failure.next_at > now
             )
         ]
@@ -356,7 +356,7 @@ class Repository:
             for name in todo:
                 if self.failures.get(name, None) is None:
                     self.failures[name] = Failure(
-                        sha256=records[name].sha256,
+                        digest=records[name].digest,
                         generation_id=generation,
                         error=f"a new worker of this server could not load generation "
                         f"{generation} (see its log); tried again later",
@@ -434,7 +434,7 @@ class Repository:
     def _failed(self, rec: Record, generation: int | None, exc: Exception) -> None:
         _observe("observe_failure", rec.name)
         old = self.failures.get(rec.name)
-        same = old is not None and old.sha256 == rec.sha256
+        same = old is not None and old.digest == rec.digest
         attempts = old.attempts + 1 if same and old is not None else 1
         # The phases' retry backoff: RETRY_BACKOFF doubling up to RETRY_BACKOFF_MAX, with
         # jitter, so that the workers of a fleet do not try again in step.
@@ -444,7 +444,7 @@ class Repository:
             f"{type(exc).__name__}: {exc}" if not isinstance(exc, InitPipelineError) else str(exc)
         )
         self.failures[rec.name] = Failure(
-            sha256=rec.sha256,
+            digest=rec.digest,
             generation_id=generation,
             error=error[:2000],
             attempts=attempts,

@@ -1,11 +1,13 @@
 """Publishing artifacts atomically under content-addressed keys; verifying them once per host.
 
-Every process checks an artifact's sha256 before its first use, but a host hashes a file
+Every process checks an artifact's digest (``blake3:<hex>``, or ``sha256:<hex>`` for what
+earlier releases published: digests.py) before its first use, but a host hashes a file
 once: what was verified is recorded in ``LOCAL_CACHE_DIR/verified/`` by (device, inode,
-size, mtime), and a process whose file still has that identity takes the record's word
-for it. A file changed in place changes its identity, so it is hashed again (and found
-corrupt); a failed check is recorded too, so it is not hashed again by every process.
-Published files are read-only.
+size, mtime, ctime), and a process whose file still has that identity takes the record's
+word for it. A file changed in place changes its identity (its ctime, which user space
+cannot set back, even when its size and mtime were restored), so it is hashed again (and
+found corrupt); a failed check is recorded too, so it is not hashed again by every
+process. Published files are read-only.
 """
 
 from __future__ import annotations
@@ -30,13 +32,14 @@ from django.core.files import File
 from django.core.files.storage import FileSystemStorage, Storage, storages
 from django.core.files.storage.handler import InvalidStorageError
 
-from . import formats
+from . import digests, formats
 from .conf import settings
 from .exceptions import (
     ArtifactCorrupt,
     ArtifactNotReady,
     ArtifactSignatureError,
     PipelineConfigError,
+    UnknownDigest,
 )
 from .registry import valid_name
 
@@ -52,7 +55,8 @@ READ_ONLY = 0o444
 @dataclass(frozen=True)
 class Published:
     key: str
-    sha256: str
+    #: ``<algorithm>:<hex>`` (digests.py).
+    digest: str
     size: int
 
 
@@ -155,14 +159,9 @@ def scratch_run(path: Path) -> int | None:
 # -- hashing and durability -----------------------------------------------------------------
 
 
-def file_sha256(path: Path | str) -> tuple[str, int]:
-    digest = hashlib.sha256()
-    size = 0
-    with open(path, "rb") as fh:
-        while chunk := fh.read(CHUNK):
-            digest.update(chunk)
-            size += len(chunk)
-    return digest.hexdigest(), size
+def file_digest(path: Path | str, algorithm: str = digests.DEFAULT) -> tuple[str, int]:
+    """The file's ``(digest, size)`` (digests.of_file)."""
+    return digests.of_file(path, algorithm)
 
 
 def fsync_file(path: Path) -> None:
@@ -184,14 +183,14 @@ OVERLAP_ABOVE = 8 * 1024 * 1024
 
 
 def hash_and_sync(path: Path, *, copy_from: Path | None = None) -> tuple[str, int]:
-    """The file's (sha256, size), with the file on disk; ``copy_from``: copy that file to
+    """The file's (digest, size), with the file on disk; ``copy_from``: copy that file to
     ``path`` first.
 
-    Publishing must hash the whole file and fsync it. hashlib, fsync and the kernel's copy
-    (sendfile) all release the GIL, so the hash runs in a thread beside the copy and the
-    fsync: a 2 GiB file costs about its hash (1.3 s here), not hash + copy + fsync (2.4 s).
-    The hash reads the source (or the file just written) from the page cache. Hashing the
-    bytes on their way to the file in the writer's own thread measured slower than both.
+    Publishing must hash the whole file and fsync it. The hashers, fsync and the kernel's
+    copy (sendfile) all release the GIL, so the hash runs in a thread beside the copy and
+    the fsync: a 2 GiB file costs the longest of them, not their sum. The hash reads the
+    source (or the file just written) from the page cache. Hashing the bytes on their way
+    to the file in the writer's own thread measured slower than both.
     """
     source = copy_from or path
     before = source.stat()
@@ -199,13 +198,13 @@ def hash_and_sync(path: Path, *, copy_from: Path | None = None) -> tuple[str, in
         if copy_from is not None:
             shutil.copyfile(copy_from, path)
         fsync_file(path)
-        return file_sha256(path)
+        return file_digest(path)
     result: list[tuple[str, int]] = []
     failure: list[BaseException] = []
 
     def hash_it() -> None:
         try:
-            result.append(file_sha256(source))
+            result.append(file_digest(source))
         except BaseException as exc:  # Raised below, in the caller's thread.
             failure.append(exc)
 
@@ -222,7 +221,7 @@ def hash_and_sync(path: Path, *, copy_from: Path | None = None) -> tuple[str, in
     after = source.stat()
     if (after.st_size, after.st_mtime_ns) != (before.st_size, before.st_mtime_ns):
         # Written to while it was hashed: hash what is now at path, the bytes to publish.
-        return file_sha256(path)
+        return file_digest(path)
     return result[0]
 
 
@@ -233,8 +232,8 @@ def publish(path: Path, *, name: str, suffix: str, copy_from: Path | None = None
     """Publish the finished file at ``path`` as artifact ``name``; ``path`` is consumed.
 
     ``copy_from``: publish a copy of that file (left as it is), made at ``path``. The key
-    is ``<name>/<sha256><suffix>``: a key never changes content, so a reader that found a
-    key in the database can never see a half-written file under it.
+    is ``<name>/blake3-<hex><suffix>`` (digests.name_part): a key never changes content, so
+    a reader that found a key in the database can never see a half-written file under it.
     """
     original = path
     try:
@@ -248,21 +247,21 @@ def publish(path: Path, *, name: str, suffix: str, copy_from: Path | None = None
             raise ValueError(f"publish(copy_from=...) copies to a scratch path, not {path}")
         # Synced here for both: the local key must never name a file still in the page
         # cache only, and the remote's local copy below is recorded as verified.
-        sha, size = hash_and_sync(path, copy_from=copy_from)
-        key = f"{name}/{sha}{suffix}"
+        digest, size = hash_and_sync(path, copy_from=copy_from)
+        key = f"{name}/{digests.name_part(digest)}{suffix}"
         if root is not None:
-            dest = _publish_local(path, root, key, sha, size)
+            dest = _publish_local(path, root, key, digest, size)
         else:
-            key = _publish_remote(path, storage, key, sha, size)
+            key = _publish_remote(path, storage, key, digest, size)
             # This host keeps the bytes it just uploaded as its verified copy: no download.
-            dest = cache_dir() / f"{sha}{suffix}"
+            dest = cache_dir() / f"{digests.name_part(digest)}{suffix}"
             os.chmod(path, READ_ONLY)
             os.replace(path, dest)
         if suffix != formats.SUFFIX["pickle"]:
             # Hashed just now: this host need not hash it again (a pickle's signature is
             # checked on its first use).
-            _write_record(sha, dest, dest.stat(), ok=True, signer=None)
-        return Published(key, sha, size)
+            _write_record(digest, dest, dest.stat(), ok=True, signer=None)
+        return Published(key, digest, size)
     finally:
         # Consumed whatever happened: a failed write (disk full) leaves no partial file.
         path.unlink(missing_ok=True)
@@ -286,10 +285,13 @@ def _into_partial(path: Path, root: Path) -> Path:
     return tmp
 
 
-def _publish_local(path: Path, root: Path, key: str, sha: str, size: int) -> Path:
+def _publish_local(path: Path, root: Path, key: str, digest: str, size: int) -> Path:
     (root / key).parent.mkdir(parents=True, exist_ok=True)
     dest = _inside(root, key)
-    if dest.is_file() and (_verified_here(sha, dest) or file_sha256(dest) == (sha, size)):
+    if dest.is_file() and (
+        _verified_here(digest, dest)
+        or file_digest(dest, digests.split(digest)[0]) == (digest, size)
+    ):
         return dest  # Same bytes published before: idempotent.
     # Anything else under our key (a corrupt copy) is replaced below.
     os.chmod(path, READ_ONLY)
@@ -298,9 +300,9 @@ def _publish_local(path: Path, root: Path, key: str, sha: str, size: int) -> Pat
     return dest
 
 
-def _publish_remote(path: Path, storage: Storage, key: str, sha: str, size: int) -> str:
+def _publish_remote(path: Path, storage: Storage, key: str, digest: str, size: int) -> str:
     existing = _remote_size(storage, key)
-    if existing == size and _remote_sha256(storage, key) == sha:
+    if existing == size and _remote_digest(storage, key, digest) == digest:
         return key  # Same bytes published before: idempotent.
     if existing is not None:
         # A short, corrupt or foreign object under our key: replace it, or save() would
@@ -328,99 +330,159 @@ def _remote_size(storage: Storage, key: str) -> int | None:
         return None
 
 
-def _remote_sha256(storage: Storage, key: str) -> str | None:
-    digest = hashlib.sha256()
+def _remote_digest(storage: Storage, key: str, like: str) -> str | None:
+    """The digest of the object under ``key``, by the algorithm of digest ``like``."""
+    algorithm = digests.split(like)[0]
+    hasher = digests.new(algorithm)
     try:
         with storage.open(key, "rb") as src:
             while chunk := src.read(CHUNK):
-                digest.update(chunk)
+                hasher.update(chunk)
     except FileNotFoundError:
         return None
-    return digest.hexdigest()
+    return digests.of(hasher, algorithm)
 
 
 # -- this host's record of verified files -------------------------------------------------
 
 
 def _identity(st: os.stat_result) -> list[int]:
-    return [st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns]
+    """What a file must still show for this host to trust its earlier verdict on it.
+
+    The ctime too: an edit in place whose size and mtime were put back (``os.utime``)
+    leaves (device, inode, size, mtime) as they were, but the kernel sets the ctime on
+    every change of the file, and user space cannot set it.
+    """
+    return [st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns]
+
+
+#: The identity earlier releases recorded: (device, inode, size, mtime), no ctime.
+_LEGACY_IDENTITY = 4
 
 
 def _key_id(key: str) -> str:
     return hashlib.sha256(b"initpipeline.signer:" + key.encode()).hexdigest()[:16]
 
 
-def _record_path(sha: str, *, create: bool = False) -> Path:
+def _record_path(digest: str, *, create: bool = False) -> Path:
+    """``verified/<hex>.json`` for a sha256 digest (earlier releases' records stay
+    valid), ``verified/blake3-<hex>.json`` for a BLAKE3 one."""
     folder = cache_dir() / "verified"
     if create:
         folder.mkdir(exist_ok=True)
-    return folder / f"{sha}.json"
+    return folder / f"{digests.name_part(digest)}.json"
 
 
-#: sha256 -> (the record file's identity, its content): a record is read and parsed again
+#: digest -> (the record file's identity, its content): a record is read and parsed again
 #: only when a process of the host replaced it (os.replace gives it another inode).
 _records_read: dict[str, tuple[tuple[int, int, int], dict[str, Any] | None]] = {}
 
+#: The key under which _read_record() gives a record's own mtime (when it was written).
+_WRITTEN = "_written_ns"
 
-def _read_record(sha: str) -> dict[str, Any] | None:
-    path = _record_path(sha)
+
+def _read_record(digest: str) -> dict[str, Any] | None:
+    path = _record_path(digest)
     try:
         st = path.stat()
     except OSError:
         return None
     seen = (st.st_ino, st.st_size, st.st_mtime_ns)
-    cached = _records_read.get(sha)
+    cached = _records_read.get(digest)
     if cached is not None and cached[0] == seen:
         return cached[1]
     try:
         data = json.loads(path.read_text())
     except (OSError, ValueError):
         return None
-    record = data if isinstance(data, dict) else None
-    _records_read[sha] = (seen, record)
+    record = {**data, _WRITTEN: st.st_mtime_ns} if isinstance(data, dict) else None
+    _records_read[digest] = (seen, record)
     return record
 
 
-def _write_record(sha: str, path: Path, st: os.stat_result, **fields: Any) -> None:
-    target = _record_path(sha, create=True)
+def _write_record(digest: str, path: Path, st: os.stat_result, **fields: Any) -> None:
+    target = _record_path(digest, create=True)
     tmp = target.with_name(f".{uuid.uuid4().hex}.tmp")
     tmp.write_text(json.dumps({"path": str(path), "identity": _identity(st), **fields}))
     os.replace(tmp, target)
 
 
 def _record_holds(record: dict[str, Any] | None, path: Path, st: os.stat_result) -> bool:
-    return (
-        record is not None
-        and record.get("path") == str(path)
-        and record.get("identity") == _identity(st)
-    )
+    """Whether the host's record speaks of ``path`` as it is now (``st``)."""
+    if record is None or record.get("path") != str(path):
+        return False
+    identity = record.get("identity")
+    if not isinstance(identity, list):
+        return False
+    if len(identity) == _LEGACY_IDENTITY:
+        # Written by a release before the ctime counted: it holds while nothing changed
+        # the file since the record was written (any change sets the file's ctime to the
+        # time of the change, after the record's mtime). The hash is not taken again
+        # after an upgrade for files nothing touched.
+        written = record.get(_WRITTEN)
+        return (
+            identity == _identity(st)[:_LEGACY_IDENTITY]
+            and isinstance(written, int)
+            and st.st_ctime_ns <= written
+        )
+    return bool(identity == _identity(st))
 
 
-def _verified_here(sha: str, path: Path) -> bool:
-    """True when this host verified ``path`` as it is now, with sha256 ``sha``."""
+def _verified_here(digest: str, path: Path) -> bool:
+    """True when this host verified ``path`` as it is now, with ``digest``."""
     try:
         st = path.stat()
     except OSError:
         return False
-    record = _read_record(sha)
+    record = _read_record(digest)
     return _record_holds(record, path, st) and bool(record and record.get("ok"))
 
 
+def _key_ids() -> list[str]:
+    """This host's signing keys (SECRET_KEY, then SECRET_KEY_FALLBACKS), as record ids."""
+    return [_key_id(k) for k in formats.signing_keys()]
+
+
 def _signer_still_trusted(record: dict[str, Any]) -> bool:
-    keys = formats.signing_keys()
-    return record.get("signer") in {_key_id(k) for k in keys}
+    return record.get("signer") in _key_ids()
+
+
+#: In the reason of a pickle refused for its signature (health.py tells it apart by this).
+NO_VALID_SIGNATURE = "has no valid signature"
+
+
+def _refused_with_these_keys(record: dict[str, Any]) -> bool | None:
+    """For a record of a pickle whose signature this host refused: whether it was refused
+    with the keys this host has now (False: check it again). None for other records.
+
+    Records of earlier releases say ``unsigned`` without the keys: checked again once."""
+    if "keys" in record:
+        return bool(record["keys"] == _key_ids())
+    return False if record.get("unsigned") else None
 
 
 # -- verifying ------------------------------------------------------------------------------
 
 
-def _corrupt(
-    artifact: Artifact, path: Path, st: os.stat_result, reason: str, *, unsigned: bool = False
-) -> ArtifactCorrupt:
+def _corrupt(artifact: Artifact, path: Path, st: os.stat_result, reason: str) -> ArtifactCorrupt:
     """Record on this host (and on the artifact's records) that the file failed its check."""
-    _write_record(artifact.sha256, path, st, ok=False, reason=reason, unsigned=unsigned)
+    _write_record(artifact.digest, path, st, ok=False, reason=reason)
     _mark_failed(artifact, reason)
-    return ArtifactSignatureError(reason) if unsigned else ArtifactCorrupt(reason)
+    return ArtifactCorrupt(reason)
+
+
+def _unsigned(
+    artifact: Artifact, path: Path, st: os.stat_result, reason: str
+) -> ArtifactSignatureError:
+    """Record on this host only that its keys verify none of the pickle's signature.
+
+    A verdict on this host's keys, not on the artifact: a host with a stale SECRET_KEY
+    must not mark a good pickle corrupt for every other host and the next start_init
+    (issue 21). The record names the keys it was refused with: once this host's keys
+    change (the SECRET_KEY set right), the file is checked again.
+    """
+    _write_record(artifact.digest, path, st, ok=False, reason=reason, keys=_key_ids())
+    return ArtifactSignatureError(reason)
 
 
 def _mark_failed(artifact: Artifact, reason: str) -> None:
@@ -435,54 +497,60 @@ def _mark_failed(artifact: Artifact, reason: str) -> None:
     # A read-only database user, or no database here: this host's record remains.
     with contextlib.suppress(DatabaseError):
         ArtifactModel.objects.filter(
-            storage_key=artifact.storage_key, sha256=artifact.sha256
+            storage_key=artifact.storage_key, digest=artifact.digest
         ).update(failed_check=reason[:500])
 
 
-def _checksum_reason(artifact: Artifact, sha: str, size: int, where: str = "") -> str:
+def _checksum_reason(artifact: Artifact, digest: str, size: int, where: str = "") -> str:
     return (
         f"artifact {artifact.name!r} ({artifact.storage_key}) fails its checksum{where}: "
-        f"expected sha256 {artifact.sha256[:12]}… and {artifact.size} bytes, "
-        f"found {sha[:12]}… and {size} bytes"
+        f"expected {digests.short(artifact.digest)}… and {artifact.size} bytes, "
+        f"found {digests.short(digest)}… and {size} bytes"
     )
 
 
 def _check_file(artifact: Artifact, path: Path) -> None:
     """Hash ``path`` (and check a pickle's signature); record the verdict for this host."""
     st = path.stat()
-    sha, size = file_sha256(path)
-    if (sha, size) != (artifact.sha256, artifact.size):
-        raise _corrupt(artifact, path, st, _checksum_reason(artifact, sha, size))
+    digest, size = file_digest(path, digests.split(artifact.digest)[0])
+    if (digest, size) != (artifact.digest, artifact.size):
+        raise _corrupt(artifact, path, st, _checksum_reason(artifact, digest, size))
     signer = None
     if artifact.format == "pickle":
         index = formats.pickle_signer(path)
         if index is None:
             reason = (
-                f"artifact {artifact.name!r} ({artifact.storage_key}) has no valid signature: "
-                "it verifies with neither SECRET_KEY nor SECRET_KEY_FALLBACKS"
+                f"artifact {artifact.name!r} ({artifact.storage_key}) {NO_VALID_SIGNATURE}: "
+                "it verifies with neither SECRET_KEY nor SECRET_KEY_FALLBACKS of this host "
+                "(its checksum holds: a key this host lacks, or a forgery)"
             )
-            raise _corrupt(artifact, path, st, reason, unsigned=True)
+            raise _unsigned(artifact, path, st, reason)
         signer = _key_id(formats.signing_keys()[index])
-    if path.stat().st_mtime_ns == st.st_mtime_ns:
-        _write_record(artifact.sha256, path, st, ok=True, signer=signer)
+    if _identity(path.stat()) == _identity(st):  # Not changed while it was hashed.
+        _write_record(artifact.digest, path, st, ok=True, signer=signer)
 
 
 def _needs_check(artifact: Artifact, path: Path, st: os.stat_result) -> bool:
     """False when this host verified the file as it is now; raises if it found it corrupt."""
-    record = _read_record(artifact.sha256)
+    record = _read_record(artifact.digest)
     if not _record_holds(record, path, st):
         return True
     assert record is not None
     if not record.get("ok"):
-        error = ArtifactSignatureError if record.get("unsigned") else ArtifactCorrupt
-        raise error(str(record.get("reason")))
+        refused = _refused_with_these_keys(record)
+        if refused is None:
+            raise ArtifactCorrupt(str(record.get("reason")))
+        if refused:
+            raise ArtifactSignatureError(str(record.get("reason")))
+        return True  # Refused with other keys than this host has now: check again.
     return artifact.format == "pickle" and not _signer_still_trusted(record)
 
 
 def _download(storage: Storage, artifact: Artifact, target: Path) -> None:
-    """Copy the artifact's object to ``target``, checking its sha256 and size on the way."""
+    """Copy the artifact's object to ``target``, checking its digest and size on the way."""
     tmp = target.parent / f".{uuid.uuid4().hex}.part"
-    digest = hashlib.sha256()
+    algorithm = digests.split(artifact.digest)[0]
+    hasher = digests.new(algorithm)
     size = 0
     try:
         try:
@@ -494,11 +562,12 @@ def _download(storage: Storage, artifact: Artifact, target: Path) -> None:
             ) from exc
         with src, open(tmp, "wb") as dst:
             while chunk := src.read(CHUNK):
-                digest.update(chunk)
+                hasher.update(chunk)
                 size += len(chunk)
                 dst.write(chunk)
-        if (digest.hexdigest(), size) != (artifact.sha256, artifact.size):
-            reason = _checksum_reason(artifact, digest.hexdigest(), size, " in storage")
+        found = digests.of(hasher, algorithm)
+        if (found, size) != (artifact.digest, artifact.size):
+            reason = _checksum_reason(artifact, found, size, " in storage")
             _mark_failed(artifact, reason)
             raise ArtifactCorrupt(reason)
         os.chmod(tmp, READ_ONLY)
@@ -517,11 +586,16 @@ def local_path(artifact: Artifact) -> Path:
         return _inside(root, artifact.storage_key)
     # Named by content, so one download serves every process, generation and artifact
     # with these bytes on this host.
-    return cache_dir() / f"{artifact.sha256}{Path(artifact.storage_key).suffix}"
+    return cache_dir() / f"{digests.name_part(artifact.digest)}{Path(artifact.storage_key).suffix}"
 
 
 def verify(artifact: Artifact) -> Path:
-    """The artifact's local path, after checking its size and sha256 (once per host)."""
+    """The artifact's local path, after checking its size and digest (once per host).
+
+    Raises ArtifactNotReady (no file), ArtifactCorrupt (checksum: marked on its records),
+    ArtifactSignatureError (a pickle this host's keys do not verify) or UnknownDigest (a
+    digest this release cannot verify); the last two are this host's only.
+    """
     storage = get_storage()
     remote = _local_root(storage) is None
     path = local_path(artifact)
@@ -560,19 +634,18 @@ def materialize(artifact: Artifact) -> Path:
 
 
 def _tree(root: Path) -> dict[str, list[int]]:
-    """Every file and folder under ``root``: relative name -> its identity (st_ctime_ns
-    too: user space cannot set it, so an edit whose mtime was put back still shows)."""
+    """Every file and folder under ``root``: relative name -> its identity (_identity:
+    the ctime too, so an edit whose mtime was put back still shows)."""
     found = {}
     for top, dirs, files in os.walk(root):
         for name in dirs + files:
             full = os.path.join(top, name)
-            st = os.lstat(full)
-            found[os.path.relpath(full, root)] = [*_identity(st), st.st_ctime_ns]
+            found[os.path.relpath(full, root)] = _identity(os.lstat(full))
     return found
 
 
 def _unpacked(artifact: Artifact, archive: Path) -> Path:
-    """The archive's folder under ``LOCAL_CACHE_DIR/dirs/<sha256>``, unpacked once per host.
+    """The archive's folder under ``LOCAL_CACHE_DIR/dirs/<digest>``, unpacked once per host.
 
     A listing of what was unpacked (each file's identity) is kept beside it; a process
     whose folder no longer matches it (a file edited, added or removed) unpacks it again
@@ -583,9 +656,10 @@ def _unpacked(artifact: Artifact, archive: Path) -> Path:
 
     root = cache_dir() / "dirs"
     root.mkdir(exist_ok=True)
-    dest = root / artifact.sha256
-    listing = root / f"{artifact.sha256}.json"
-    with open(root / f"{artifact.sha256}.lock", "w") as lock:
+    name = digests.name_part(artifact.digest)
+    dest = root / name
+    listing = root / f"{name}.json"
+    with open(root / f"{name}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         try:
             expected = json.loads(listing.read_text())
@@ -629,7 +703,7 @@ _probed_paths: dict[tuple[str | None, ...], Path] = {}
 def _probed_path(artifact: Artifact) -> Path:
     root = _local_root(get_storage())
     where = str(root) if root is not None else settings.LOCAL_CACHE_DIR
-    key = (where, artifact.storage_key, artifact.sha256)
+    key = (where, artifact.storage_key, artifact.digest)
     path = _probed_paths.get(key)
     if path is None:
         path = _probed_paths[key] = local_path(artifact)
@@ -643,8 +717,9 @@ def problem(artifact: Artifact) -> str | None:
     if artifact.failed_check:
         return artifact.failed_check
     try:
+        digests.split(artifact.digest)
         path = _probed_path(artifact)
-    except ArtifactCorrupt as exc:
+    except ArtifactCorrupt as exc:  # A digest of no algorithm known, a key out of the storage.
         return str(exc)
     remote = _local_root(get_storage()) is None
     try:
@@ -653,12 +728,14 @@ def problem(artifact: Artifact) -> str | None:
         return None if remote else "its file is missing from storage"
     if st.st_size != artifact.size:
         return f"its file changed: {st.st_size} bytes, {artifact.size} published"
-    record = _read_record(artifact.sha256)
+    record = _read_record(artifact.digest)
     if record is None or record.get("path") != str(path):
         return None
-    if record.get("identity") != _identity(st):
+    if not _record_holds(record, path, st):
         return "its file changed since it was verified"
-    return None if record.get("ok") else str(record.get("reason"))
+    if record.get("ok") or _refused_with_these_keys(record) is False:
+        return None  # Sound, or refused with keys this host no longer has.
+    return str(record.get("reason"))
 
 
 MISSING = "missing"
@@ -667,7 +744,9 @@ UNREADABLE = "unreadable"
 
 
 def assess(artifact: Artifact) -> str | None:
-    """What keeps the artifact from serving: missing, corrupt or unreadable; None if sound.
+    """What keeps the artifact from serving here: missing, corrupt or unreadable (on this
+    host: an OSError, a pickle whose signature none of its keys verify, a digest of an
+    algorithm this release does not know); None if sound.
 
     Its file is verified (once per host); a remote one that this host has no verified
     copy of is not downloaded for this: its object must exist with the recorded size, and
@@ -683,6 +762,11 @@ def assess(artifact: Artifact) -> str | None:
         return None if size == artifact.size else CORRUPT
     try:
         verify(artifact)
+    except (ArtifactSignatureError, UnknownDigest):
+        # This host's keys verify none of its signature (a stale SECRET_KEY, or a forgery),
+        # or this release knows not its digest's algorithm: this host cannot read it, which
+        # says nothing of the artifact elsewhere.
+        return UNREADABLE
     except ArtifactCorrupt:
         return CORRUPT
     except (ArtifactNotReady, FileNotFoundError):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -97,9 +99,9 @@ def _file_of_size(key: str, size: int) -> None:
 def make_generation(
     run: PipelineRun, artifacts: list[tuple[str, str, int]], *, active: bool = True
 ) -> Generation:
-    """A generation of ``run`` with artifacts (name, format, size); sha256 is derived. Each
-    has a file of its size under its key (what readiness and init_status look at), never
-    hashed by these tests."""
+    """A generation of ``run`` with artifacts (name, format, size); the digest is derived.
+    Each has a file of its size under its key (what readiness and init_status look at),
+    never hashed by these tests."""
     records = []
     for name, fmt, size in artifacts:
         _file_of_size(f"{name}/{name}.bin", size)
@@ -109,7 +111,7 @@ def make_generation(
                 name=name,
                 fingerprint=f"fp-{name}",
                 storage_key=f"{name}/{name}.bin",
-                sha256=(name.encode().hex() * 64)[:64],
+                digest="blake3:" + (name.encode().hex() * 64)[:64],
                 size=size,
                 format=fmt,
                 run=run,
@@ -193,7 +195,7 @@ def record_artifacts(run: PipelineRun, *names: str) -> None:
             name=produced,
             fingerprint=pr.fingerprint,
             storage_key=pub.key,
-            sha256=pub.sha256,
+            digest=pub.digest,
             size=pub.size,
             format="json",
             run=run,
@@ -234,9 +236,9 @@ def publish_generation(**artifacts: tuple[str, Any]) -> Generation:
         records.append(
             Artifact.objects.create(
                 name=name,
-                fingerprint=published.sha256,
+                fingerprint=published.digest.partition(":")[2],  # 64 characters
                 storage_key=published.key,
-                sha256=published.sha256,
+                digest=published.digest,
                 size=published.size,
                 format=fmt,
                 run=run,
@@ -272,7 +274,13 @@ def web_process(
         state="serving",
         generation_id=gen,
         serves={
-            n: {"sha256": "0" * 64, "generation": gen, "seconds": 1.5, "at": 0, "loaded": True}
+            n: {
+                "digest": "blake3:" + "0" * 64,
+                "generation": gen,
+                "seconds": 1.5,
+                "at": 0,
+                "loaded": True,
+            }
             for n in serves
         },
         loading=loading or {"target": None, "since": {}},
@@ -280,3 +288,90 @@ def web_process(
         started_at=at,
         reported_at=at,
     )
+
+
+# -- a sharded phase in flight: what one shard's success costs ----------------------------
+
+
+def sharded_run(count: int) -> PipelineRun:
+    """numbers -> squares (``count`` shards, all running) -> total, as start() records it."""
+    now = timezone.now()
+    run = PipelineRun.objects.create(state="running", started_at=now)
+    shard_names = [f"squares#{i}" for i in range(count)]
+    rows = [PhaseRun(name="numbers", state="succeeded")]
+    rows += [
+        PhaseRun(
+            name=name,
+            depends_on=["numbers"],
+            state="running",
+            shard_of="squares",
+            shard_index=i,
+            shard_count=count,
+            attempt=1,
+            lease=1,
+            started_at=now,
+            heartbeat_at=now,
+        )
+        for i, name in enumerate(shard_names)
+    ]
+    rows += [
+        PhaseRun(name="squares", depends_on=shard_names, shard_count=count),
+        PhaseRun(name="total", depends_on=["squares"]),
+    ]
+    for position, pr in enumerate(rows):
+        pr.run, pr.position, pr.fingerprint = run, position, f"fp-{pr.name}"
+    PhaseRun.objects.bulk_create(rows)
+    return run
+
+
+def shard_parts(index: int, count: int) -> dict[str, tuple[storage.Published, str, dict[str, Any]]]:
+    """What shard ``index`` of a sharded_run() publishes: one part."""
+    part = f"squares.shard-{index:04d}-of-{count:04d}"
+    return {part: (storage.Published(f"{part}/x.json", "blake3:" + "1" * 64, 2), "json", {})}
+
+
+_FETCHES = ("fetchone", "fetchmany", "fetchall")
+
+
+@contextmanager
+def rows_read() -> Iterator[list[int]]:
+    """How many rows the database hands back inside the block (one number: ``[n]``)."""
+    from django.db.backends import utils
+
+    counted = [0]
+    originals = {name: getattr(utils.CursorWrapper, name, None) for name in _FETCHES}
+
+    def counting(name: str) -> Any:
+        def fetch(self: Any, *args: Any) -> Any:
+            got = getattr(self.cursor, name)(*args)
+            counted[0] += (1 if got is not None else 0) if name == "fetchone" else len(got)
+            return got
+
+        return fetch
+
+    for name in _FETCHES:
+        setattr(utils.CursorWrapper, name, counting(name))
+    try:
+        yield counted
+    finally:
+        for name, original in originals.items():
+            if original is None:
+                delattr(utils.CursorWrapper, name)
+            else:
+                setattr(utils.CursorWrapper, name, original)
+
+
+def shard_success_cost(count: int) -> tuple[int, int]:
+    """(queries, rows read) of the success of one shard of ``count`` that leaves others
+    running, so that it unblocks nothing. Ends the run it made (one run in flight)."""
+    from django.db import connection
+    from django.test.utils import CaptureQueriesContext
+
+    from initpipeline import execution
+
+    run = sharded_run(count)
+    pr = PhaseRun.objects.get(run=run, name="squares#0")
+    with CaptureQueriesContext(connection) as queries, rows_read() as rows:
+        assert execution.record_succeeded(pr, shard_parts(0, count), 1.0, advance=True)
+    PipelineRun.objects.filter(pk=run.pk).update(state="cancelled")
+    return len(queries), rows[0]

@@ -4,7 +4,6 @@ verified cache."""
 
 from __future__ import annotations
 
-import hashlib
 import os
 import subprocess
 import sys
@@ -16,10 +15,11 @@ from typing import Any
 
 import numpy as np
 import pytest
+from blake3 import blake3
 from django.conf import settings
 from django.test import override_settings
 
-from initpipeline import formats, loading, storage
+from initpipeline import digests, formats, loading, storage
 from initpipeline.exceptions import ArtifactCorrupt
 from initpipeline.models import Artifact, Generation, PipelineRun
 from tests.conftest import ROOT, Stack
@@ -95,7 +95,7 @@ def record(pub: storage.Published, name: str = "thing") -> Artifact:
         name=name,
         fingerprint="f" * 64,
         storage_key=pub.key,
-        sha256=pub.sha256,
+        digest=pub.digest,
         size=pub.size,
         format="bytes",
     )
@@ -103,14 +103,14 @@ def record(pub: storage.Published, name: str = "thing") -> Artifact:
 
 def test_publish_puts_one_object_under_the_content_addressed_key(bucket: Bucket) -> None:
     data = b"hello s3"
-    sha = hashlib.sha256(data).hexdigest()
+    b3 = blake3(data).hexdigest()
     path = storage.new_scratch_path(".bin")
     formats.write_bytes(path, data)
     first = storage.publish(path, name="greeting", suffix=".bin")
-    assert first == storage.Published(f"greeting/{sha}.bin", sha, len(data))
+    assert first == storage.Published(f"greeting/blake3-{b3}.bin", f"blake3:{b3}", len(data))
     assert not path.exists()
     assert publish_bytes(data, name="greeting") == first
-    assert bucket.keys() == [f"greeting/{sha}.bin"]
+    assert bucket.keys() == [f"greeting/blake3-{b3}.bin"]
     assert bucket.read(first.key) == data
 
 
@@ -139,8 +139,7 @@ def test_a_publish_racing_another_worker_keeps_one_key(
 
 def test_a_short_object_under_the_key_is_replaced(bucket: Bucket) -> None:
     data = b"the whole content"
-    sha = hashlib.sha256(data).hexdigest()
-    key = f"thing/{sha}.bin"
+    key = f"thing/blake3-{blake3(data).hexdigest()}.bin"
     bucket.write(key, data[:5])
     with s3_settings(bucket, file_overwrite=False):
         pub = publish_bytes(data)
@@ -159,7 +158,7 @@ def flip_a_byte(bucket: Bucket, key: str) -> None:
 def test_a_corrupted_object_is_refused_and_nothing_is_cached(bucket: Bucket) -> None:
     pub = publish_bytes(b"x" * 1000 + b"payload")
     # The publishing host kept the bytes it uploaded as its verified copy.
-    assert bucket.cached() == [f"{pub.sha256}.bin"]
+    assert bucket.cached() == [f"{digests.name_part(pub.digest)}.bin"]
     art = record(pub)
     art.save()
     flip_a_byte(bucket, pub.key)
@@ -188,7 +187,7 @@ def test_a_bad_copy_in_the_local_cache_is_downloaded_again(bucket: Bucket) -> No
     pub = publish_bytes(b"y" * 5000)
     art = record(pub)
     path = storage.verify(art)
-    assert path == bucket.cache / f"{pub.sha256}.bin"
+    assert path == bucket.cache / f"{digests.name_part(pub.digest)}.bin"
     path.chmod(0o600)
     path.write_bytes(b"y" * 10)  # A copy cut short, say by a crash.
     assert storage.verify(art) == path
@@ -203,8 +202,8 @@ import django
 django.setup()
 from initpipeline import storage
 from initpipeline.models import Artifact
-key, sha, size, go = sys.argv[1:]
-art = Artifact(name="big", storage_key=key, sha256=sha, size=int(size), format="bytes")
+key, digest, size, go = sys.argv[1:]
+art = Artifact(name="big", storage_key=key, digest=digest, size=int(size), format="bytes")
 while not Path(go).exists():
     time.sleep(0.01)
 print(storage.verify(art))
@@ -225,7 +224,7 @@ def test_concurrent_downloads_by_several_processes_leave_one_good_copy(
     }
     procs = [
         subprocess.Popen(
-            [sys.executable, "-c", DOWNLOAD, pub.key, pub.sha256, str(pub.size), str(go)],
+            [sys.executable, "-c", DOWNLOAD, pub.key, pub.digest, str(pub.size), str(go)],
             cwd=ROOT,
             env={**os.environ, **env},
             stdout=subprocess.PIPE,
@@ -237,9 +236,9 @@ def test_concurrent_downloads_by_several_processes_leave_one_good_copy(
     go.touch()
     outputs = [p.communicate(timeout=120) for p in procs]
     assert [p.returncode for p in procs] == [0] * 4, [err for _, err in outputs]
-    target = bucket.cache / f"{pub.sha256}.bin"
+    target = bucket.cache / f"{digests.name_part(pub.digest)}.bin"
     assert {out.strip() for out, _ in outputs} == {str(target)}
-    assert storage.file_sha256(target) == (pub.sha256, pub.size)
+    assert storage.file_digest(target) == (pub.digest, pub.size)
     assert bucket.cached() == [target.name]
 
 
@@ -256,7 +255,8 @@ def test_pipeline_on_s3_through_a_worker_and_a_web_load_from_the_cache(
     records = generation.artifact_map()
     # The database points at content-addressed keys, one object each, nothing else.
     assert {name: r.storage_key for name, r in records.items()} == {
-        name: f"{name}/{r.sha256}{formats.SUFFIX[r.format]}" for name, r in records.items()
+        name: f"{name}/{digests.name_part(r.digest)}{formats.SUFFIX[r.format]}"
+        for name, r in records.items()
     }
     assert bucket.keys() == sorted(r.storage_key for r in records.values())
 
@@ -267,7 +267,7 @@ def test_pipeline_on_s3_through_a_worker_and_a_web_load_from_the_cache(
     array = handle.get()
     assert isinstance(array, np.memmap)
     assert array.tolist() == [2 * i + 1.0 for i in range(10)]
-    cached = bucket.cache / f"{b_out.sha256}.npy"
+    cached = bucket.cache / f"{digests.name_part(b_out.digest)}.npy"
     assert Path(array.filename) == cached
     assert bucket.cached() == [cached.name]
     # A second process on the same host reuses the copy (the same file, not a download).
@@ -308,8 +308,7 @@ def test_demo_settings_put_artifacts_on_s3_when_a_bucket_is_named(
     )
     assert result.returncode == 0, result.stderr
     key = result.stdout.strip()
-    sha = hashlib.sha256(b"from the demo settings").hexdigest()
-    assert key == f"thing/{sha}.bin"
+    assert key == f"thing/blake3-{blake3(b'from the demo settings').hexdigest()}.bin"
     # Under the demo's "artifacts" prefix of the bucket.
     assert bucket.keys() == [f"artifacts/{key}"]
 
@@ -349,19 +348,19 @@ def test_a_folder_artifact_reaches_another_host_as_a_folder(bucket: Bucket, tmp_
     path = storage.new_scratch_path(".tar")
     formats.write_dir(path, model)
     pub = storage.publish(path, name="model", suffix=".tar")
-    assert bucket.keys() == [f"model/{pub.sha256}.tar"]
+    assert bucket.keys() == [f"model/{digests.name_part(pub.digest)}.tar"]
     art = Artifact(
         name="model",
         fingerprint="f" * 64,
         storage_key=pub.key,
-        sha256=pub.sha256,
+        digest=pub.digest,
         size=pub.size,
         format="dir",
     )
     with bucket.another_host():
         folder = storage.materialize(art)
         # A local folder on the new host, as a loader (spacy.load, from_pretrained) wants.
-        assert folder == bucket.cache / "dirs" / pub.sha256
+        assert folder == bucket.cache / "dirs" / digests.name_part(pub.digest)
         found = {p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file()}
         assert found == {"config.json", "tokenizer/vocab.txt"}
         assert (folder / "config.json").read_text() == '{"layers": 2}'

@@ -83,7 +83,7 @@ def test_a_hand_off_saves_the_state_then_raises() -> None:
 
 def test_a_new_run_resumes_what_a_failed_run_left(sent: Sent) -> None:
     old = live_run(run_state="failed", a=done(), b={"state": "failed", "attempt": 1})
-    record = {"key": "x", "sha256": "0" * 64, "size": 1, "format": "json", "done": 4}
+    record = {"key": "x", "digest": "blake3:" + "0" * 64, "size": 1, "format": "json", "done": 4}
     PhaseRun.objects.filter(run=old, name="b").update(checkpoint=record)
     rows = [PhaseRun(name="b", fingerprint=phase_of(old, "b").fingerprint)]
     checkpoints.adopt(rows)

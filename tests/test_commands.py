@@ -132,8 +132,8 @@ def test_init_status_of_a_failed_latest_run(history: dict[str, int]) -> None:
         "c      upstream_failed  input changed: b  0%        0/1      0/3   -         "
         "not run: b failed\n"
         f"artifacts of generation {history['generation']}:\n"
-        "  a_out  json  62 B     sha256 615f6f757461\n"
-        "  b_out  npy   2.0 KiB  sha256 625f6f757462\n"
+        "  a_out  json  62 B     blake3:615f6f757461\n"
+        "  b_out  npy   2.0 KiB  blake3:625f6f757462\n"
     )
 
 
@@ -207,8 +207,18 @@ def test_init_status_json(history: dict[str, int]) -> None:
     data = json.loads(out)
     assert data["state"] == "failed"
     assert data["active_generation"]["artifacts"] == [
-        {"name": "a_out", "sha256": ("615f6f7574" * 7)[:64], "size": 62, "format": "json"},
-        {"name": "b_out", "sha256": ("625f6f7574" * 7)[:64], "size": 2048, "format": "npy"},
+        {
+            "name": "a_out",
+            "digest": "blake3:" + ("615f6f7574" * 7)[:64],
+            "size": 62,
+            "format": "json",
+        },
+        {
+            "name": "b_out",
+            "digest": "blake3:" + ("625f6f7574" * 7)[:64],
+            "size": 2048,
+            "format": "npy",
+        },
     ]
     assert data["run"]["id"] == history["failed"]
     assert data["run"]["estimate_remaining"] is None
@@ -253,9 +263,9 @@ def test_summary_lists_durations_cached_phases_and_artifacts(history: dict[str, 
         "  c  succeeded  0.5 s\n"
         "cached: a\n"
         f"artifacts of generation {generation.pk} (active):\n"
-        f"  a_out  json  62 B     sha256 615f6f757461  from run {first.pk}\n"
-        "  b_out  npy   4.3 MiB  sha256 625f6f757462\n"
-        "  c_out  json  17 B     sha256 635f6f757463"
+        f"  a_out  json  62 B     blake3:615f6f757461  from run {first.pk}\n"
+        "  b_out  npy   4.3 MiB  blake3:625f6f757462\n"
+        "  c_out  json  17 B     blake3:635f6f757463"
     )
 
 
@@ -266,7 +276,7 @@ def test_summary_of_a_failed_run_lists_what_it_published(history: dict[str, int]
         name="a_out",
         fingerprint="fp-new",
         storage_key="a_out/new.json",
-        sha256="ab" * 32,
+        digest="blake3:" + "ab" * 32,
         size=70,
         format="json",
         run=failed,
@@ -278,7 +288,7 @@ def test_summary_of_a_failed_run_lists_what_it_published(history: dict[str, int]
         "  c  upstream_failed  -\n"
         "cached: a\n"
         "artifacts published, not active:\n"
-        "  a_out  json  70 B  sha256 abababababab\n"
+        "  a_out  json  70 B  blake3:abababababab\n"
         "error: phase b failed: RuntimeError: b was told to fail"
     )
 

@@ -16,6 +16,7 @@ from typing import Any
 
 import pytest
 
+from initpipeline import digests
 from initpipeline.formatters import fmt_size
 from initpipeline.models import Artifact, Generation, PhaseRun, PipelineRun
 from tests.conftest import ROOT, Stack, free_port, wait_for
@@ -50,7 +51,7 @@ def artifact_patterns(generation: Generation, run: PipelineRun) -> list[str]:
         lines.append(
             re.escape(
                 f"  {a.name}  {a.format.ljust(fmt_width)}  {fmt_size(a.size).ljust(width)}  "
-                f"sha256 {a.sha256[:12]}{origin}"
+                f"{digests.short(a.digest)}{origin}"
             )
         )
     return lines
@@ -534,7 +535,7 @@ def test_start_init_wait_exits_1_when_the_run_is_cancelled(stack: Stack) -> None
             f"  b  cancelled  {DURATION}",
             r"  c  cancelled  -",
             "artifacts published, not active:",
-            r"  a_out  json  \d+ B  sha256 [0-9a-f]{12}",
+            r"  a_out  json  \d+ B  blake3:[0-9a-f]{12}",
             "error: cancelled",
         ],
     )

@@ -6,11 +6,11 @@ phases, cancels); tests/test_storage.py covers the formats and failed writes.
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 from typing import Any
 
 import pytest
+from blake3 import blake3
 
 from initpipeline import execution, loading, services
 from initpipeline.context import PhaseContext
@@ -50,8 +50,8 @@ def test_save_bytes_publishes_exactly_the_bytes_and_readers_get_them_back(
 
     record = Artifact.objects.get(name="c_out")
     assert (record.format, record.size, record.metadata) == ("bytes", len(data), {"kind": "raw"})
-    assert record.sha256 == hashlib.sha256(data).hexdigest()
-    assert record.storage_key == f"c_out/{record.sha256}.bin"
+    assert record.digest == f"blake3:{blake3(data).hexdigest()}"
+    assert record.storage_key == f"c_out/blake3-{blake3(data).hexdigest()}.bin"
     assert (artifacts_dir / record.storage_key).read_bytes() == data
 
     assert execution.finish_run(run_id=run.pk) is not None

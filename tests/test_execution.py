@@ -25,6 +25,9 @@ from tests.records import (
     phase_of,
     record_artifacts,
     running,
+    shard_parts,
+    shard_success_cost,
+    sharded_run,
 )
 from tests.test_dispatch import DIAMOND, TWO_BRANCHES, records
 
@@ -191,6 +194,25 @@ def test_of_two_sides_the_last_to_finish_sends_the_join(sent: Sent) -> None:
     PhaseRun.objects.filter(run=run, name="join").update(state="running", attempt=1)
     finish(run, "join")
     assert sent == [(run.pk, ["join"]), (run.pk, ["finish"])]
+
+
+def test_a_shards_success_costs_the_same_whatever_the_shard_count(sent: Sent) -> None:
+    few, many = shard_success_cost(8), shard_success_cost(200)
+    assert few == many, f"8 shards: {few}, 200 shards: {many} (queries, rows read)"
+    assert sent == []
+
+
+def test_the_last_shard_to_succeed_sends_the_merge_once(sent: Sent) -> None:
+    count = 5
+    run = sharded_run(count)
+    for index in (3, 0, 4, 1):
+        pr = PhaseRun.objects.get(run=run, name=f"squares#{index}")
+        execution.record_succeeded(pr, shard_parts(index, count), 1.0, advance=True)
+    assert sent == []
+    assert PhaseRun.objects.get(run=run, name="squares").shards_done == 4
+    last = PhaseRun.objects.get(run=run, name="squares#2")
+    execution.record_succeeded(last, shard_parts(2, count), 1.0, advance=True)
+    assert sent == [(run.pk, ["squares", "total"])]
 
 
 def test_a_failure_fails_its_dependants_and_cancels_what_has_not_started(

@@ -25,6 +25,7 @@ from typing import Any
 
 import pytest
 
+from initpipeline import digests
 from tests.conftest import (
     REQUIRE_SERVICES,
     ROOT,
@@ -296,11 +297,13 @@ def test_web_host_and_two_worker_hosts_share_only_the_services(
     data = json.loads(status.stdout)
     assert data["state"] == "ready"
     generation = data["active_generation"]["id"]
-    sha = {a["name"]: a["sha256"] for a in data["active_generation"]["artifacts"]}
+    named = {
+        a["name"]: digests.name_part(a["digest"]) for a in data["active_generation"]["artifacts"]
+    }
 
     def cached(host: Host, artifact: str) -> bool:
-        """The host holds its own verified copy of the artifact (named by its checksum)."""
-        return any(p.name.startswith(sha[artifact]) for p in (host.var / "cache").glob("*"))
+        """The host holds its own verified copy of the artifact (named by its digest)."""
+        return any(p.name.startswith(named[artifact]) for p in (host.var / "cache").glob("*"))
 
     # join read the side made on the other worker host from S3, into its own cache.
     joined = "worker1" if "join" in ran["worker1"] else "worker2"

@@ -42,7 +42,7 @@ def activate(**arrays: Any) -> Generation:
                 name=name,
                 fingerprint="0" * 64,
                 storage_key=pub.key,
-                sha256=pub.sha256,
+                digest=pub.digest,
                 size=pub.size,
                 format="npy",
                 run=run,

@@ -60,7 +60,7 @@ def test_bumped_version_reruns_the_phase_and_its_downstream_only(stack: Stack) -
     second = Generation.objects.get(is_active=True).artifact_map()
     assert second["a_out"].pk == first["a_out"].pk
     # b's version is part of its output, so it published a new file.
-    assert second["b_out"].sha256 != first["b_out"].sha256
+    assert second["b_out"].digest != first["b_out"].digest
     assert second["c_out"].pk != first["c_out"].pk
     assert "cached: a" in result.stdout
 

@@ -26,7 +26,7 @@ import pytest
 from django.test import Client
 from django.utils import timezone
 
-from initpipeline import formats, loading, storage
+from initpipeline import digests, formats, loading, storage
 from initpipeline.conf import settings as conf
 from initpipeline.exceptions import ArtifactCorrupt, ArtifactSignatureError
 from initpipeline.models import Artifact, Generation, PhaseRun, PipelineRun
@@ -165,8 +165,8 @@ def test_sigkill_while_writing_an_artifact_never_shows_a_partial_file(
 class ContentReader(threading.Thread):
     """Looks at every artifact file outside .partial/, all the time, as a reader would.
 
-    A key is ``<name>/<sha256><suffix>``: a file whose bytes do not hash to its own name
-    is a partial (or corrupt) file that a reader could have opened.
+    A key is ``<name>/blake3-<hex><suffix>``: a file whose bytes do not hash to its own
+    name is a partial (or corrupt) file that a reader could have opened.
     """
 
     def __init__(self, root: Path) -> None:
@@ -191,7 +191,7 @@ class ContentReader(threading.Thread):
                     stat = path.stat()
                     if self.seen.get(path) == (stat.st_size, stat.st_mtime_ns):
                         continue
-                    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+                    digest = digests.name_part(digests.of_file(path)[0])
                 except FileNotFoundError:
                     continue
                 if not path.name.startswith(digest):
@@ -404,8 +404,8 @@ def test_replaced_pickle_artifact_is_refused_and_none_of_its_code_runs(
     original = path.read_bytes()
     path.write_bytes(blob)
     # Its checksum is recorded too: only the signature can catch it.
-    record.sha256, record.size = storage.file_sha256(path)
-    record.save(update_fields=["sha256", "size"])
+    record.digest, record.size = storage.file_digest(path)
+    record.save(update_fields=["digest", "size"])
     expected = {
         "unsigned": "is not a signed initpipeline pickle; refused",
         "wrong key": "has a wrong signature (tampered, or signed with a key that is neither "

@@ -230,7 +230,9 @@ def test_init_status_shows_what_each_web_server_serves() -> None:
         13,
         old,
         loading={"target": new.pk, "since": {"model": 1.0}},
-        failures={"model": {"error": "RuntimeError: no\nmore", "attempts": 3, "sha256": "1"}},
+        failures={
+            "model": {"error": "RuntimeError: no\nmore", "attempts": 3, "digest": "blake3:1"}
+        },
     )
     web_process(21, None, host="web-2", server="")
     web_process(31, new, host="web-3", reported_ago=600)  # gone: no report for 10 minutes

@@ -30,7 +30,7 @@ def generation(
         name="thing",
         fingerprint=str(n) * 64,
         storage_key=pub.key,
-        sha256=pub.sha256,
+        digest=pub.digest,
         size=pub.size,
         format="bytes",
         run=run,

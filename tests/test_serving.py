@@ -296,7 +296,7 @@ def test_a_folder_is_one_artifact_unpacked_read_only_once_per_host(
     first_gen = publish_generation(folder=("dir", source))
     again = publish_generation(folder=("dir", source))
     # Its bytes depend on the content only: the same folder gives the same digest.
-    assert first_gen.artifacts.get().sha256 == again.artifacts.get().sha256
+    assert first_gen.artifacts.get().digest == again.artifacts.get().digest
     handle = loading.artifact("folder", loader=views.load_folder)
     assert handle.get() == {"a.txt": "x", "sub/b.txt": "x!"}
     path = handle.path()
@@ -312,7 +312,7 @@ def test_a_folder_is_one_artifact_unpacked_read_only_once_per_host(
     target.write_text("x?")
     os.utime(target, ns=(before.st_atime_ns, before.st_mtime_ns))
     record = loading.Record(
-        *again.artifacts.values_list("name", "pk", "storage_key", "sha256", "size", "format")[0]
+        *again.artifacts.values_list("name", "pk", "storage_key", "digest", "size", "format")[0]
     )
     with caplog.at_level(logging.WARNING, logger="initpipeline"):
         assert storage.materialize(record.as_artifact()) == path

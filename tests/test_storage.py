@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import pickle
 import threading
@@ -10,8 +12,13 @@ import numpy as np
 import pytest
 from django.test import override_settings
 
-from initpipeline import formats, storage
-from initpipeline.exceptions import ArtifactCorrupt, ArtifactSignatureError, PipelineConfigError
+from initpipeline import digests, formats, storage
+from initpipeline.exceptions import (
+    ArtifactCorrupt,
+    ArtifactSignatureError,
+    PipelineConfigError,
+    UnknownDigest,
+)
 from initpipeline.models import Artifact, PhaseRun
 
 
@@ -26,7 +33,7 @@ def record(pub: storage.Published, name: str = "thing", fmt: str = "bytes") -> A
         name=name,
         fingerprint="f" * 64,
         storage_key=pub.key,
-        sha256=pub.sha256,
+        digest=pub.digest,
         size=pub.size,
         format=fmt,
     )
@@ -38,8 +45,8 @@ def test_publish_uses_a_content_addressed_key_and_consumes_the_scratch_file(
     path = storage.new_scratch_path(".bin")
     formats.write_bytes(path, b"hello")
     pub = storage.publish(path, name="greeting", suffix=".bin")
-    sha = "2cf24dba5fb0a30e26e83b2ac5b9e29e1b161e5c1fa7425e73043362938b9824"
-    assert pub == storage.Published(f"greeting/{sha}.bin", sha, 5)
+    b3 = "ea8f163db38682925e4491c5e58d4bb3506ef8c14eb78a86e908c5624a67200f"  # BLAKE3 of hello
+    assert pub == storage.Published(f"greeting/blake3-{b3}.bin", f"blake3:{b3}", 5)
     assert (artifacts_dir / pub.key).read_bytes() == b"hello"
     assert not path.exists()
 
@@ -48,21 +55,65 @@ def test_publishing_the_same_bytes_twice_is_idempotent(artifacts_dir: Path) -> N
     first = publish_bytes(b"same")
     second = publish_bytes(b"same")
     assert first == second
-    assert len(list((artifacts_dir / "thing").glob(f"{first.sha256}*"))) == 1
+    assert len(list((artifacts_dir / "thing").glob(f"{digests.name_part(first.digest)}*"))) == 1
 
 
-def test_verify_detects_one_flipped_byte(artifacts_dir: Path) -> None:
-    pub = publish_bytes(b"x" * 1000 + b"payload")
-    art = record(pub)
-    assert storage.verify(art) == artifacts_dir / pub.key
-    path = artifacts_dir / pub.key
-    data = bytearray(path.read_bytes())
-    data[500] ^= 0x01
-    path.write_bytes(bytes(data))
-    with pytest.raises(ArtifactCorrupt, match="fails its checksum"):
+def published_as_before(data: bytes, artifacts_dir: Path, name: str = "thing") -> Artifact:
+    """An artifact as releases before BLAKE3 published it: key ``<name>/<sha256 hex>.bin``,
+    digest ``sha256:<hex>`` (what migration 0009 makes of their records)."""
+    hexdigest = hashlib.sha256(data).hexdigest()
+    key = f"{name}/{hexdigest}.bin"
+    (artifacts_dir / name).mkdir(exist_ok=True)
+    (artifacts_dir / key).write_bytes(data)
+    os.chmod(artifacts_dir / key, 0o444)
+    return Artifact(
+        name=name, storage_key=key, digest=f"sha256:{hexdigest}", size=len(data), format="bytes"
+    )
+
+
+@pytest.mark.parametrize("algorithm", ["blake3", "sha256"])
+def test_verify_detects_one_flipped_byte(artifacts_dir: Path, algorithm: str) -> None:
+    data = b"x" * 1000 + b"payload"
+    art = (
+        record(publish_bytes(data))
+        if algorithm == "blake3"
+        else published_as_before(data, artifacts_dir)
+    )
+    assert art.digest.startswith(f"{algorithm}:")
+    path = artifacts_dir / art.storage_key
+    assert storage.verify(art) == path
+    flipped = bytearray(path.read_bytes())
+    flipped[500] ^= 0x01
+    os.chmod(path, 0o644)
+    path.write_bytes(bytes(flipped))
+    with pytest.raises(ArtifactCorrupt, match=f"fails its checksum: expected {algorithm}:"):
         storage.verify(art)
     assert storage.is_valid(art) is False
     path.unlink()
+
+
+def test_an_artifact_of_an_earlier_release_verifies_with_sha256(artifacts_dir: Path) -> None:
+    art = published_as_before(b"made before BLAKE3", artifacts_dir)
+    assert storage.verify(art) == artifacts_dir / art.storage_key
+    assert storage.is_valid(art) is True
+
+
+@pytest.mark.django_db
+def test_a_digest_of_an_unknown_algorithm_is_refused_with_a_clear_error(
+    artifacts_dir: Path,
+) -> None:
+    pub = publish_bytes(b"from a newer release")
+    art = record(pub)
+    art.digest = "blake7:" + "0" * 64
+    art.save()
+    message = "'blake7:000.*' names a digest algorithm this release does not know .*Upgrade"
+    with pytest.raises(UnknownDigest, match=message):
+        storage.verify(art)
+    assert storage.assess(art) == storage.UNREADABLE
+    assert "names a digest algorithm this release does not know" in str(storage.problem(art))
+    # This host's limit, not the artifact's fault: nothing is marked on its record.
+    art.refresh_from_db()
+    assert art.failed_check == ""
 
 
 def test_missing_file_is_not_valid(artifacts_dir: Path) -> None:
@@ -152,12 +203,60 @@ def test_a_pickle_whose_key_was_rotated_out_is_invalid(settings) -> None:  # typ
     settings.SECRET_KEY = "new-key"
     settings.SECRET_KEY_FALLBACKS = []
     # The host's record says which key verified it; that key is gone, so it is checked
-    # again, fails, and stops counting as a cache: the next start_init rebuilds it.
-    assert storage.is_valid(art) is False
+    # again, fails, and stops counting as a cache here: start_init rebuilds it.
+    assert storage.assess(art) == storage.UNREADABLE
     with pytest.raises(ArtifactSignatureError, match="neither SECRET_KEY nor SECRET_KEY_FALL"):
         storage.verify(art)
+
+
+@pytest.mark.django_db
+def test_a_host_with_a_stale_secret_key_does_not_mark_a_good_pickle_for_everyone(
+    settings: Any, tmp_path: Path
+) -> None:
+    from initpipeline.health import UNSIGNED_OUTPUT, artifact_checks
+    from tests.records import publish_generation
+
+    settings.SECRET_KEY = "the-key"
+    generation = publish_generation(model=("pickle", {"w": [1, 2]}))
+    art = generation.artifacts.get()
+    stale, good = tmp_path / "stale-host", tmp_path / "good-host"
+    for folder in (stale, good):
+        folder.mkdir(mode=0o700)
+
+    # A host whose SECRET_KEY is stale: its own problem, logged, and its readyz says so...
+    settings.SECRET_KEY = "a-stale-key"
+    with override_settings(INITPIPELINE={**settings.INITPIPELINE, "LOCAL_CACHE_DIR": str(stale)}):
+        with pytest.raises(ArtifactSignatureError, match="has no valid signature"):
+            storage.verify(art)
+        assert storage.is_valid(art) is False
+        check = artifact_checks(["model"])[0]
+        assert (check.status, check.output) == ("fail", UNSIGNED_OUTPUT)
+    # ...but not a verdict on the artifact: its shared record stays sound.
     art.refresh_from_db()
-    assert "no valid signature" in art.failed_check
+    assert art.failed_check == ""
+
+    settings.SECRET_KEY = "the-key"
+    with override_settings(INITPIPELINE={**settings.INITPIPELINE, "LOCAL_CACHE_DIR": str(good)}):
+        assert storage.is_valid(art) is True
+        assert formats.read(storage.verify(art), "pickle") == {"w": [1, 2]}
+    # The stale host, its SECRET_KEY set right, checks the file again and serves it.
+    with override_settings(INITPIPELINE={**settings.INITPIPELINE, "LOCAL_CACHE_DIR": str(stale)}):
+        assert storage.problem(art) is None
+        assert storage.is_valid(art) is True
+
+
+@pytest.mark.django_db
+def test_a_checksum_failure_is_still_marked_for_every_host(artifacts_dir: Path) -> None:
+    art = record(publish_bytes(b"u" * 5000))
+    art.save()
+    path = artifacts_dir / art.storage_key
+    os.chmod(path, 0o644)
+    path.write_bytes(b"U" * 5000)
+    with pytest.raises(ArtifactCorrupt, match="fails its checksum"):
+        storage.verify(art)
+    art.refresh_from_db()
+    assert "fails its checksum" in art.failed_check
+    path.unlink()
 
 
 # -- verified once per host; changed in place -----------------------------------------------
@@ -171,13 +270,13 @@ def test_published_files_are_read_only(artifacts_dir: Path) -> None:
 def test_a_host_hashes_a_file_once(monkeypatch: pytest.MonkeyPatch) -> None:
     art = record(publish_bytes(b"y" * 5000))
     hashed: list[Path] = []
-    real = storage.file_sha256
+    real = storage.file_digest
 
-    def counting(path: Path | str) -> tuple[str, int]:
+    def counting(path: Path | str, *args: str) -> tuple[str, int]:
         hashed.append(Path(path))
-        return real(path)
+        return real(path, *args)
 
-    monkeypatch.setattr(storage, "file_sha256", counting)
+    monkeypatch.setattr(storage, "file_digest", counting)
     for _ in range(3):  # as three processes of one host would
         storage.verify(art)
     # Publishing recorded the hash it computed: no process of this host hashes it again.
@@ -198,6 +297,60 @@ def test_a_file_changed_in_place_is_noticed_from_its_stat(artifacts_dir: Path) -
         storage.verify(art)
     assert "fails its checksum" in str(storage.problem(art))
     path.unlink()
+
+
+def test_an_edit_in_place_whose_size_and_mtime_were_put_back_is_noticed(
+    artifacts_dir: Path,
+) -> None:
+    art = record(publish_bytes(b"w" * 5000))
+    path = storage.verify(art)
+    before = path.stat()
+    os.chmod(path, 0o644)
+    with open(path, "r+b") as fh:
+        fh.seek(10)
+        fh.write(b"W")  # same size
+    os.chmod(path, 0o444)
+    os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))
+    after = path.stat()
+    assert (after.st_size, after.st_mtime_ns) == (before.st_size, before.st_mtime_ns)
+    assert storage.problem(art) == "its file changed since it was verified"
+    with pytest.raises(ArtifactCorrupt, match="fails its checksum"):
+        storage.verify(art)
+    path.unlink()
+
+
+def test_a_record_of_an_earlier_release_holds_until_the_file_changes(
+    monkeypatch: pytest.MonkeyPatch, artifacts_dir: Path
+) -> None:
+    art = published_as_before(b"v" * 5000, artifacts_dir)
+    path = artifacts_dir / art.storage_key
+    # What releases before the ctime counted wrote: (device, inode, size, mtime), in a
+    # record named by the sha256's hex.
+    st = path.stat()
+    legacy = {"path": str(path), "identity": [st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns]}
+    kept = storage.cache_dir() / "verified" / f"{art.digest.removeprefix('sha256:')}.json"
+    kept.parent.mkdir(exist_ok=True)
+    kept.write_text(json.dumps({**legacy, "ok": True}))
+    # Written as the file was published (the same tick of the kernel's clock, at best).
+    os.utime(kept, ns=(st.st_ctime_ns, st.st_ctime_ns))
+    hashed: list[Path] = []
+    real = storage.file_digest
+
+    def counting(path: Path | str, *args: str) -> tuple[str, int]:
+        hashed.append(Path(path))
+        return real(path, *args)
+
+    monkeypatch.setattr(storage, "file_digest", counting)
+    storage.verify(art)
+    assert storage.problem(art) is None
+    assert hashed == []  # nothing touched the file since the record was written
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))  # sets the ctime, not the mtime
+    changed = path.stat().st_ctime_ns
+    # A change after the record was written (the clock's tick may not have passed yet).
+    os.utime(kept, ns=(changed - 1, changed - 1))
+    assert storage.problem(art) == "its file changed since it was verified"
+    storage.verify(art)
+    assert hashed == [path]
 
 
 def test_a_missing_file_is_a_problem(artifacts_dir: Path) -> None:
@@ -228,7 +381,9 @@ def test_a_symlink_inside_the_storage_is_not_followed(artifacts_dir: Path, tmp_p
         with pytest.raises(ArtifactCorrupt, match="leads outside the artifact folder"):
             storage.publish(path, name="linked", suffix=".bin")
         assert list(outside.iterdir()) == []
-        art = Artifact(name="linked", storage_key="linked/x.bin", sha256="0" * 64, size=1)
+        art = Artifact(
+            name="linked", storage_key="linked/x.bin", digest="sha256:" + "0" * 64, size=1
+        )
         with pytest.raises(ArtifactCorrupt, match="leads outside"):
             storage.verify(art)
     finally:
@@ -280,7 +435,7 @@ def _big(path: Path) -> bytes:
 def test_a_large_file_is_hashed_while_it_is_synced(monkeypatch: pytest.MonkeyPatch) -> None:
     # Each side waits for the other to have started: only side by side do both finish.
     both = threading.Barrier(2, timeout=10)
-    real_hash, real_sync = storage.file_sha256, storage.fsync_file
+    real_hash, real_sync = storage.file_digest, storage.fsync_file
 
     def hashing(path: Path | str) -> tuple[str, int]:
         both.wait()
@@ -290,13 +445,13 @@ def test_a_large_file_is_hashed_while_it_is_synced(monkeypatch: pytest.MonkeyPat
         both.wait()
         real_sync(path)
 
-    monkeypatch.setattr(storage, "file_sha256", hashing)
+    monkeypatch.setattr(storage, "file_digest", hashing)
     monkeypatch.setattr(storage, "fsync_file", syncing)
     path = storage.new_scratch_path(".bin")
     data = _big(path)
     pub = storage.publish(path, name="big", suffix=".bin")
     assert pub.size == len(data)
-    assert real_hash(storage.local_path(record(pub, "big"))) == (pub.sha256, pub.size)
+    assert real_hash(storage.local_path(record(pub, "big"))) == (pub.digest, pub.size)
 
 
 def test_save_file_copies_a_large_file_and_leaves_the_source(tmp_path: Path) -> None:
@@ -307,7 +462,7 @@ def test_save_file_copies_a_large_file_and_leaves_the_source(tmp_path: Path) -> 
     pub = ctx.published()["a_out"][0]
     path = storage.local_path(record(pub, "a_out", "file"))
     assert path.read_bytes() == data == source.read_bytes()
-    assert storage.file_sha256(path) == (pub.sha256, pub.size)
+    assert storage.file_digest(path) == (pub.digest, pub.size)
     assert not list(storage.scratch_dir().glob("r99-*"))
 
 
@@ -327,7 +482,7 @@ def test_a_source_written_to_while_it_is_copied_is_hashed_as_copied(
     path = storage.new_scratch_path()
     pub = storage.publish(path, name="grown", suffix="", copy_from=source)
     published = storage.local_path(record(pub, "grown"))
-    assert storage.file_sha256(published) == (pub.sha256, pub.size)
+    assert storage.file_digest(published) == (pub.digest, pub.size)
     assert pub.size == source.stat().st_size - 4
 
 
@@ -336,13 +491,13 @@ def test_publishing_bytes_this_host_verified_does_not_hash_them_again(
 ) -> None:
     first = publish_bytes(b"same again")
     hashed: list[Path] = []
-    real = storage.file_sha256
+    real = storage.file_digest
 
-    def counting(path: Path | str) -> tuple[str, int]:
+    def counting(path: Path | str, *args: str) -> tuple[str, int]:
         hashed.append(Path(path))
-        return real(path)
+        return real(path, *args)
 
-    monkeypatch.setattr(storage, "file_sha256", counting)
+    monkeypatch.setattr(storage, "file_digest", counting)
     assert publish_bytes(b"same again") == first
     assert len(hashed) == 1  # the new scratch file; not the published one again
 
