@@ -151,7 +151,7 @@ def send_chains(run_id: int, chains: Sequence[Sequence[str]]) -> None:
     """Send each of ``chains`` (phase names of a run, in order) as one Celery chain.
 
     A chain is one of plan_chains(): the start of a run sends every chain ready at once,
-    the last phase of a chain sends the chains it unblocks (execution.py), and recovery
+    the last phase of a chain sends the chains it unblocks (outcomes.py), and recovery
     sends again from a lost phase (Celery cannot resume a chain, celery#3325). A chain that
     holds every phase left of its run ends with the run's finish step; any other chain's
     last phase advances the run when it succeeds. One query and one broker connection for

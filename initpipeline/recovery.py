@@ -34,8 +34,8 @@ from django.utils import timezone
 
 from . import dispatch, processes, tracing
 from .conf import settings
-from .execution import backoff_ceiling, fail_phase, finish_run
 from .models import IN_FLIGHT, PHASE_DONE, PhaseRun, PhaseState, PipelineRun
+from .outcomes import backoff_ceiling, fail_phase, finish_run
 
 logger = logging.getLogger("initpipeline")
 

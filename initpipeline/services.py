@@ -15,7 +15,6 @@ from django.utils import timezone
 from . import checkpoints, checks, dispatch, shards, storage, tracing
 from .conf import settings
 from .exceptions import EnqueueError, PipelineConfigError
-from .execution import end_run, finish_run
 from .models import (
     IN_FLIGHT,
     Artifact,
@@ -25,6 +24,7 @@ from .models import (
     PipelineRun,
     RunState,
 )
+from .outcomes import end_run, finish_run
 from .planning import FORCED, Plan, make_plan
 from .recovery import recover_stale
 from .registry import Pipeline, get_pipeline

@@ -30,7 +30,7 @@ from celery.signals import (
 from django.db import close_old_connections, connection
 from django.utils import timezone
 
-from . import dispatch, execution, tracing
+from . import dispatch, execution, outcomes, tracing
 from .conf import settings
 from .exceptions import PhaseSkipped
 from .models import IN_FLIGHT, PhaseRun, PhaseState, PipelineRun
@@ -169,7 +169,7 @@ class HandOff(threading.Thread):
             if self.warm:
                 why += f" (the phase did not hand itself back within {settings.HANDOFF_GRACE:g} s)"
             try:
-                execution.record_handed_off(pr, why)
+                outcomes.record_handed_off(pr, why)
             except PhaseSkipped:
                 continue
             if self.warm and pid and _is_our_child(pid):

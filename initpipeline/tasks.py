@@ -1,4 +1,4 @@
-"""Thin Celery tasks: they take ids and call execution.py."""
+"""Thin Celery tasks: they take ids and call execution.py and outcomes.py."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from celery.exceptions import Ignore
 
 # signals: the worker's recovery watchdog, hand-off and hard time limits, connected here
 # because every process that runs these tasks imports this module first (signals.py).
-from . import execution, signals, tracing  # noqa: F401
+from . import execution, outcomes, signals, tracing  # noqa: F401
 from .dispatch import FINISH_RUN, PHASE_TASK_OPTIONS, RUN_PHASE
 from .exceptions import PhaseFailed, PhaseSkipped, RetryPhase
 from .models import PhaseState
@@ -37,9 +37,9 @@ def run_phase(self: Any, run_id: int, phase_name: str, advance: bool = False) ->
         # Ignore: this copy neither succeeds nor fails, so it sends no next step.
         raise Ignore() from None
     except PhaseFailed:
-        # Recorded by execution.py; raising stops the chain (no later phase runs).
+        # Recorded by outcomes.py; raising stops the chain (no later phase runs).
         raise
-    if state in (PhaseState.CANCELLED, execution.HANDED_OFF):
+    if state in (PhaseState.CANCELLED, outcomes.HANDED_OFF):
         # The run is cancelled, or the phase went back to the queue as a new message
         # (this worker is shutting down): send no next step.
         raise Ignore()
@@ -52,5 +52,5 @@ def finish_run(self: Any, run_id: int) -> int | None:
     # Here, not in task_prerun: Celery's instrumentation, if installed, has made its run/
     # span current by now, and this one nests under it (tracing.py).
     tracing.finish_started(run_id, self.request.id or "")
-    generation = execution.finish_run(run_id=run_id)
+    generation = outcomes.finish_run(run_id=run_id)
     return generation.pk if generation else None

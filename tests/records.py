@@ -11,7 +11,7 @@ from typing import Any
 
 from django.utils import timezone
 
-from initpipeline import storage
+from initpipeline import outcomes, storage
 from initpipeline.models import IN_FLIGHT, Artifact, Generation, PhaseRun, PipelineRun
 from initpipeline.registry import get_pipeline
 
@@ -367,11 +367,9 @@ def shard_success_cost(count: int) -> tuple[int, int]:
     from django.db import connection
     from django.test.utils import CaptureQueriesContext
 
-    from initpipeline import execution
-
     run = sharded_run(count)
     pr = PhaseRun.objects.get(run=run, name="squares#0")
     with CaptureQueriesContext(connection) as queries, rows_read() as rows:
-        assert execution.record_succeeded(pr, shard_parts(0, count), 1.0, advance=True)
+        assert outcomes.record_succeeded(pr, shard_parts(0, count), 1.0, advance=True)
     PipelineRun.objects.filter(pk=run.pk).update(state="cancelled")
     return len(queries), rows[0]

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from django.utils import timezone
 
-from initpipeline import checkpoints, execution, services, storage
+from initpipeline import checkpoints, execution, outcomes, services, storage
 from initpipeline.context import PhaseContext
 from initpipeline.exceptions import PhaseCancelled, PhaseHandedOff
 from initpipeline.models import PhaseRun, PipelineRun
@@ -76,7 +76,7 @@ def test_a_hand_off_saves_the_state_then_raises() -> None:
         ctx.progress(7, 10, "step 7", checkpoint=lambda: {"step": 7})
     assert ctx.stopping
     assert checkpoints.load(phase_of(run, "b").checkpoint) == {"step": 7}
-    assert execution.record_handed_off(phase_of(run, "b"), "handed back") == "handed_off"
+    assert outcomes.record_handed_off(phase_of(run, "b"), "handed back") == "handed_off"
     b = phase_of(run, "b")
     assert (b.state, b.handoffs, b.interrupted, b.attempt) == ("pending", 1, True, 1)
 

@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 from blake3 import blake3
 
-from initpipeline import execution, loading, services
+from initpipeline import loading, outcomes, services
 from initpipeline.context import PhaseContext
 from initpipeline.exceptions import PhaseCancelled
 from initpipeline.models import Artifact, PhaseRun, PipelineRun
@@ -46,7 +46,7 @@ def test_save_bytes_publishes_exactly_the_bytes_and_readers_get_them_back(
     data = bytes(range(256)) * 40 + b"\x00"
     ctx = context(run, "c")
     ctx.save_bytes("c_out", bytearray(data), metadata={"kind": "raw"})
-    assert execution.record_succeeded(phase_of(run, "c"), ctx.published(), 1.0) == "succeeded"
+    assert outcomes.record_succeeded(phase_of(run, "c"), ctx.published(), 1.0) == "succeeded"
 
     record = Artifact.objects.get(name="c_out")
     assert (record.format, record.size, record.metadata) == ("bytes", len(data), {"kind": "raw"})
@@ -54,7 +54,7 @@ def test_save_bytes_publishes_exactly_the_bytes_and_readers_get_them_back(
     assert record.storage_key == f"c_out/blake3-{blake3(data).hexdigest()}.bin"
     assert (artifacts_dir / record.storage_key).read_bytes() == data
 
-    assert execution.finish_run(run_id=run.pk) is not None
+    assert outcomes.finish_run(run_id=run.pk) is not None
     loaded = loading.artifact("c_out").get()
     assert (type(loaded), loaded) == (bytes, data)
 

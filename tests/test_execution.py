@@ -12,7 +12,7 @@ import pytest
 from django.test import override_settings
 from django.utils import timezone
 
-from initpipeline import execution, services, storage
+from initpipeline import execution, outcomes, services, storage
 from initpipeline.context import PhaseContext
 from initpipeline.exceptions import PhaseCancelled, PhaseFailed, PhaseSkipped
 from initpipeline.models import Artifact, Generation, PhaseRun, PipelineRun
@@ -80,7 +80,7 @@ def test_copy_that_lost_its_phase_records_nothing() -> None:
     old = phase_of(run, "b")
     execution.claim(run.pk, "b", "task-2", "w2@host")  # took over: lease 2
     with pytest.raises(PhaseSkipped, match="lease 1 no longer owns the phase"):
-        execution.record_succeeded(old, published(), 1.0)
+        outcomes.record_succeeded(old, published(), 1.0)
     assert not Artifact.objects.exists()
     b = phase_of(run, "b")
     # A loss is not an attempt: the same attempt continues under a new lease.
@@ -121,14 +121,14 @@ def test_cancel_before_finish_never_activates(monkeypatch: pytest.MonkeyPatch) -
     c = PhaseRun.objects.get(run=run, name="c")
     c.state = "running"  # the copy's in-memory view, from its claim
     c_out = {"c_out": (storage.Published("c_out/x.json", "2" * 64, 3), "json", {})}
-    assert execution.record_succeeded(c, c_out, 1.0) == "cancelled"
+    assert outcomes.record_succeeded(c, c_out, 1.0) == "cancelled"
     assert Artifact.objects.filter(name="c_out").count() == 1
     c.refresh_from_db()
     assert (c.state, c.message) == (
         "cancelled",
         "cancelled as it finished; its artifacts are kept for the next run",
     )
-    assert execution.finish_run(run_id=run.pk) is None
+    assert outcomes.finish_run(run_id=run.pk) is None
     assert not Generation.objects.exists()
     assert PipelineRun.objects.get(pk=run.pk).state == "cancelled"
 
@@ -136,7 +136,7 @@ def test_cancel_before_finish_never_activates(monkeypatch: pytest.MonkeyPatch) -
 def test_finish_before_cancel_leaves_nothing_to_cancel() -> None:
     run = live_run(a=done(), b=done(), c=done())
     record_artifacts(run, "a", "b", "c")
-    generation = execution.finish_run(run_id=run.pk)
+    generation = outcomes.finish_run(run_id=run.pk)
     assert generation is not None
     assert services.cancel(run_id=run.pk) is None
     run.refresh_from_db()
@@ -151,16 +151,16 @@ def test_finish_before_cancel_leaves_nothing_to_cancel() -> None:
 def test_backoff_stays_in_the_upper_half_of_a_ceiling_that_doubles_up_to_the_max(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    ceilings = [execution.backoff_ceiling(attempt) for attempt in range(1, 11)]
+    ceilings = [outcomes.backoff_ceiling(attempt) for attempt in range(1, 11)]
     assert ceilings == [5, 10, 20, 40, 80, 160, 320, 600, 600, 600]
     for attempt, ceiling in enumerate(ceilings, start=1):
-        delays = [execution.backoff(attempt) for _ in range(200)]
+        delays = [outcomes.backoff(attempt) for _ in range(200)]
         assert all(ceiling / 2 <= d <= ceiling for d in delays), (attempt, delays)
         assert len(set(delays)) > 1  # jittered
     # Both ends of the range are reachable.
     for pick, share in [(min, 0.5), (max, 1.0)]:
-        monkeypatch.setattr(execution.random, "uniform", lambda a, b, pick=pick: pick(a, b))
-        assert [execution.backoff(n) for n in (1, 4, 12)] == [share * c for c in (5, 40, 600)]
+        monkeypatch.setattr(outcomes.random, "uniform", lambda a, b, pick=pick: pick(a, b))
+        assert [outcomes.backoff(n) for n in (1, 4, 12)] == [share * c for c in (5, 40, 600)]
 
 
 # -- the join barrier ---------------------------------------------------------------------
@@ -182,7 +182,7 @@ def saved_run(shape: dict[str, list[str]], **states: str) -> PipelineRun:
 def finish(run: PipelineRun, name: str) -> None:
     """The phase ``name`` succeeds as the last step of its chain."""
     pr = PhaseRun.objects.get(run=run, name=name)
-    assert execution.record_succeeded(pr, {}, 1.0, advance=True) == "succeeded"
+    assert outcomes.record_succeeded(pr, {}, 1.0, advance=True) == "succeeded"
 
 
 def test_of_two_sides_the_last_to_finish_sends_the_join(sent: Sent) -> None:
@@ -207,11 +207,11 @@ def test_the_last_shard_to_succeed_sends_the_merge_once(sent: Sent) -> None:
     run = sharded_run(count)
     for index in (3, 0, 4, 1):
         pr = PhaseRun.objects.get(run=run, name=f"squares#{index}")
-        execution.record_succeeded(pr, shard_parts(index, count), 1.0, advance=True)
+        outcomes.record_succeeded(pr, shard_parts(index, count), 1.0, advance=True)
     assert sent == []
     assert PhaseRun.objects.get(run=run, name="squares").shards_done == 4
     last = PhaseRun.objects.get(run=run, name="squares#2")
-    execution.record_succeeded(last, shard_parts(2, count), 1.0, advance=True)
+    outcomes.record_succeeded(last, shard_parts(2, count), 1.0, advance=True)
     assert sent == [(run.pk, ["squares", "total"])]
 
 
@@ -220,7 +220,7 @@ def test_a_failure_fails_its_dependants_and_cancels_what_has_not_started(
 ) -> None:
     run = saved_run(TWO_BRANCHES, x1="running", y1="running")
     x1 = PhaseRun.objects.get(run=run, name="x1")
-    assert execution.fail_phase(x1, "RuntimeError: boom", "")
+    assert outcomes.fail_phase(x1, "RuntimeError: boom", "")
     states = dict(PhaseRun.objects.filter(run=run).values_list("name", "state"))
     assert states == {
         "x1": "failed",
@@ -239,12 +239,12 @@ def test_a_failure_fails_its_dependants_and_cancels_what_has_not_started(
 def test_a_phase_failing_after_the_run_failed_is_not_retried(sent: Sent) -> None:
     run = saved_run(TWO_BRANCHES, x1="running", y1="running")
     PhaseRun.objects.filter(run=run, name="y1").update(max_attempts=3)
-    assert execution.fail_phase(PhaseRun.objects.get(run=run, name="x1"), "RuntimeError: boom", "")
+    assert outcomes.fail_phase(PhaseRun.objects.get(run=run, name="x1"), "RuntimeError: boom", "")
     y1 = PhaseRun.objects.get(run=run, name="y1")
     # y1 has attempts left, but its run is over: it fails instead of waiting for a retry
     # that would never run.
     with pytest.raises(PhaseFailed):
-        execution.record_failed_attempt(y1, RuntimeError("late"), "")
+        outcomes.record_failed_attempt(y1, RuntimeError("late"), "")
     y1.refresh_from_db()
     assert (y1.state, y1.error) == ("failed", "RuntimeError: late")
     run.refresh_from_db()

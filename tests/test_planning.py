@@ -19,7 +19,7 @@ import pytest
 from django.core.management import call_command
 from django.core.management.base import CommandError
 
-from initpipeline import execution, services
+from initpipeline import execution, outcomes, services
 from initpipeline import registry as registry_module
 from initpipeline.exceptions import PhaseFailed
 from initpipeline.models import Artifact, Generation, PhaseRun, PipelineRun
@@ -63,7 +63,7 @@ def deploy() -> PipelineRun | None:
     assert run is not None
     for pr in run.phases.filter(state="pending").order_by("position"):
         execution.execute_phase(run_id=run.pk, phase_name=pr.name)
-    execution.finish_run(run_id=run.pk)
+    outcomes.finish_run(run_id=run.pk)
     run.refresh_from_db()
     return run
 

@@ -11,7 +11,7 @@ from django.core.management.base import CommandError
 from django.test import override_settings
 from django.utils import timezone
 
-from initpipeline import execution, formats, retention, storage
+from initpipeline import formats, outcomes, retention, storage
 from initpipeline.models import Artifact, Generation, PhaseRun, PipelineRun
 from tests.records import done, live_run, record_artifacts
 
@@ -152,7 +152,7 @@ def test_scratch_files_of_ended_runs_are_removed_at_once() -> None:
 def finished(run: PipelineRun) -> PipelineRun:
     """Give every phase of the test pipeline's ``run`` a file of its own, and activate it."""
     record_artifacts(run, "a", "b", "c")
-    assert execution.finish_run(run_id=run.pk) is not None
+    assert outcomes.finish_run(run_id=run.pk) is not None
     return run
 
 
