@@ -147,3 +147,26 @@ def test_a_checkpoint_that_cannot_be_unpickled_is_discarded_not_failed_on(
     # Discarded: no row points at it, its file is gone, and the next run does not adopt it.
     assert phase_of(run, "b").checkpoint is None
     assert not storage.get_storage().exists(saved["key"])
+
+
+def test_a_tampered_checkpoint_pickle_never_loads_and_is_discarded() -> None:
+    run = live_run(a=done(), b=running(heartbeat_ago=0))
+    context(run, "b").checkpoint({"done": 5, "seen": (1, 2)}, done=5, total=10)
+    saved = phase_of(run, "b").checkpoint
+    assert saved["format"] == "pickle"
+    path = storage.verify(checkpoints._artifact(saved))
+    os.chmod(path, 0o644)
+    data = bytearray(path.read_bytes())
+    data[-3] ^= 0xFF  # a byte of the pickled state, after the signature
+    path.write_bytes(bytes(data))
+    assert checkpoints.load(saved) is None
+    assert phase_of(run, "b").checkpoint is None
+
+
+def test_a_checkpoint_of_tens_of_megabytes_round_trips() -> None:
+    run = live_run(a=done(), b=running(heartbeat_ago=0))
+    state = {"done": 7, "blob": os.urandom(24 * 1024 * 1024), "rows": list(range(200_000))}
+    context(run, "b").checkpoint(state, done=7, total=10)
+    saved = phase_of(run, "b").checkpoint
+    assert saved["size"] > 24 * 1024 * 1024
+    assert checkpoints.load(saved) == state

@@ -81,3 +81,45 @@ def test_a_part_that_is_not_a_list_is_refused_with_its_type(tmp_path: Path, valu
         match=f"shard 1's part of 'items' is a JSON {type(value).__name__}, not a list",
     ):
         merge(tmp_path, texts)
+
+
+def test_json_parts_are_never_parsed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Streamed byte for byte: a merge that parsed its parts would raise here."""
+
+    def refuse(*args: Any, **kwargs: Any) -> Any:
+        raise AssertionError("a part was parsed")
+
+    parts = [
+        written([{"k": i, "v": [i] * 3} for i in range(n, n + 500)], tmp_path) for n in (0, 500)
+    ]
+    monkeypatch.setattr(json, "load", refuse)
+    monkeypatch.setattr(json, "loads", refuse)
+    monkeypatch.setattr(formats, "read", refuse)
+    paths = []
+    for i, text in enumerate(parts):
+        path = tmp_path / f"part-{i}.json"
+        path.write_bytes(text)
+        paths.append(path)
+    ctx = Merging(tmp_path)
+    shards._merge_json(ctx, "items", paths)  # type: ignore[arg-type]
+    monkeypatch.undo()
+    assert json.loads(ctx.out.read_bytes()) == [{"k": i, "v": [i] * 3} for i in range(1000)]
+
+
+@pytest.mark.parametrize("fmt", ["bytes", "file"])
+def test_bytes_and_file_parts_are_joined_in_shard_order(tmp_path: Path, fmt: str) -> None:
+    paths = []
+    for i, data in enumerate([b"first,", b"", b"second" * 300_000, b",last"]):
+        path = tmp_path / f"part-{i}.bin"
+        path.write_bytes(data)
+        paths.append(path)
+
+    class Joining(Merging):
+        def save_prepared(self, name: str, got: str, write: Any, metadata: Any = None) -> None:
+            assert got == fmt
+            write(self.out)
+
+    ctx = Joining(tmp_path)
+    shards._MERGERS[fmt](ctx, "blob", paths)  # type: ignore[arg-type]
+    assert ctx.out.read_bytes() == b"first," + b"second" * 300_000 + b",last"
+    assert [done for done, _ in ctx.progressed] == [1, 2, 3, 4]

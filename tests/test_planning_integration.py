@@ -11,7 +11,7 @@ import pytest
 from initpipeline import formats, storage
 from initpipeline.models import Generation, PipelineRun
 from tests.codeapp.source import PHASES, PROJECT_REGISTRY, SCALING, edit
-from tests.conftest import Stack
+from tests.conftest import Stack, wait_for
 
 pytestmark = [pytest.mark.slow]
 
@@ -105,3 +105,38 @@ def test_code_edit_is_planned_before_any_worker_and_reruns_only_its_phase_and_de
     status = stack.manage("init_status", "--json", env=CODE)
     phases = json.loads(status.stdout)["run"]["phases"]
     assert [p["reason"] for p in phases] == ["unchanged", "code changed", "input changed: y"]
+
+
+def test_an_old_worker_hands_a_phase_of_edited_code_back_and_both_fingerprints_show(
+    stack: Stack,
+) -> None:
+    """A real code edit, deployed while a worker with the old code is still up."""
+    from initpipeline.models import Artifact, PhaseRun
+
+    write(stack)
+    stack.start_worker(env=CODE)
+    assert stack.manage("start_init", "--wait", env=CODE).returncode == 0, stack.log()
+    first = PipelineRun.objects.get()
+    old_y = PhaseRun.objects.get(run=first, name="y").fingerprint
+
+    write(stack, edit(PHASES, "scaling.scale(n) for", "scaling.scale(n) * 10 for"))
+    assert stack.manage("start_init", env=CODE).returncode == 0
+    run = PipelineRun.objects.latest_first().first()
+    assert run is not None and run.pk != first.pk
+    planned = PhaseRun.objects.get(run=run, name="y").fingerprint
+    assert planned != old_y
+
+    def waiting() -> str:
+        message = PhaseRun.objects.get(run=run, name="y").message
+        return message if "waiting for a worker running the planned code" in message else ""
+
+    message = wait_for(waiting, timeout=60)
+    # Both fingerprints: what the run planned, and what the old worker's code gives.
+    assert f"planned fingerprint {planned[:12]}…, this worker's {old_y[:12]}…" in message
+    assert not Artifact.objects.filter(name="y_out", fingerprint=planned).exists()
+    stack.start_worker(env=CODE)  # the deploy's new worker, with the edited code
+    run = stack.ended(run)
+    assert run.state == "succeeded", run.error
+    assert Artifact.objects.get(name="y_out", fingerprint=planned).phase_run.worker.startswith(
+        "test1@"
+    )

@@ -393,25 +393,55 @@ def test_a_symlink_inside_the_storage_is_not_followed(artifacts_dir: Path, tmp_p
 # -- failed writes and the host's cache folder ----------------------------------------------
 
 
-def test_a_failed_write_leaves_no_partial_file(monkeypatch: pytest.MonkeyPatch) -> None:
-    import errno
+FILE_SIZE_LIMIT = """
+import os, resource, sys
+import django
+django.setup()
+from initpipeline import storage
+from initpipeline.context import PhaseContext
+from initpipeline.models import PhaseRun
+from initpipeline.registry import get_pipeline
 
-    from initpipeline.context import PhaseContext
-    from initpipeline.registry import get_pipeline
+# A real limit, as ulimit -f or a container's sets it: writes past it fail with EFBIG
+# (CPython ignores SIGXFSZ, so the write raises instead of the process dying).
+resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, 1 << 20))
+pipeline = get_pipeline()
+row = PhaseRun(pk=1, run_id=99, attempt=1)
+ctx = PhaseContext(phase=pipeline["a"], phase_run=row, pipeline=pipeline)
+before = sorted(p.name for p in storage.scratch_dir().iterdir())
+for save in (
+    lambda: ctx.save_bytes("a_out", b"x" * (2 << 20)),
+    lambda: ctx.save_json("a_out", ["x" * 1000] * 3000),
+):
+    try:
+        save()
+    except OSError as exc:
+        print("refused:", exc.strerror)
+after = sorted(p.name for p in storage.scratch_dir().iterdir())
+print("left:", sorted(set(after) - set(before)))
+"""
 
-    def disk_full(path: Path, data: bytes) -> None:
-        with open(path, "wb") as fh:
-            fh.write(data[:10])
-        raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(formats, "write_bytes", disk_full)
-    pipeline = get_pipeline()
-    phase_run = PhaseRun(pk=1, run_id=99, attempt=1)
-    ctx = PhaseContext(phase=pipeline["a"], phase_run=phase_run, pipeline=pipeline)
-    before = set(storage.scratch_dir().iterdir())
-    with pytest.raises(OSError, match="No space left"):
-        ctx.save_bytes("a_out", b"x" * 1000)
-    assert set(storage.scratch_dir().iterdir()) == before
+def test_a_write_past_a_file_size_limit_leaves_no_partial_file() -> None:
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+
+    result = subprocess.run(
+        [sys.executable, "-c", FILE_SIZE_LIMIT],
+        cwd=ROOT,
+        env={**os.environ, "DJANGO_SETTINGS_MODULE": "tests.settings"},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines() == [
+        "refused: File too large",
+        "refused: File too large",
+        "left: []",
+    ]
 
 
 # -- publishing a large file: hashed beside the copy and the fsync --------------------------
