@@ -86,10 +86,12 @@ test-postgres: venv
 	INITPIPELINE_TEST_BROKER=redis $(ON_POSTGRES) $(BIN)/pytest $(CORE_TESTS) $(PG_SAME) \
 		-k "not rabbitmq and not filesystem" --durations=10
 
-# PostgreSQL and RabbitMQ: every test with worker processes, killed ones included.
+# PostgreSQL and RabbitMQ: every test with worker processes, killed ones included, and the
+# hour-scale ones (hand-off, skew, checkpoint resume, LOST_LIMIT, shards).
 test-rabbitmq: venv
 	INITPIPELINE_TEST_BROKER=rabbitmq $(ON_POSTGRES) $(BIN)/pytest -k rabbitmq \
-		tests/test_pipeline_integration.py tests/test_commands_integration.py tests/test_recovery.py
+		tests/test_pipeline_integration.py tests/test_commands_integration.py tests/test_recovery.py \
+		tests/test_long_phases.py tests/test_shards.py
 
 # Django 6 on Python 3.12, in a venv of its own: requirements-dev.txt's test tools and
 # requirements.txt with requirements-django6.txt's Django.
@@ -107,11 +109,13 @@ $(VENV312)/.installed: requirements.txt requirements-dev.txt requirements-django
 		-r $(VENV312)/requirements-dev.txt -r requirements-django6.txt -e .
 	touch $@
 
-# The unit tests, then the integration suite (every broker).
+# The unit tests, then the integration suite (every broker) and the hour-scale tests (on the
+# filesystem broker: the other legs run them on Redis and RabbitMQ).
 test-py312: $(VENV312)/.installed
 	$(VENV312)/bin/python -c "import django, sys; print('Django', django.__version__, 'on Python', sys.version.split()[0])"
 	$(VENV312)/bin/pytest -m "not slow"
 	$(VENV312)/bin/pytest tests/test_pipeline_integration.py
+	$(VENV312)/bin/pytest tests/test_long_phases.py tests/test_shards.py -k "not redis and not rabbitmq"
 
 # What a production host installs, and nothing else: requirements.txt and the project in a
 # fresh venv, without the test tools (they bring packages such as packaging, which kombu's

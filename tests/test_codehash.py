@@ -16,6 +16,7 @@ from initpipeline import codehash
 from initpipeline.registry import Registry
 from tests import fingerprint_samples
 from tests.codeapp.source import load
+from tests.conftest import missing_service
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -188,6 +189,7 @@ import json, sys
 from pathlib import Path
 sys.path.insert(0, sys.argv[1])
 from initpipeline import codehash
+from tests.conftest import missing_service
 from tests import fingerprint_samples
 files = sorted(Path(sys.argv[1], "initpipeline").rglob("*.py"))
 print(json.dumps({
@@ -226,7 +228,7 @@ def other_pythons() -> list[str]:
 def test_fingerprints_are_the_same_on_every_supported_python() -> None:
     pythons = other_pythons()
     if not pythons:
-        pytest.skip("no other Python 3.11-3.13 found through pyenv (pyenv install 3.12 3.13)")
+        missing_service("no other Python 3.11-3.13 found through pyenv (pyenv install 3.12 3.13)")
     here = json.loads(
         subprocess.run(
             [sys.executable, "-c", PROBE, str(ROOT)],

@@ -112,7 +112,7 @@ def test_digests_are_the_same_on_every_supported_python(tmp_path: Path) -> None:
     pythons = other_pythons()
     if not pythons:
         # As the fingerprints' test of the same (test_codehash.py).
-        pytest.skip("no other Python 3.11-3.13 found through pyenv (pyenv install 3.12 3.13)")
+        missing_service("no other Python 3.11-3.13 found through pyenv (pyenv install 3.12 3.13)")
     files = []
     for size in (0, 1, digests.CHUNK - 1, digests.CHUNK + 1, 3 * digests.CHUNK + 7):
         files.append(tmp_path / f"{size}.bin")

@@ -16,12 +16,13 @@ from pathlib import Path
 import pytest
 
 from initpipeline.models import Artifact, PhaseRun, PipelineRun
-from tests.conftest import ROOT, Stack, wait_for
+from tests.conftest import ROOT, Stack, brokers, wait_for
 from tests.servers import celery_worker, kill_group, spawn
 
 pytestmark = [pytest.mark.slow]
 
-BOTH = pytest.mark.parametrize("stack", ["filesystem", "redis"], indirect=True)
+# The filesystem broker and Redis, and the CI leg's own (INITPIPELINE_TEST_BROKER=rabbitmq).
+BOTH = brokers("filesystem", "redis")
 STALE_AFTER = 5.0  # tests/settings.py
 
 
