@@ -112,7 +112,7 @@ def _scrape(shards: int, scrapes: int) -> dict[str, Any]:
                 name=name,
                 fingerprint="fp",
                 storage_key=name,
-                sha256="0" * 64,
+                digest="blake3:" + "0" * 64,
                 size=1024,
                 format="json",
                 run=earlier,

@@ -191,7 +191,7 @@ def _active_artifacts() -> list[dict[str, Any]]:
         dict(row)
         for row in Artifact.objects.filter(generations__is_active=True)
         .annotate(generation_id=F("generations__id"), activated_at=F("generations__activated_at"))
-        .values("name", "size", "generation_id", "activated_at")
+        .values("name", "size", "digest", "format", "generation_id", "activated_at")
         .order_by("name")
     ]
 
@@ -326,6 +326,15 @@ class InitPipelineCollector(Collector):
         for a in artifacts:
             sizes.add_metric([a["name"]], float(a["size"]))
         yield sizes
+        info = GaugeMetricFamily(
+            "initpipeline_artifact_info",
+            "Each artifact of the active generation: its digest (with its algorithm) and "
+            "format, as labels; always 1.",
+            labels=["artifact", "digest", "format"],
+        )
+        for a in artifacts:
+            info.add_metric([a["name"], a["digest"], a["format"]], 1.0)
+        yield info
 
     # -- the latest run ---------------------------------------------------------------------
 

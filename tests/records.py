@@ -88,12 +88,20 @@ def make_run(
     return run
 
 
-def _file_of_size(key: str, size: int) -> None:
-    root = storage.get_storage().path("")
-    path = Path(root) / key
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if not path.exists() or path.stat().st_size != size:
-        path.write_bytes(b"\0" * size)
+def _file_of_size(name: str, size: int) -> str:
+    """A file of ``size`` zero bytes under its content-addressed key (every file under the
+    artifacts folder is named by its digest: tests/test_recovery.py's reader checks it)."""
+    from initpipeline import digests
+
+    data = b"\0" * size
+    hasher = digests.new()
+    hasher.update(data)
+    key = f"{name}/{digests.name_part(digests.of(hasher, digests.DEFAULT))}.bin"
+    path = Path(storage.get_storage().path("")) / key
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(data)
+    return key
 
 
 def make_generation(
@@ -104,13 +112,13 @@ def make_generation(
     never hashed by these tests."""
     records = []
     for name, fmt, size in artifacts:
-        _file_of_size(f"{name}/{name}.bin", size)
+        key = _file_of_size(name, size)
         phase_run = run.phases.filter(name=name.removesuffix("_out")).first()
         records.append(
             Artifact.objects.create(
                 name=name,
                 fingerprint=f"fp-{name}",
-                storage_key=f"{name}/{name}.bin",
+                storage_key=key,
                 digest="blake3:" + (name.encode().hex() * 64)[:64],
                 size=size,
                 format=fmt,

@@ -72,6 +72,11 @@ def states(kind: str, current: str, phase: str | None = None) -> str:
     )
 
 
+def digest(name: str) -> str:
+    """The digest tests/records.make_generation gives artifact ``name``."""
+    return "blake3:" + (name.encode().hex() * 64)[:64]
+
+
 def test_a_staged_run_exposes_exactly_these_series(frozen: None) -> None:
     generation, run = staged()
     assert exposition() == (
@@ -93,6 +98,15 @@ def test_a_staged_run_exposes_exactly_these_series(frozen: None) -> None:
         'initpipeline_artifact_size_bytes{artifact="a_out"} 100.0\n'
         'initpipeline_artifact_size_bytes{artifact="b_out"} 4096.0\n'
         'initpipeline_artifact_size_bytes{artifact="c_out"} 50.0\n'
+        "# HELP initpipeline_artifact_info Each artifact of the active generation: its digest "
+        "(with its algorithm) and format, as labels; always 1.\n"
+        "# TYPE initpipeline_artifact_info gauge\n"
+        f'initpipeline_artifact_info{{artifact="a_out",digest="{digest("a_out")}",'
+        f'format="json"}} 1.0\n'
+        f'initpipeline_artifact_info{{artifact="b_out",digest="{digest("b_out")}",'
+        f'format="npy"}} 1.0\n'
+        f'initpipeline_artifact_info{{artifact="c_out",digest="{digest("c_out")}",'
+        f'format="json"}} 1.0\n'
         "# HELP initpipeline_run_id The id of the latest run.\n"
         "# TYPE initpipeline_run_id gauge\n"
         f"initpipeline_run_id {float(run.pk)}\n"

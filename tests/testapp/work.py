@@ -93,6 +93,9 @@ def do_work(ctx: PhaseContext) -> None:
             _trace(ctx, "progress", steps + held)
             ctx.progress(held, HOLD_STEPS, message or f"held: step {held}")
     if ctx.name in ctl.get("fail", []):
-        raise RuntimeError(ctl.get("fail_text", {}).get(ctx.name) or f"{ctx.name} was told to fail")
+        text = ctl.get("fail_text", {}).get(ctx.name)
+        if text:
+            raise RuntimeError(text)
+        raise RuntimeError(f"{ctx.name} was told to fail")
     if ctx.attempt <= int(ctl.get("fail_attempts", {}).get(ctx.name, 0)):
         raise RuntimeError(f"{ctx.name} fails attempt {ctx.attempt}")
