@@ -189,7 +189,6 @@ import json, sys
 from pathlib import Path
 sys.path.insert(0, sys.argv[1])
 from initpipeline import codehash
-from tests.conftest import missing_service
 from tests import fingerprint_samples
 files = sorted(Path(sys.argv[1], "initpipeline").rglob("*.py"))
 print(json.dumps({
