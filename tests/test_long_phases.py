@@ -303,8 +303,9 @@ def test_a_superseded_run_leaves_its_finished_phases_and_checkpoints_to_the_next
     assert stack.manage("start_init").returncode == 0
     first = PipelineRun.objects.get()
     wait_for(lambda: phase(first, "b").progress_done >= 60, timeout=60, interval=0.05)
-    # c's config changes (its fingerprint with it); a and b stay as they were.
-    stack.control(sleep={"b": 4}, checkpoint={"b": 50}, versions={"c": "2"})
+    # c's config changes (its fingerprint with it); a and b stay as they were. The new run's
+    # b is held once its work is done, so that its checkpoint is still there to be read.
+    stack.control(sleep={"b": 6}, checkpoint={"b": 50}, versions={"c": "2"}, hold=["b"])
     result = stack.manage("start_init")
     assert result.returncode == 0, result.stderr
     second = PipelineRun.objects.latest_first().first()
@@ -318,6 +319,7 @@ def test_a_superseded_run_leaves_its_finished_phases_and_checkpoints_to_the_next
     # The new run's b adopted the checkpoint the superseded one left.
     resumed_from = int(phase(second, "b").checkpoint["done"])
     assert resumed_from >= 50
+    stack.control(sleep={"b": 6}, checkpoint={"b": 50}, versions={"c": "2"})
     second = stack.ended(second)
     assert second.state == "succeeded", second.error
     assert phase(second, "a").state == "cached"  # finished in the superseded run
