@@ -530,10 +530,10 @@ def figures(entries: int, quick: bool) -> dict[str, Any]:
     plan = [
         ("in-request", "gthread", 2, "load-first"),
         ("background", "gthread", 2, "load-first"),
-        ("background", "gthread", 2, "new-worker"),
     ]
     if not quick:
         plan += [
+            ("background", "gthread", 2, "new-worker"),
             ("in-request", "sync", 2, "load-first"),
             ("background", "sync", 2, "load-first"),
             ("background", "sync", 2, "new-worker"),

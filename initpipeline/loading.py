@@ -12,7 +12,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -300,6 +300,10 @@ class ArtifactHandle:
         rec = self.record()
         cached = self._loaded
         if cached is not None and cached.digest == rec.digest:
+            generation = active.snapshot().generation_id
+            if cached.generation_id != generation:
+                # The same bytes in a newer generation: the object serves it, unloaded.
+                cached = self._loaded = replace(cached, generation_id=generation)
             return cached
         with self._lock:
             cached = self._loaded

@@ -74,7 +74,6 @@ def test_bench_quick_writes_every_figure(tmp_path: Path) -> None:
     assert set(serving["runs"]) == {
         "in-request gthread x2 load-first",
         "background gthread x2 load-first",
-        "background gthread x2 new-worker",
     }
     for run in serving["runs"].values():
         assert run["requests"] > 0 and run["worker_timeouts"] == 0

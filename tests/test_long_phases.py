@@ -253,6 +253,10 @@ def test_another_worker_of_the_same_name_shutting_down_does_not_stop_ours(
 ) -> None:
     """Two workers of one name on a host (another project, a second one started without
     -n): one's shutdown mark must not make the other leave every phase it gets."""
+    if stack.broker == "rabbitmq":
+        pytest.skip(
+            "RabbitMQ refuses a second worker of one node name (its pidbox queue is exclusive)"
+        )
     stack.start_worker()
     stack.start_worker(args=("-n", "test0@%h"))
     other = stack.workers[1]

@@ -382,3 +382,16 @@ def test_a_retired_model_is_freed_without_stopping_the_other_threads() -> None:
     # ...freed a slice at a time, it lets them run.
     values = [model()]
     assert _ticks_during(lambda: serving._release(values.pop())) >= 10
+
+
+def test_outside_a_serving_process_the_same_bytes_in_a_newer_generation_are_not_loaded_again(
+    handles: None,
+) -> None:
+    first = publish_generation(model=("json", {"version": "1"}))
+    handle = loading.artifact("model", loader=views.load_model)
+    model = handle.get()
+    assert handle.generation == first.pk
+    second = publish_generation(model=("json", {"version": "1"}))
+    loading.active.refresh()
+    assert handle.get() is model  # not loaded again: the same bytes
+    assert handle.generation == second.pk  # but it serves the newer generation
