@@ -42,13 +42,16 @@ elif DATABASES["default"]["ENGINE"] == "django.db.backends.postgresql":
 # "small": tests/testapp's fast, controllable pipeline a -> b -> c; "parallel":
 # tests/parallelapp's two independent branches and their join; "code": tests/codeapp's
 # x -> y -> z, whose source the tests rewrite; "shards": tests/shardapp's sharded phase;
-# "demo": the real demo workload.
+# "merge": tests/mergeapp's sharded phase with a merge of its own; "demo": the real demo
+# workload.
 PIPELINE = os.environ.get("INITPIPELINE_TEST_PIPELINE", "small")
 _APPS = {
     "small": ["tests.testapp"],
     "parallel": ["tests.parallelapp"],
     "code": ["tests.codeapp"],
     "shards": ["tests.shardapp"],
+    # tests/test_shards.py: a sharded phase with a merge= of its own.
+    "merge": ["tests.mergeapp"],
     # tests/test_hosts.py: parallel phases and a sharded one, over several hosts.
     "hosts": ["tests.parallelapp", "tests.shardapp"],
     # tests/test_serving.py: artifacts with loaders, published by the tests themselves.
@@ -61,6 +64,7 @@ _REQUIRED = {
     "parallel": ["join_out"],
     "code": ["z_out"],
     "shards": ["total"],
+    "merge": ["report"],
     "hosts": ["join_out", "total"],
     "serving": ["model"],
 }

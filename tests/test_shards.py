@@ -151,3 +151,36 @@ def test_a_failing_shard_fails_the_phase_and_the_resume_runs_only_it(shards: Sta
     }
     assert [index for index, _, _ in shard_starts(shards, second)] == [2]
     assert merged_total()["sum"] == SUM
+
+
+def test_a_merge_of_its_own_reads_the_parts_in_shard_order_in_a_worker(stack: Stack) -> None:
+    # tests/mergeapp: three shards save rows (JSON) and a blob (bytes); join_rows merges them
+    # with load_parts, parts and save_prepared, in the worker, and report reads the result.
+    stack.env.update({"INITPIPELINE_TEST_PIPELINE": "merge"})
+    worker = stack.start_worker()
+    result = stack.manage("start_init", "--wait", timeout=180)
+    assert result.returncode == 0, result.stderr + stack.log(0)
+    run = PipelineRun.objects.get()
+    records = rows(run)
+    assert {records[f"rows#{i}"].state for i in range(3)} == {"succeeded"}
+    assert records["rows"].state == "succeeded"
+    # The merge ran once, in the worker's process, and saw each artifact's parts' format.
+    merges = [line.split() for line in (stack.var / "merges.log").read_text().splitlines()]
+    assert [(int(m[0]), m[2], m[3], m[4]) for m in merges] == [(run.pk, worker, "json", "bytes")]
+    assert int(merges[0][1]) != os.getpid()
+
+    from initpipeline import formats, storage
+    from initpipeline.models import Generation
+
+    served = Generation.objects.get(is_active=True).artifact_map()
+    # Downstream sees what the merge wrote, not the default merge's list: the parts in
+    # shard order (10 numbers over 3 shards: 3, 3, 4), and the blobs joined byte for byte.
+    report = formats.read(storage.verify(served["report"]), "json")
+    assert report["rows"]["sizes"] == [3, 3, 4]
+    assert [r["n"] for r in report["rows"]["rows"]] == list(range(10))
+    assert [r["shard"] for r in report["rows"]["rows"]] == [0] * 3 + [1] * 3 + [2] * 4
+    assert report["blob"] == "".join(f"{n}\n" for n in range(10))
+    assert served["blob"].format == "bytes"
+    assert served["blob"].metadata == {"parts": 3}
+    # No shard's part is in the generation: only what the merge published.
+    assert not any(".shard-" in name for name in served)

@@ -1,0 +1,6 @@
+from django.apps import AppConfig
+
+
+class MergeAppConfig(AppConfig):
+    name = "tests.mergeapp"
+    label = "mergeapp"
