@@ -180,6 +180,17 @@ def get(url: str) -> tuple[int, Any]:
         return err.code, None
 
 
+def start_worker(host: Host, n: int) -> subprocess.Popen[bytes]:
+    """A Celery worker of one process on ``host``, once it is ready."""
+    log = host.start(
+        "-m", "celery", "-A", "project", "worker", "-c", "1", "-n", f"worker{n}@host{n}",
+        "--without-mingle", "--without-gossip", "-l", "info",
+        log="worker.log",
+    )  # fmt: skip
+    wait_for(lambda: b" ready." in log.read_bytes(), 60)
+    return host.procs[-1]
+
+
 @pytest.fixture
 def network() -> Iterator[Network]:
     net = Network()
@@ -253,12 +264,7 @@ def test_web_host_and_two_worker_hosts_share_only_the_services(
     assert migrate.returncode == 0, migrate.stderr
 
     for n, host in ((1, worker1), (2, worker2)):
-        log = host.start(
-            "-m", "celery", "-A", "project", "worker", "-c", "1", "-n", f"worker{n}@host{n}",
-            "--without-mingle", "--without-gossip", "-l", "info",
-            log="worker.log",
-        )  # fmt: skip
-        wait_for(lambda log=log: b" ready." in log.read_bytes(), 60)
+        start_worker(host, n)
 
     port = free_port()
     web_log = web.start(
@@ -320,3 +326,54 @@ def test_web_host_and_two_worker_hosts_share_only_the_services(
     assert cached(web, "join_out")
     # Nothing else on the web host: no artifact folder of its own, no phase scratch files.
     assert not (web.var / "artifacts").exists()
+
+
+def test_a_phase_handed_back_on_one_host_resumes_on_another_from_its_checkpoint_in_s3(
+    hosts: dict[str, Host], services: dict[str, Any]
+) -> None:
+    web, worker1, worker2 = hosts["web"], hosts["worker1"], hosts["worker2"]
+    # left works 8 s in 0.1-s steps and checkpoints every 5 steps and when it hands off.
+    control = {"sleep": {"left": 8}, "checkpoint": {"left": 5}, "shards": 1}
+    for host in (web, worker1, worker2):
+        (host.var / "control.json").write_text(json.dumps(control))
+    migrate = web.run("manage.py", "migrate", "--noinput")
+    assert migrate.returncode == 0, migrate.stderr
+
+    first = start_worker(worker1, 1)
+    started = web.run("manage.py", "start_init")
+    assert started.returncode == 0, started.stderr
+
+    def left_steps(host: Host) -> list[int]:
+        """The steps of left's progress() calls on ``host`` (tests/testapp/work.py)."""
+        log = host.var / "calls.log"
+        lines = log.read_text().splitlines() if log.exists() else []
+        return [int(f[4]) for f in map(str.split, lines) if f[0] == "left" and f[3] == "progress"]
+
+    # Past two checkpoints, a rolling restart stops worker host 1 (SIGTERM to the worker).
+    wait_for(lambda: any(step >= 12 for step in left_steps(worker1)), 60)
+    first.send_signal(signal.SIGTERM)
+    assert first.wait(timeout=60) == 0, (worker1.root / "worker.log").read_text()
+    handed = left_steps(worker1)[-1]
+    assert handed < 80
+    # The hand-off's checkpoint is in S3, and nowhere a worker host could share it.
+    listing = (
+        services["moto"]
+        .client()
+        .list_objects_v2(Bucket=BUCKET, Prefix="_initpipeline-checkpoints/")
+    )
+    saved = {Path(item["Key"]).name.split(".")[0] for item in listing.get("Contents", [])}
+    assert saved
+    assert not (worker1.var / "artifacts").exists()
+
+    # Worker host 2 takes the phase over and resumes from the checkpoint it reads from S3.
+    start_worker(worker2, 2)
+    waited = web.run("manage.py", "start_init", "--wait", "--json")
+    assert waited.returncode == 0, waited.stderr + (worker2.root / "worker.log").read_text()
+    phase = {p["name"]: p for p in json.loads(waited.stdout)["run"]["phases"]}["left"]
+    assert (phase["state"], phase["handoffs"], phase["attempt"]) == ("succeeded", 1, 1)
+    starts = [line.split() for line in (worker2.var / "starts.log").read_text().splitlines()]
+    assert [int(f[2]) for f in starts if f[0] == "left"] == [handed]
+    assert left_steps(worker2)[0] == handed + 1
+    assert not (worker2.var / "artifacts").exists()
+    cached = {p.name.split(".")[0] for p in (worker2.var / "cache").glob("*")}
+    assert cached & saved, (cached, saved)
