@@ -158,6 +158,12 @@ def referenced() -> set[str]:
     return {c["key"] for c in values if c}
 
 
+def referenced_digests() -> set[str]:
+    """The digests of the checkpoints some row still points at."""
+    values = PhaseRun.objects.exclude(checkpoint=None).values_list("checkpoint", flat=True)
+    return {c["digest"] for c in values if c and c.get("digest")}
+
+
 def _delete(keys: set[str]) -> None:
     store = storage.get_storage()
     for key in keys:

@@ -353,6 +353,7 @@ def finish_run(*, run_id: int) -> Generation | None:
     if settings.GC_AFTER_ACTIVATION:
         try:
             retention.collect()
+            retention.prune_local()
         except Exception:
             # The new generation is active; a failed clean-up must not undo that.
             logger.exception("deleting old artifacts after run %s failed", run_id)

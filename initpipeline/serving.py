@@ -119,6 +119,8 @@ class Repository:
         self._last_change = time.monotonic()
         #: Sets replaced by a newer one, to free once no request holds them.
         self._retiring: list[Served] = []
+        #: The generation after whose switch this host's cache was last pruned.
+        self._pruned_for: int | None = None
 
     # -- what requests call ---------------------------------------------------------------
 
@@ -163,6 +165,7 @@ class Repository:
             try:
                 delay = self.tick()
                 self._retire_all()
+                self._prune_after_switch()
                 if time.monotonic() - self._last_change >= REPORT_INTERVAL:
                     self._changed()  # Still here: the reports' "last seen".
             except Exception as exc:
@@ -171,6 +174,27 @@ class Repository:
                 delay = max(1.0, settings.REFRESH_INTERVAL)
             self._wake.wait(delay)
             self._wake.clear()
+
+    def _prune_after_switch(self) -> None:
+        """Once this process serves a generation whole (at its start, after each switch):
+        delete what the host's cache holds for files no kept generation uses
+        (retention.prune_local), keeping two generations at least, so that a sibling
+        worker still serving the previous one keeps its files. Every host of the fleet
+        that serves prunes its own cache; workers' hosts prune with init_gc."""
+        generation = self.current.generation_id
+        if generation is None or generation == self._pruned_for or self._pending:
+            return
+        if self.progress.target is not None or any(
+            f.generation_id == generation for f in self.failures.values()
+        ):
+            return
+        self._pruned_for = generation
+        from . import retention
+
+        try:
+            retention.prune_local(keep=max(2, int(settings.KEEP_GENERATIONS)))
+        except Exception:
+            self._log_once("prune", "deleting old files from this host's cache failed")
 
     def _log_once(self, key: str, message: str, *args: Any, traceback: bool = True) -> None:
         if key in self._logged_errors:

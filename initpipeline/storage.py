@@ -669,13 +669,13 @@ def _unpacked(artifact: Artifact, archive: Path) -> Path:
             return dest
         if dest.exists():
             logger.warning("unpacking %s again: its folder changed since it was unpacked", dest)
-            _remove_tree(dest)
+            remove_tree(dest)
         tmp = root / f".{uuid.uuid4().hex}.part"
         try:
             formats.unpack_dir(archive, tmp)
             os.rename(tmp, dest)
         except BaseException:
-            _remove_tree(tmp)
+            remove_tree(tmp)
             raise
         scratch = listing.with_name(f".{uuid.uuid4().hex}.tmp")
         scratch.write_text(json.dumps(_tree(dest)))
@@ -683,8 +683,8 @@ def _unpacked(artifact: Artifact, archive: Path) -> Path:
     return dest
 
 
-def _remove_tree(path: Path) -> None:
-    """Remove a read-only unpacked folder."""
+def remove_tree(path: Path) -> None:
+    """Remove a read-only unpacked folder (retention.prune_local too)."""
     if not path.exists():
         return
     for top, dirs, _files in os.walk(path):

@@ -3,6 +3,7 @@ from __future__ import annotations
 from datetime import timedelta
 from io import StringIO
 from pathlib import Path
+from typing import Any
 
 import pytest
 from django.conf import settings
@@ -11,9 +12,9 @@ from django.core.management.base import CommandError
 from django.test import override_settings
 from django.utils import timezone
 
-from initpipeline import formats, outcomes, retention, storage
+from initpipeline import digests, formats, outcomes, retention, storage
 from initpipeline.models import Artifact, Generation, PhaseRun, PipelineRun
-from tests.records import done, live_run, record_artifacts
+from tests.records import done, live_run, publish_generation, record_artifacts
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -185,3 +186,88 @@ def test_a_record_with_a_bad_storage_key_is_skipped_not_a_traceback(
     # The other old generation's file went; the bad record was left, with a warning.
     assert not (artifacts_dir / gens[1].artifacts.get().storage_key).exists()
     assert f"skipped artifact {bad.pk} (../../etc/passwd)" in caplog.text
+
+
+@pytest.fixture
+def host_cache(settings: Any, tmp_path: Path) -> Path:
+    """A LOCAL_CACHE_DIR of the test's own."""
+    settings.INITPIPELINE = {**settings.INITPIPELINE, "LOCAL_CACHE_DIR": str(tmp_path / "cache")}
+    return storage.cache_dir()
+
+
+def folder_generation(tmp_path: Path, n: int, *, age: int) -> Generation:
+    """A new active generation of one directory artifact, ``age`` hours old."""
+    source = tmp_path / f"model-{n}"
+    source.mkdir()
+    (source / "weights.txt").write_text(f"weights {n}")
+    gen = publish_generation(model=("dir", source))
+    when = timezone.now() - timedelta(hours=age)
+    Generation.objects.filter(pk=gen.pk).update(created_at=when, activated_at=when)
+    Artifact.objects.filter(generations=gen).update(created_at=when)
+    return gen
+
+
+def cached_for(gen: Generation) -> tuple[str, Artifact]:
+    art = gen.artifacts.get()
+    return digests.name_part(art.digest), art
+
+
+def test_a_hosts_cache_keeps_what_the_kept_generations_use_and_loses_the_rest(
+    tmp_path: Path, host_cache: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    old_name, old = cached_for(folder_generation(tmp_path, 1, age=9))
+    new_name, new = cached_for(folder_generation(tmp_path, 2, age=1))
+    for art in (old, new):
+        storage.materialize(art)  # unpacked under dirs/, recorded under verified/
+    cache = host_cache
+    # A remote storage's copies are named by digest too; and a checkpoint a phase of a run
+    # will resume from, copied to this host.
+    (cache / f"{old_name}.tar").write_bytes(b"old copy")
+    (cache / f"{new_name}.tar").write_bytes(b"new copy")
+    checkpoint = "blake3:" + "c" * 64
+    live_run(a={"checkpoint": {"key": "k", "digest": checkpoint}})
+    (cache / f"{digests.name_part(checkpoint)}.json").write_text("{}")
+    monkeypatch.setattr(retention, "RECENT", -3600.0)  # everything counts as made before
+
+    removed = retention.prune_local(keep=1)
+
+    assert sorted(str(p.relative_to(cache)) for p, _ in removed) == [
+        f"{old_name}.tar",
+        f"dirs/{old_name}",
+        f"dirs/{old_name}.json",
+        f"dirs/{old_name}.lock",
+        f"verified/{old_name}.json",
+    ]
+    assert {str(p.relative_to(cache)): n for p, n in removed}[f"dirs/{old_name}"] == 9
+    assert (cache / "dirs" / new_name).is_dir()
+    assert (cache / f"{new_name}.tar").exists()
+    assert (cache / "verified" / f"{new_name}.json").exists()
+    assert (cache / f"{digests.name_part(checkpoint)}.json").exists()
+    # A cache, no more: the storage still has the old generation, and it comes back.
+    assert (storage.materialize(old) / "weights.txt").read_text() == "weights 1"
+
+
+def test_a_hosts_cache_keeps_what_changed_since_the_prune_began(
+    tmp_path: Path, host_cache: Path
+) -> None:
+    old_name, old = cached_for(folder_generation(tmp_path, 1, age=9))
+    folder_generation(tmp_path, 2, age=1)
+    storage.materialize(old)  # just now: as if a newer generation's copy
+    assert retention.prune_local(keep=1) == []
+    assert (host_cache / "dirs" / old_name).is_dir()
+
+
+def test_init_gc_lists_the_hosts_cache_too(
+    tmp_path: Path, host_cache: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    old_name, old = cached_for(folder_generation(tmp_path, 1, age=9))
+    folder_generation(tmp_path, 2, age=1)
+    storage.materialize(old)
+    monkeypatch.setattr(retention, "RECENT", -3600.0)
+    out = StringIO()
+    call_command("init_gc", "--keep", "1", "--dry-run", stdout=out)
+    assert "would delete 4 entries of this host's cache" in out.getvalue()
+    assert (host_cache / "dirs" / old_name).is_dir()
+    call_command("init_gc", "--keep", "1", stdout=out)
+    assert "deleted 4 entries of this host's cache" in out.getvalue()
+    assert not (host_cache / "dirs" / old_name).exists()

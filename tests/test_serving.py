@@ -20,7 +20,7 @@ from typing import Any
 import pytest
 from django.test import Client, override_settings
 
-from initpipeline import formats, loading, serving, storage
+from initpipeline import digests, formats, loading, retention, serving, storage
 from initpipeline.exceptions import ArtifactLoadError, ArtifactNotReady, PipelineConfigError
 from initpipeline.health import readiness
 from initpipeline.servers import SERVING, ServerFolder
@@ -207,6 +207,25 @@ def _folder(text: str) -> Path:
     (root / "a.txt").write_text(text)
     (root / "sub" / "b.txt").write_text(text + "!")
     return root
+
+
+def test_a_switch_prunes_the_hosts_cache_of_generations_no_longer_kept(
+    repo: serving.Repository, settings: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # KEEP_GENERATIONS 1, yet a serving process keeps two: a sibling worker may still
+    # serve the previous generation.
+    settings.INITPIPELINE = {**settings.INITPIPELINE, "KEEP_GENERATIONS": 1}
+    monkeypatch.setattr(retention, "RECENT", -3600.0)  # everything counts as made before
+    unpacked = storage.cache_dir() / "dirs"
+    names = []
+    for n in ("1", "2", "3"):
+        gen = publish_generation(model=("json", {"version": n}), folder=("dir", _folder(n)))
+        wait_for(lambda n=n: served(repo, n), timeout=30)
+        names.append(digests.name_part(gen.artifacts.get(name="folder").digest))
+        assert (unpacked / names[-1]).is_dir()
+    wait_for(lambda: not (unpacked / names[0]).exists(), timeout=30)
+    assert (unpacked / names[1]).is_dir() and (unpacked / names[2]).is_dir()
+    assert views.FOLDER.get() == {"a.txt": "3", "sub/b.txt": "3!"}
 
 
 def test_readiness_waits_for_the_other_workers_of_the_server(

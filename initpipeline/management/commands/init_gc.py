@@ -10,9 +10,9 @@ from ..base import InitCommand
 
 class Command(InitCommand):
     help = (
-        "Delete the files of artifacts older than the last KEEP_GENERATIONS generations; "
-        "never the active one, nor what a run in flight will activate. Exit codes: 0 done; "
-        "2 bad usage."
+        "Delete the files of artifacts older than the last KEEP_GENERATIONS generations, "
+        "and this host's cached copies of them; never the active one, nor what a run in "
+        "flight will activate. Exit codes: 0 done; 2 bad usage."
     )
 
     def add_arguments(self, parser: CommandParser) -> None:
@@ -34,3 +34,9 @@ class Command(InitCommand):
         dropped = checkpoints.collect(dry_run=dry_run)
         if dropped:
             self.stdout.write(f"{verb} {len(dropped)} checkpoints nothing points at")
+        # This host's copies of what the storage no longer keeps (web processes prune
+        # their host's cache at each switch; a worker's host has this command).
+        local = retention.prune_local(keep=keep, dry_run=dry_run)
+        if local:
+            size = sum(n for _, n in local)
+            self.stdout.write(f"{verb} {len(local)} entries of this host's cache, {size} bytes")
