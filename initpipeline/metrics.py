@@ -7,12 +7,12 @@ Two kinds of series (README "Monitoring" lists them all):
   whichever process answers. Every process, every Gunicorn worker, every host tells the
   same truth: no state is kept here, and no multiprocess folder is needed for them.
 - **Of this process** (``LOAD_SECONDS``, ``LOADED_BYTES``, ``LOAD_FAILURES``,
-  ``LOAD_FAILING``, ``SERVING_GENERATION``): what a web process's loader thread did
-  (serving.py). Under Gunicorn each worker is a process of its own, so a scrape reaching
-  one worker would see only its numbers: prometheus-client's multiprocess mode adds them
-  up across the workers of a server when ``PROMETHEUS_MULTIPROC_DIR`` is set in
-  Gunicorn's environment (gunicorn.py empties the folder at start and forgets a worker
-  that ended).
+  ``LOAD_FAILING``, ``LOADING``, ``SERVING_GENERATION``, ``SERVING_READY``): what a web
+  process's loader thread did (serving.py). Under Gunicorn each worker is a process of
+  its own, so a scrape reaching one worker would see only its numbers: prometheus-client's
+  multiprocess mode adds them up across the workers of a server when
+  ``PROMETHEUS_MULTIPROC_DIR`` is set in Gunicorn's environment (gunicorn.py empties the
+  folder at start and forgets a worker that ended).
 
 Use the view ``/init/metrics`` (views.metrics, in initpipeline.urls), or ``register(registry)``
 to add them to a registry you already serve (django-prometheus' ``/metrics``).
@@ -101,13 +101,35 @@ SERVING_GENERATION = Gauge(
     registry=None,
 )
 
+LOADING = Gauge(
+    "initpipeline_artifact_loading",
+    "1 while this process loads an artifact (verify, load, warm-up), else 0.",
+    ["artifact"],
+    # Summed over a server's live workers: how many of them load it now.
+    multiprocess_mode="livesum",
+    registry=None,
+)
+SERVING_READY = Gauge(
+    "initpipeline_serving_ready",
+    "1 when this process serves every required artifact (its part of /init/readyz), else 0.",
+    multiprocess_mode="liveall",
+    registry=None,
+)
+
 PROCESS_METRICS: tuple[Collector, ...] = (
     LOAD_SECONDS,
     LOADED_BYTES,
     LOAD_FAILURES,
     LOAD_FAILING,
+    LOADING,
     SERVING_GENERATION,
+    SERVING_READY,
 )
+
+
+def observe_loading(name: str, loading: bool) -> None:
+    """serving.py: this process starts (True) or ends (False) a load of ``name``."""
+    LOADING.labels(artifact=name).set(1 if loading else 0)
 
 
 def observe_load(name: str, seconds: float, size: int) -> None:
@@ -123,9 +145,11 @@ def observe_failure(name: str) -> None:
     LOAD_FAILING.labels(artifact=name).set(1)
 
 
-def observe_serving(generation: int | None) -> None:
-    """serving.py: this process now serves ``generation``."""
+def observe_serving(generation: int | None, ready: bool) -> None:
+    """serving.py: this process now serves ``generation``; ``ready``: every required
+    artifact."""
     SERVING_GENERATION.set(generation or 0)
+    SERVING_READY.set(1 if ready else 0)
 
 
 def multiprocess_dir() -> str | None:

@@ -437,6 +437,7 @@ class Repository:
         self, handle: loading.ArtifactHandle | None, rec: Record, generation: int | None
     ) -> Loaded | None:
         self.progress.loading[rec.name] = time.time()
+        _observe("observe_loading", rec.name, True)
         try:
             loaded = loading.load(handle, rec, generation)
         except Exception as exc:
@@ -444,6 +445,7 @@ class Repository:
             return None
         finally:
             self.progress.loading.pop(rec.name, None)
+            _observe("observe_loading", rec.name, False)
         _observe("observe_load", rec.name, loaded.seconds, rec.size)
         old = self.failures.pop(rec.name, None)
         if old is not None:
@@ -506,7 +508,11 @@ class Repository:
     def _publish(self, served: Served) -> None:
         old = self.current
         self.current = served  # The swap: one assignment, read without a lock.
-        _observe("observe_serving", served.generation_id)
+        _observe(
+            "observe_serving",
+            served.generation_id,
+            all(n in served.loaded for n in required_artifacts()),
+        )
         if served.generation_id != old.generation_id and served.loaded:
             logger.info(
                 "serving generation %s (%s)", served.generation_id, ", ".join(sorted(served.loaded))

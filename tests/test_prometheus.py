@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 from collections.abc import Iterator
@@ -39,7 +40,12 @@ def test_the_alert_rules_are_valid() -> None:
         timeout=60,
     )
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "SUCCESS: 7 rules found" in result.stdout
+    assert f"SUCCESS: {len(alert_names())} rules found" in result.stdout
+
+
+def alert_names() -> list[str]:
+    rules = (RULES / "initpipeline.rules.yml").read_text()
+    return [line.split(":", 1)[1].strip() for line in rules.splitlines() if "- alert:" in line]
 
 
 def test_each_alert_fires_on_its_series_and_no_other() -> None:
@@ -51,12 +57,12 @@ def test_each_alert_fires_on_its_series_and_no_other() -> None:
         timeout=60,
     )
     assert result.returncode == 0, result.stdout + result.stderr
-    # Every alert of the rules file has a test.
-    rules = (RULES / "initpipeline.rules.yml").read_text()
+    # Every alert of the rules file has a test, and a row in the README's table.
     tests = (RULES / "initpipeline.rules.test.yml").read_text()
-    alerts = [line.split(":", 1)[1].strip() for line in rules.splitlines() if "- alert:" in line]
-    assert len(alerts) == 7
+    alerts = alert_names()
     assert all(f"alertname: {name}" in tests for name in alerts)
+    readme = (ROOT / "README.md").read_text()
+    assert re.findall(r"^\| `(InitPipeline\w+)` \|", readme, flags=re.MULTILINE) == alerts
 
 
 @pytest.fixture
@@ -144,6 +150,19 @@ def test_prometheus_scrapes_a_live_stack_through_a_run(
         assert sorted(r["metric"]["pid"] for r in serving) == sorted(
             str(pid) for pid in worker_pids(web)
         )
+        # Each worker says it is ready (as its readyz would), and loads nothing now.
+        ready = server.query("initpipeline_serving_ready == 1")
+        assert sorted(r["metric"]["pid"] for r in ready) == sorted(
+            str(pid) for pid in worker_pids(web)
+        )
+        loading = server.query('initpipeline_artifact_loading{artifact="b_out"}')
+        assert [r["value"][1] for r in loading] == ["0"]
+        # No web process is behind the active generation.
+        behind = server.query(
+            "initpipeline_serving_generation < on (job, instance) group_left () "
+            "initpipeline_active_generation_id"
+        )
+        assert behind == []
     finally:
         web.stop()
 

@@ -107,6 +107,31 @@ def test_a_handle_loads_in_the_background_and_get_never_waits(repo: serving.Repo
     assert [e[1] for e in loads()] == ["start", "loaded", "warm"]
 
 
+def gauge(metric: Any, **labels: str) -> float | None:
+    """The value of one of this process's load gauges (metrics.py), None if never set."""
+    for family in metric.collect():
+        for sample in family.samples:
+            if sample.labels == labels:
+                return float(sample.value)
+    return None
+
+
+def test_the_metrics_say_what_loads_and_whether_this_process_is_ready(
+    repo: serving.Repository,
+) -> None:
+    from initpipeline import metrics
+
+    write_control(loader={"hold": ["1"]})
+    publish_generation(model=("json", {"version": "1"}))
+    wait_for(lambda: events("start", "1"), timeout=30)
+    assert gauge(metrics.LOADING, artifact="model") == 1.0
+    write_control()
+    wait_for(lambda: served(repo, "1"), timeout=30)
+    assert gauge(metrics.LOADING, artifact="model") == 0.0
+    assert gauge(metrics.SERVING_READY) == 1.0
+    assert gauge(metrics.SERVING_GENERATION) == float(views.MODEL.generation or 0)
+
+
 def test_a_switch_serves_the_old_object_until_the_new_one_is_warm(
     repo: serving.Repository,
 ) -> None:
