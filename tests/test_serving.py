@@ -177,6 +177,30 @@ def test_free_first_drops_the_old_object_before_loading_the_new(
     assert Client().get("/test/model").json()["version"] == "2"
 
 
+def test_new_worker_without_a_server_of_several_workers_loads_as_load_first(
+    repo: serving.Repository, caplog: pytest.LogCaptureFixture
+) -> None:
+    # No Gunicorn server here: no sibling could serve while a new worker loads.
+    views.MODEL.swap = "new-worker"
+    publish_generation(model=("json", {"version": "1"}))
+    wait_for(lambda: served(repo, "1"), timeout=30)
+    write_control(loader={"hold": ["2"]})
+    with caplog.at_level(logging.INFO, logger="initpipeline"):
+        publish_generation(model=("json", {"version": "2"}))
+        wait_for(lambda: events("start", "2"), timeout=30)
+        # Loading in this process, the old model serving meanwhile, as load-first.
+        assert events("start", "2")[0][4] == 1
+        assert views.MODEL.get().version == "1"
+        write_control()
+        wait_for(lambda: served(repo, "2"), timeout=30)
+    assert repo.pid == os.getpid()
+    said = [r.getMessage() for r in caplog.records if "needs a Gunicorn server" in r.getMessage()]
+    assert said == [
+        "swap='new-worker' needs a Gunicorn server of two workers or more: loading "
+        f"generation {views.MODEL.generation} in this worker instead (as load-first)"
+    ]
+
+
 def test_a_failing_load_keeps_the_old_object_and_is_retried_with_backoff(
     repo: serving.Repository, caplog: pytest.LogCaptureFixture
 ) -> None:
