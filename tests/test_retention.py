@@ -73,17 +73,30 @@ def test_a_file_shared_with_a_kept_generation_stays(artifacts_dir: Path) -> None
     assert (artifacts_dir / shared.storage_key).exists()
 
 
-def test_init_gc_command_dry_run_lists_without_deleting(artifacts_dir: Path) -> None:
+def verified_record(host_cache: Path, art: Artifact) -> Path:
+    """What publishing ``art`` left in the host's cache: the record that it was verified."""
+    record = host_cache / "verified" / f"{digests.name_part(art.digest)}.json"
+    assert record.is_file()
+    return record
+
+
+def test_init_gc_command_dry_run_lists_without_deleting(
+    artifacts_dir: Path, host_cache: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     old = generation(1, age=9)
     generation(2, age=1, active=True)
+    record = verified_record(host_cache, old.artifacts.get())
+    monkeypatch.setattr(retention, "RECENT", -3600.0)  # everything counts as made before
     out = StringIO()
     call_command("init_gc", "--keep", "1", "--dry-run", stdout=out)
     key = old.artifacts.get().storage_key
     size = old.artifacts.get().size
     assert out.getvalue() == (
         f"would delete {key} ({size} bytes)\nwould delete 1 files, {size} bytes\n"
+        f"would delete 1 entries of this host's cache, {record.stat().st_size} bytes\n"
     )
     assert (artifacts_dir / key).exists()
+    assert record.exists()
 
 
 def test_old_scratch_files_of_killed_workers_are_removed() -> None:
@@ -119,14 +132,23 @@ def test_keeps_an_old_artifact_that_a_run_in_flight_will_activate(artifacts_dir:
     assert not (artifacts_dir / cached.storage_key).exists()
 
 
-def test_init_gc_deletes_for_real_and_refuses_a_bad_keep(artifacts_dir: Path) -> None:
+def test_init_gc_deletes_for_real_and_refuses_a_bad_keep(
+    artifacts_dir: Path, host_cache: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     old = generation(1, age=9)
     generation(2, age=1, active=True)
+    record = verified_record(host_cache, old.artifacts.get())
+    record_size = record.stat().st_size
+    monkeypatch.setattr(retention, "RECENT", -3600.0)
     out = StringIO()
     call_command("init_gc", "--keep", "1", stdout=out)
     key = old.artifacts.get().storage_key
-    assert out.getvalue().splitlines()[-1] == f"deleted 1 files, {old.artifacts.get().size} bytes"
+    assert out.getvalue().splitlines()[-2:] == [
+        f"deleted 1 files, {old.artifacts.get().size} bytes",
+        f"deleted 1 entries of this host's cache, {record_size} bytes",
+    ]
     assert not (artifacts_dir / key).exists()
+    assert not record.exists()
     for keep in ("0", str(10**20)):
         with pytest.raises(CommandError) as exc:
             call_command("init_gc", "--keep", keep, stdout=StringIO())
