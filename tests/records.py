@@ -9,6 +9,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+from django.db import transaction
 from django.utils import timezone
 
 from initpipeline import outcomes, storage
@@ -252,9 +253,15 @@ def publish_generation(**artifacts: tuple[str, Any]) -> Generation:
                 run=run,
             )
         )
-    Generation.objects.filter(is_active=True).update(is_active=False)
-    generation = Generation.objects.create(run=run, is_active=True, activated_at=timezone.now())
-    generation.artifacts.set(records)
+    # As outcomes.activate does: in one transaction, so that a loader thread polling the
+    # active generation never sees none, or one without its artifacts.
+    with transaction.atomic():
+        generation = Generation.objects.create(run=run)
+        generation.artifacts.set(records)
+        Generation.objects.filter(is_active=True).update(is_active=False)
+        generation.is_active = True
+        generation.activated_at = timezone.now()
+        generation.save(update_fields=["is_active", "activated_at"])
     return generation
 
 
