@@ -10,6 +10,7 @@ worker host made.
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import shutil
@@ -51,9 +52,14 @@ class Network:
     INITPIPELINE_REQUIRE_SERVICES=1 (CI) that is a failure.
     """
 
+    #: Networks made by this process: a namespace deleted by the test before is torn down
+    #: by the kernel later (its veth with it), so names are never used twice.
+    made = itertools.count()
+
     def __init__(self) -> None:
-        tag = str(os.getpid())[-6:]
-        prefix = f"10.231.{os.getpid() % 250 + 1}"
+        n = next(Network.made)
+        tag = f"{os.getpid() % 100000}{n % 10}"  # interface names: 15 characters at most
+        prefix = f"10.231.{(os.getpid() + n) % 250 + 1}"
         self.bridge = f"ipbr{tag}"
         self.namespaces = {name: f"initpipeline-{tag}-{name}" for name in HOSTS}
         self.veths = {name: f"ve{tag}{i}" for i, name in enumerate(HOSTS)}
