@@ -123,7 +123,7 @@ def adopt(rows: list[PhaseRun]) -> None:
     for pr in rows:
         earlier = (
             PhaseRun.objects.filter(name=pr.name, fingerprint=pr.fingerprint)
-            .exclude(checkpoint=None)
+            .filter(checkpoint__isnull=False)
             .exclude(state__in=PHASE_DONE)
             .exclude(run__state__in=IN_FLIGHT)
             .order_by("-run__created_at", "-id")
@@ -144,7 +144,7 @@ def discard(record: dict[str, Any] | None, *, previous: dict[str, Any] | None) -
 
 def drop(*, name: str, fingerprint: str) -> None:
     """The phase succeeded with this fingerprint: delete every checkpoint of it."""
-    rows = PhaseRun.objects.filter(name=name, fingerprint=fingerprint).exclude(checkpoint=None)
+    rows = PhaseRun.objects.filter(name=name, fingerprint=fingerprint, checkpoint__isnull=False)
     keys = {c["key"] for c in rows.values_list("checkpoint", flat=True) if c}
     if not keys:
         return  # Nothing to delete: every row pointing at a checkpoint need not be read.
@@ -154,13 +154,13 @@ def drop(*, name: str, fingerprint: str) -> None:
 
 def referenced() -> set[str]:
     """The checkpoint keys some row still points at."""
-    values = PhaseRun.objects.exclude(checkpoint=None).values_list("checkpoint", flat=True)
+    values = PhaseRun.objects.filter(checkpoint__isnull=False).values_list("checkpoint", flat=True)
     return {c["key"] for c in values if c}
 
 
 def referenced_digests() -> set[str]:
     """The digests of the checkpoints some row still points at."""
-    values = PhaseRun.objects.exclude(checkpoint=None).values_list("checkpoint", flat=True)
+    values = PhaseRun.objects.filter(checkpoint__isnull=False).values_list("checkpoint", flat=True)
     return {c["digest"] for c in values if c and c.get("digest")}
 
 

@@ -25,7 +25,7 @@ def prefix_digests(apps: Any, schema_editor: Any) -> None:
     PhaseRun = apps.get_model("initpipeline", "PhaseRun")
     Artifact.objects.exclude(digest__contains=":").update(digest=Concat(Value(SHA256), F("digest")))
     Artifact.objects.filter(failed_check__contains=SIGNATURE_VERDICT).update(failed_check="")
-    for row in PhaseRun.objects.exclude(checkpoint=None).only("checkpoint").iterator():
+    for row in PhaseRun.objects.filter(checkpoint__isnull=False).only("checkpoint").iterator():
         point = row.checkpoint
         if isinstance(point, dict) and "sha256" in point:
             point["digest"] = SHA256 + point.pop("sha256")
@@ -43,7 +43,7 @@ def unprefix_digests(apps: Any, schema_editor: Any) -> None:
             "records (and the generations that hold them) before migrating back."
         )
     Artifact.objects.update(digest=Substr(F("digest"), len(SHA256) + 1))
-    for row in PhaseRun.objects.exclude(checkpoint=None).only("checkpoint").iterator():
+    for row in PhaseRun.objects.filter(checkpoint__isnull=False).only("checkpoint").iterator():
         point = row.checkpoint
         if isinstance(point, dict) and "digest" in point:
             digest = point.pop("digest")
