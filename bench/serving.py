@@ -698,7 +698,12 @@ def markdown(s: dict[str, Any]) -> str:
             f"{gil['background']['timeout']}: "
             + "; ".join(
                 f"{mode}: {g['worker_timeouts']} WORKER TIMEOUT, {g['workers_booted']} workers "
-                f"booted, ready after {g['ready_after_s']} s"
+                "booted, "
+                + (
+                    f"ready after {g['ready_after_s']} s"
+                    if g["ready_after_s"] is not None
+                    else "never ready (killed, replaced and killed again)"
+                )
                 for mode, g in gil.items()
             )
             + "."
