@@ -7,6 +7,7 @@ answers, not on the clock.
 
 from __future__ import annotations
 
+import http.client
 import json
 import os
 import signal
@@ -56,7 +57,9 @@ class Clients:
             sent = time.time()
             try:
                 code, _, body = self.server.get(self.path, timeout=30, Accept="application/json")
-            except OSError as exc:
+            except (OSError, http.client.HTTPException) as exc:
+                # A worker killed under the request (the tests SIGKILL some) cuts its
+                # answer short: IncompleteRead.
                 self.errors.append(repr(exc))
                 continue
             data = json.loads(body) if code == 200 else {}
