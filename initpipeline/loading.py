@@ -256,8 +256,9 @@ class ArtifactHandle:
     def __repr__(self) -> str:
         return f"artifact({self.name!r})"
 
-    def record(self) -> Record:
-        rec = active.snapshot().records.get(self.name)
+    def record(self, snapshot: Snapshot | None = None) -> Record:
+        """This artifact's record in ``snapshot`` (default: the active one)."""
+        rec = (active.snapshot() if snapshot is None else snapshot).records.get(self.name)
         if rec is None:
             raise ArtifactNotReady(f"artifact {self.name!r} is not active yet")
         return rec
@@ -297,10 +298,13 @@ class ArtifactHandle:
             if found is None:
                 raise ArtifactNotReady(f"artifact {self.name!r} is not loaded in this process yet")
             return found
-        rec = self.record()
+        # One snapshot for the record and the generation: a refresh between two reads
+        # would stamp one generation's object with the other's number.
+        snapshot = active.snapshot()
+        rec = self.record(snapshot)
+        generation = snapshot.generation_id
         cached = self._loaded
         if cached is not None and cached.digest == rec.digest:
-            generation = active.snapshot().generation_id
             if cached.generation_id != generation:
                 # The same bytes in a newer generation: the object serves it, unloaded.
                 cached = self._loaded = replace(cached, generation_id=generation)
@@ -309,7 +313,7 @@ class ArtifactHandle:
             cached = self._loaded
             if cached is not None and cached.digest == rec.digest:
                 return cached
-            loaded = load(self, rec, active.snapshot().generation_id)
+            loaded = load(self, rec, generation)
             self._loaded = loaded
             return loaded
 
