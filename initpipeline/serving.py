@@ -366,14 +366,8 @@ class Repository:
         folder, replace_me = self.server_folder, self.replace_me
         if folder is not None and folder.turn_taken():
             return settings.REFRESH_INTERVAL  # another worker's turn: wait for it
-        if folder is None or replace_me is None or not folder.serving(pid=self.pid):
-            self._log_once(
-                "new-worker:alone",
-                "swap='new-worker' needs a Gunicorn server of two workers or more: loading "
-                "generation %s in this worker instead (as load-first)",
-                generation,
-                traceback=False,
-            )
+        if folder is None or replace_me is None:
+            self._log_alone(generation)
             return None
         if folder.failed_lately(generation, within=settings.RETRY_BACKOFF_MAX):
             # A new worker could not load it, and serves what its siblings do: stay.
@@ -392,6 +386,13 @@ class Repository:
             return settings.REFRESH_INTERVAL
         if not folder.claim_turn(self.pid, generation):
             return settings.REFRESH_INTERVAL  # another worker's turn: wait for it
+        # Asked with the turn held: a sibling that made way a moment ago has left the
+        # folder, but its successor holds the turn until it serves, so "no other worker
+        # serves" now means this server has one worker.
+        if not folder.serving(pid=self.pid):
+            folder.give_turn_back()
+            self._log_alone(generation)
+            return None
         logger.info(
             "generation %s: this worker (pid %s) makes way for a new one, which loads it "
             "before it takes a connection",
@@ -401,6 +402,15 @@ class Repository:
         self._stop.set()
         replace_me()
         return settings.REFRESH_INTERVAL
+
+    def _log_alone(self, generation: int | None) -> None:
+        self._log_once(
+            "new-worker:alone",
+            "swap='new-worker' needs a Gunicorn server of two workers or more: loading "
+            "generation %s in this worker instead (as load-first)",
+            generation,
+            traceback=False,
+        )
 
     def load_before_serving(self) -> None:
         """The first pass of a worker that takes no connection yet while its siblings

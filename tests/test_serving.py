@@ -9,6 +9,7 @@ import json
 import logging
 import os
 import pickle
+import shutil
 import subprocess
 import sys
 import threading
@@ -199,6 +200,57 @@ def test_new_worker_without_a_server_of_several_workers_loads_as_load_first(
         "swap='new-worker' needs a Gunicorn server of two workers or more: loading "
         f"generation {views.MODEL.generation} in this worker instead (as load-first)"
     ]
+
+
+@pytest.fixture
+def sibling() -> Iterator[int]:
+    """The pid of a live process standing for another worker of the server."""
+    proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    yield proc.pid
+    proc.kill()
+    proc.wait()
+
+
+def test_a_worker_that_sees_its_sibling_make_way_waits_for_its_turn(
+    sibling: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Both workers of a two-worker server see generation 7 at once. The sibling claims the
+    # turn and leaves the folder after this worker found the turn free, but before it
+    # looked for siblings that serve: it must wait for its turn, not load in this process.
+    replaced: list[int] = []
+    repo = serving.Repository()
+    repo.replace_me = lambda: replaced.append(repo.pid)
+    folder = repo.server_folder = ServerFolder(sibling)
+    try:
+        folder.write(repo.pid, SERVING, ["model"], 6)
+        assert folder.claim_turn(sibling, 7)
+        monkeypatch.setattr(folder, "turn_taken", lambda: False)
+        assert repo._make_way(7, {}, ["model"]) == serving.settings.REFRESH_INTERVAL
+        assert replaced == []
+        # Its successor serves and gives the turn back: now it is this worker's turn.
+        folder.give_turn_back()
+        folder.write(sibling, SERVING, ["model"], 7)
+        assert repo._make_way(7, {}, ["model"]) == serving.settings.REFRESH_INTERVAL
+        assert replaced == [repo.pid]
+        turn = folder.turn()
+        assert turn is not None and (turn["pid"], turn["generation"]) == (repo.pid, 7)
+    finally:
+        shutil.rmtree(folder.path, ignore_errors=True)
+
+
+def test_a_worker_alone_in_its_server_loads_itself_and_leaves_the_turn_free(
+    sibling: int,
+) -> None:
+    replaced: list[int] = []
+    repo = serving.Repository()
+    repo.replace_me = lambda: replaced.append(repo.pid)
+    folder = repo.server_folder = ServerFolder(sibling)
+    try:
+        folder.write(repo.pid, SERVING, ["model"], 6)
+        assert repo._make_way(7, {}, ["model"]) is None
+        assert replaced == [] and folder.turn() is None
+    finally:
+        shutil.rmtree(folder.path, ignore_errors=True)
 
 
 def test_a_failing_load_keeps_the_old_object_and_is_retried_with_backoff(
