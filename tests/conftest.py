@@ -103,14 +103,27 @@ class Stack:
     def manage(
         self, *args: str, timeout: float = 120, env: dict[str, str] | None = None
     ) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(
-            [sys.executable, str(ROOT / "manage.py"), *args],
-            cwd=ROOT,
-            env={**self.env, **(env or {})},
-            capture_output=True,
-            text=True,
-            timeout=timeout,
-        )
+        """Run ``manage.py *args``; on a timeout, AssertionError with what the command printed
+        and every worker's log (a hung command alone says nothing of why)."""
+        try:
+            return subprocess.run(
+                [sys.executable, str(ROOT / "manage.py"), *args],
+                cwd=ROOT,
+                env={**self.env, **(env or {})},
+                capture_output=True,
+                text=True,
+                timeout=timeout,
+            )
+        except subprocess.TimeoutExpired as timed_out:
+            printed = [
+                out.decode(errors="replace") if isinstance(out, bytes) else out or ""
+                for out in (timed_out.stdout, timed_out.stderr)
+            ]
+            logs = "\n\n".join(f"--- worker {n}\n{self.log(n)}" for n in range(len(self.workers)))
+            raise AssertionError(
+                f"manage.py {' '.join(args)} still running after {timeout:.0f} s\n"
+                f"--- stdout\n{printed[0]}\n--- stderr\n{printed[1]}\n{logs}"
+            ) from None
 
     def start_worker(
         self, concurrency: int = 1, env: dict[str, str] | None = None, args: tuple[str, ...] = ()
