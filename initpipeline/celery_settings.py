@@ -45,7 +45,8 @@ def filesystem_broker(folder: str | os.PathLike[str]) -> dict[str, Any]:
     ``filesystem://`` transport under ``folder``, whose subfolders this creates.
 
     The processes of one host (web, workers, commands) share the queue through the folder:
-    give them all the same one. kombu lists the folders without creating them.
+    give them all the same one. kombu lists the folders without creating them. The
+    transport is kombu's, with messages written by rename (``initpipeline.broker``).
     """
     root = Path(folder)
     queue, control, processed = root / "queue", root / "control", root / "processed"
@@ -55,6 +56,9 @@ def filesystem_broker(folder: str | os.PathLike[str]) -> dict[str, Any]:
         # A host name the transport ignores: without one, kombu warns "No hostname was
         # supplied. Reverting to default 'localhost'" at every connection.
         "CELERY_BROKER_URL": "filesystem://localhost/",
+        # kombu's transport, writing each message whole before a consumer can take it
+        # (initpipeline/broker.py: the plain one can stop a worker, kombu#1551).
+        "CELERY_BROKER_TRANSPORT": "initpipeline.broker:FilesystemTransport",
         "CELERY_BROKER_TRANSPORT_OPTIONS": {
             # One folder both ways: every process sends to and reads from the same queue.
             "data_folder_in": str(queue),

@@ -27,6 +27,7 @@ def test_filesystem_broker_under_a_folder_creates_its_folders(tmp_path: Path) ->
     queue = str(folder / "queue")
     assert found == {
         "CELERY_BROKER_URL": "filesystem://localhost/",
+        "CELERY_BROKER_TRANSPORT": "initpipeline.broker:FilesystemTransport",
         "CELERY_BROKER_TRANSPORT_OPTIONS": {
             "data_folder_in": queue,
             "data_folder_out": queue,
