@@ -56,7 +56,7 @@ class Channel(filesystem.Channel):  # type: ignore[misc]
     def _get(self, queue: str, timeout: float | None = None) -> Any:
         wanted = f"{queue}.msg"
         inbox = Path(self.data_folder_in)
-        taken = Path(self.processed_folder)
+        taken = self._taken_folder()
         for name in sorted(os.listdir(inbox)):
             if name.partition(".")[2] != wanted:
                 continue
@@ -81,6 +81,15 @@ class Channel(filesystem.Channel):  # type: ignore[misc]
                 (taken / name).unlink(missing_ok=True)
             return message
         raise Empty()
+
+    def _taken_folder(self) -> Path:
+        """processed_folder, made once: a rename into a missing folder would look like a
+        file another consumer took, and the message would never be read."""
+        folder = Path(self.processed_folder)
+        if not getattr(self, "_made_taken_folder", False):
+            folder.mkdir(parents=True, exist_ok=True)
+            self._made_taken_folder = True
+        return folder
 
     @staticmethod
     def _set_aside(path: Path, size: int) -> None:

@@ -98,3 +98,17 @@ def test_a_message_that_cannot_be_decoded_is_set_aside_and_the_worker_goes_on(
         "broker message 0_cut-short.celery.msg could not be decoded (13 bytes): kept as "
     ) in log
     assert (broker / "processed" / "0_cut-short.celery.msg.bad").read_bytes() == b'{"body": "eyJ'
+
+
+def test_a_missing_processed_folder_is_made_not_mistaken_for_a_taken_message(
+    tmp_path: Path,
+) -> None:
+    opts = {**options(tmp_path / "broker"), "processed_folder": str(tmp_path / "elsewhere")}
+    with Connection(
+        "filesystem://localhost/", transport=FilesystemTransport, transport_options=opts
+    ) as conn:
+        channel = conn.default_channel
+        channel._put("q", {"i": 1})
+        assert channel._get("q") == {"i": 1}
+        with pytest.raises(Empty):
+            channel._get("q")
