@@ -271,6 +271,9 @@ def refuse_to_serve() -> None:
 
 # -- warnings about the deployment (initpipeline.W001...) ---------------------------------
 
+#: CELERY_BROKER_TRANSPORT of the filesystem broker (celery_settings.filesystem_broker).
+FILESYSTEM_TRANSPORT = "initpipeline.broker:"
+
 #: Phases allowed to run this long (seconds) before early acks are worth a warning.
 LONG_PHASE = 300
 
@@ -341,6 +344,24 @@ def check_celery(app_configs: Sequence[AppConfig] | None = None, **kwargs: Any) 
                     id="initpipeline.W001",
                 )
             )
+
+    transport = celery_conf.broker_transport
+    if (
+        isinstance(transport, str)
+        and transport.startswith(FILESYSTEM_TRANSPORT)
+        and scheme not in ("", "filesystem")
+    ):
+        # The scheme alone: a broker URL may hold a password.
+        warnings.append(
+            checks.Error(
+                f"CELERY_BROKER_TRANSPORT names initpipeline's filesystem transport, "
+                f"but CELERY_BROKER_URL is a {scheme}:// URL: Celery would send and "
+                "take the phases through the filesystem, not that broker.",
+                hint="Pass the URL to celery_settings() instead of setting "
+                "CELERY_BROKER_URL after it, or delete CELERY_BROKER_TRANSPORT.",
+                id="initpipeline.E032",
+            )
+        )
 
     if scheme == "memory" and not celery_conf.task_always_eager:
         warnings.append(

@@ -511,14 +511,16 @@ def test_run_again_against_a_broker_that_never_answers_fails_with_a_message(
 
     silent = SilentServer()
     silent.start()
-    saved = current_app.conf.broker_url
+    saved = current_app.conf.broker_url, current_app.conf.broker_transport
     current_app.conf.broker_url = f"redis://127.0.0.1:{silent.port}/0"
+    # The filesystem broker's transport setting would win over the URL (checks' E032).
+    current_app.conf.broker_transport = None
     try:
         # Autocommit, as in production: the run's tasks are sent as start() commits.
         with override_settings(INITPIPELINE={**settings.INITPIPELINE, "SEND_TIMEOUT": 1.0}):
             response = login("view_pipelinerun", "start_run").post(reverse(RUN_AGAIN))
     finally:
-        current_app.conf.broker_url = saved
+        current_app.conf.broker_url, current_app.conf.broker_transport = saved
         silent.stop()
     run = PipelineRun.objects.get()
     assert run.state == "cancelled"  # the web request ended, and no run is left pending

@@ -71,7 +71,7 @@ def test_rabbitmq_url_is_kept_as_given(tmp_path: Path) -> None:
 def celery_conf() -> Iterator[Any]:
     """current_app.conf, put back as it was after the test."""
     conf = current_app.conf
-    keys = ("broker_url", "broker_transport_options", "task_acks_late")
+    keys = ("broker_url", "broker_transport", "broker_transport_options", "task_acks_late")
     saved = {key: conf[key] for key in keys}
     yield conf
     conf.update(saved)
@@ -81,6 +81,7 @@ def test_redis_settings_pass_the_deployment_checks(celery_conf: Any) -> None:
     found = celery_settings("redis://127.0.0.1:6379/0")
     celery_conf.update(
         broker_url=found["CELERY_BROKER_URL"],
+        broker_transport=found.get("CELERY_BROKER_TRANSPORT"),
         broker_transport_options=found["CELERY_BROKER_TRANSPORT_OPTIONS"],
         task_acks_late=found["CELERY_TASK_ACKS_LATE"],
     )

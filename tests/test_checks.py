@@ -21,6 +21,7 @@ from initpipeline.registry import Registry
 
 CELERY_KEYS = (
     "broker_url",
+    "broker_transport",
     "broker_transport_options",
     "task_always_eager",
     "task_acks_late",
@@ -30,9 +31,11 @@ CELERY_KEYS = (
 
 @pytest.fixture
 def celery_conf() -> Iterator[Any]:
-    """current_app.conf, put back as it was after the test."""
+    """current_app.conf, put back as it was after the test. No CELERY_BROKER_TRANSPORT,
+    as celery_settings() gives every broker but the filesystem."""
     conf = current_app.conf
     saved = {key: conf[key] for key in CELERY_KEYS}
+    conf.broker_transport = None
     yield conf
     conf.update(saved)
 
@@ -231,6 +234,25 @@ def test_memory_broker_warns_unless_tasks_run_eagerly(celery_conf: Any) -> None:
     assert warning.msg.startswith("The Celery broker is memory://, which only reaches workers")
     celery_conf.task_always_eager = True
     assert checks.check_celery() == []
+
+
+def test_the_filesystem_transport_with_another_brokers_url_is_an_error(celery_conf: Any) -> None:
+    # celery_settings() for the filesystem broker, then CELERY_BROKER_URL set below it:
+    # kombu takes the transport setting over the URL's scheme.
+    celery_conf.broker_transport = "initpipeline.broker:FilesystemTransport"
+    celery_conf.broker_url = "redis://:hunter2-secret@cache.internal:6379/0"
+    [error] = [e for e in checks.check_celery() if e.id == "initpipeline.E032"]
+    assert error.msg == (
+        "CELERY_BROKER_TRANSPORT names initpipeline's filesystem transport, but "
+        "CELERY_BROKER_URL is a redis:// URL: Celery would send and take the phases through "
+        "the filesystem, not that broker."
+    )
+    assert "hunter2" not in error.msg + error.hint
+    celery_conf.broker_url = "filesystem://localhost/"
+    assert checks.check_celery() == []
+    celery_conf.broker_transport = None
+    celery_conf.broker_url = "redis://cache.internal:6379/0"
+    assert "initpipeline.E032" not in ids(checks.check_celery())
 
 
 def test_early_acks_for_long_phases_warn(celery_conf: Any) -> None:
