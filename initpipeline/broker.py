@@ -67,7 +67,10 @@ class Channel(filesystem.Channel):  # type: ignore[misc]
             except FileNotFoundError:
                 continue
             except OSError as exc:
-                raise ChannelError(f"Cannot take file {name!r} from the queue") from exc
+                raise ChannelError(
+                    f"Cannot move file {name!r} from the queue to processed_folder {taken} "
+                    "(both must be on one filesystem, writable by every process)"
+                ) from exc
             try:
                 payload = (taken / name).read_bytes()
             except OSError as exc:

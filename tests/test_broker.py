@@ -7,14 +7,17 @@ worker meeting a message it cannot decode.
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
+import tempfile
 import textwrap
 from pathlib import Path
 from queue import Empty
 
 import pytest
 from kombu import Connection
+from kombu.exceptions import ChannelError
 from kombu.transport import resolve_transport
 
 from initpipeline.broker import Channel, FilesystemTransport
@@ -112,3 +115,23 @@ def test_a_missing_processed_folder_is_made_not_mistaken_for_a_taken_message(
         assert channel._get("q") == {"i": 1}
         with pytest.raises(Empty):
             channel._get("q")
+
+
+def test_a_processed_folder_on_another_filesystem_is_named_in_the_error(tmp_path: Path) -> None:
+    shm = Path("/dev/shm")
+    if not shm.is_dir() or shm.stat().st_dev == tmp_path.stat().st_dev:
+        pytest.skip("needs /dev/shm on a filesystem other than the temporary folder's")
+    elsewhere = Path(tempfile.mkdtemp(dir=shm))
+    try:
+        opts = {**options(tmp_path / "broker"), "processed_folder": str(elsewhere)}
+        with Connection(
+            "filesystem://localhost/", transport=FilesystemTransport, transport_options=opts
+        ) as conn:
+            channel = conn.default_channel
+            channel._put("q", {"i": 1})
+            with pytest.raises(ChannelError, match="both must be on one filesystem"):
+                channel._get("q")
+        # Still in the queue, for a consumer whose folders are right.
+        assert len(list((tmp_path / "broker" / "queue").glob("*.q.msg"))) == 1
+    finally:
+        shutil.rmtree(elsewhere, ignore_errors=True)
