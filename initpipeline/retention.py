@@ -93,7 +93,7 @@ def _kept(keep: int | None) -> QuerySet[Artifact] | None:
 
 
 #: The name of what LOCAL_CACHE_DIR holds for one file: its digest (storage.local_path,
-#: storage._unpacked, storage._record_path), then a suffix.
+#: storage._unpacked, hostcache.record_path), then a suffix.
 _BY_DIGEST = re.compile(r"(?:[a-z0-9]+-)?[0-9a-f]{64}")
 #: Entries changed this many seconds before prune_local() began count as made after it
 #: (file times are coarser than the clock).

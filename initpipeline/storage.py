@@ -7,32 +7,29 @@ size, mtime, ctime), and a process whose file still has that identity takes the 
 word for it. A file changed in place changes its identity (its ctime, which user space
 cannot set back, even when its size and mtime were restored), so it is hashed again (and
 found corrupt); a failed check is recorded too, so it is not hashed again by every
-process. Published files are read-only.
+process. Published files are read-only. The host's folder and its records: hostcache.py.
 """
 
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import logging
 import os
 import re
 import shutil
-import stat
-import tempfile
 import threading
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from django.core.exceptions import ImproperlyConfigured
 from django.core.files import File
 from django.core.files.storage import FileSystemStorage, Storage, storages
 from django.core.files.storage.handler import InvalidStorageError
 
-from . import digests, formats
+from . import digests, formats, hostcache
 from .conf import settings
 from .exceptions import (
     ArtifactCorrupt,
@@ -41,6 +38,7 @@ from .exceptions import (
     PipelineConfigError,
     UnknownDigest,
 )
+from .hostcache import cache_dir as cache_dir
 from .registry import valid_name
 
 if TYPE_CHECKING:
@@ -92,43 +90,6 @@ def _inside(root: Path, key: str) -> Path:
 
 
 # -- this host's folders ------------------------------------------------------------------
-
-_checked_dirs: set[str] = set()
-
-
-def cache_dir() -> Path:
-    """This host's private folder (``LOCAL_CACHE_DIR``): verified copies and records.
-
-    Refused when another user owns it or others may write it: a file planted there would
-    be taken for a verified artifact.
-    """
-    configured = settings.LOCAL_CACHE_DIR
-    default = Path(tempfile.gettempdir()) / f"initpipeline-cache-{os.geteuid()}"
-    path = Path(configured) if configured else default
-    if str(path) in _checked_dirs:
-        return path
-    path.mkdir(mode=0o700, parents=True, exist_ok=True)
-    st = path.lstat()
-    if stat.S_ISLNK(st.st_mode):
-        raise PipelineConfigError(
-            f"LOCAL_CACHE_DIR {path} is a symbolic link: whoever may change the link may "
-            "plant files taken for verified artifacts; name the folder itself"
-        )
-    parent = path.parent.stat()
-    if parent.st_mode & 0o002 and not parent.st_mode & stat.S_ISVTX:
-        raise PipelineConfigError(
-            f"LOCAL_CACHE_DIR {path} is in {path.parent}, which anyone may write without the "
-            "sticky bit: another user could replace the folder; choose a private parent"
-        )
-    if st.st_uid != os.geteuid() or st.st_mode & 0o022:
-        owner = "another user" if st.st_uid != os.geteuid() else "this user"
-        raise PipelineConfigError(
-            f"LOCAL_CACHE_DIR {path} is owned by {owner} (uid {st.st_uid}) with mode "
-            f"{st.st_mode & 0o777:o}: it must belong to this user (uid {os.geteuid()}) and "
-            "not be writable by others; set INITPIPELINE['LOCAL_CACHE_DIR'] to a private folder"
-        )
-    _checked_dirs.add(str(path))
-    return path
 
 
 def scratch_dir() -> Path:
@@ -260,7 +221,7 @@ def publish(path: Path, *, name: str, suffix: str, copy_from: Path | None = None
         if suffix != formats.SUFFIX["pickle"]:
             # Hashed just now: this host need not hash it again (a pickle's signature is
             # checked on its first use).
-            _write_record(digest, dest, dest.stat(), ok=True, signer=None)
+            hostcache.write_record(digest, dest, dest.stat(), ok=True, signer=None)
         return Published(key, digest, size)
     finally:
         # Consumed whatever happened: a failed write (disk full) leaves no partial file.
@@ -289,7 +250,7 @@ def _publish_local(path: Path, root: Path, key: str, digest: str, size: int) -> 
     (root / key).parent.mkdir(parents=True, exist_ok=True)
     dest = _inside(root, key)
     if dest.is_file() and (
-        _verified_here(digest, dest)
+        hostcache.verified_here(digest, dest)
         or file_digest(dest, digests.split(digest)[0]) == (digest, size)
     ):
         return dest  # Same bytes published before: idempotent.
@@ -343,122 +304,8 @@ def _remote_digest(storage: Storage, key: str, like: str) -> str | None:
     return digests.of(hasher, algorithm)
 
 
-# -- this host's record of verified files -------------------------------------------------
-
-
-def _identity(st: os.stat_result) -> list[int]:
-    """What a file must still show for this host to trust its earlier verdict on it.
-
-    The ctime too: an edit in place whose size and mtime were put back (``os.utime``)
-    leaves (device, inode, size, mtime) as they were, but the kernel sets the ctime on
-    every change of the file, and user space cannot set it.
-    """
-    return [st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns]
-
-
-#: The identity earlier releases recorded: (device, inode, size, mtime), no ctime.
-_LEGACY_IDENTITY = 4
-
-
-def _key_id(key: str) -> str:
-    return hashlib.sha256(b"initpipeline.signer:" + key.encode()).hexdigest()[:16]
-
-
-def _record_path(digest: str, *, create: bool = False) -> Path:
-    """``verified/<hex>.json`` for a sha256 digest (earlier releases' records stay
-    valid), ``verified/blake3-<hex>.json`` for a BLAKE3 one."""
-    folder = cache_dir() / "verified"
-    if create:
-        folder.mkdir(exist_ok=True)
-    return folder / f"{digests.name_part(digest)}.json"
-
-
-#: digest -> (the record file's identity, its content): a record is read and parsed again
-#: only when a process of the host replaced it (os.replace gives it another inode).
-_records_read: dict[str, tuple[tuple[int, int, int], dict[str, Any] | None]] = {}
-
-#: The key under which _read_record() gives a record's own mtime (when it was written).
-_WRITTEN = "_written_ns"
-
-
-def _read_record(digest: str) -> dict[str, Any] | None:
-    path = _record_path(digest)
-    try:
-        st = path.stat()
-    except OSError:
-        return None
-    seen = (st.st_ino, st.st_size, st.st_mtime_ns)
-    cached = _records_read.get(digest)
-    if cached is not None and cached[0] == seen:
-        return cached[1]
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-    record = {**data, _WRITTEN: st.st_mtime_ns} if isinstance(data, dict) else None
-    _records_read[digest] = (seen, record)
-    return record
-
-
-def _write_record(digest: str, path: Path, st: os.stat_result, **fields: Any) -> None:
-    target = _record_path(digest, create=True)
-    tmp = target.with_name(f".{uuid.uuid4().hex}.tmp")
-    tmp.write_text(json.dumps({"path": str(path), "identity": _identity(st), **fields}))
-    os.replace(tmp, target)
-
-
-def _record_holds(record: dict[str, Any] | None, path: Path, st: os.stat_result) -> bool:
-    """Whether the host's record speaks of ``path`` as it is now (``st``)."""
-    if record is None or record.get("path") != str(path):
-        return False
-    identity = record.get("identity")
-    if not isinstance(identity, list):
-        return False
-    if len(identity) == _LEGACY_IDENTITY:
-        # Written by a release before the ctime counted: it holds while nothing changed
-        # the file since the record was written (any change sets the file's ctime to the
-        # time of the change, after the record's mtime). The hash is not taken again
-        # after an upgrade for files nothing touched.
-        written = record.get(_WRITTEN)
-        return (
-            identity == _identity(st)[:_LEGACY_IDENTITY]
-            and isinstance(written, int)
-            and st.st_ctime_ns <= written
-        )
-    return bool(identity == _identity(st))
-
-
-def _verified_here(digest: str, path: Path) -> bool:
-    """True when this host verified ``path`` as it is now, with ``digest``."""
-    try:
-        st = path.stat()
-    except OSError:
-        return False
-    record = _read_record(digest)
-    return _record_holds(record, path, st) and bool(record and record.get("ok"))
-
-
-def _key_ids() -> list[str]:
-    """This host's signing keys (SECRET_KEY, then SECRET_KEY_FALLBACKS), as record ids."""
-    return [_key_id(k) for k in formats.signing_keys()]
-
-
-def _signer_still_trusted(record: dict[str, Any]) -> bool:
-    return record.get("signer") in _key_ids()
-
-
 #: In the reason of a pickle refused for its signature (health.py tells it apart by this).
 NO_VALID_SIGNATURE = "has no valid signature"
-
-
-def _refused_with_these_keys(record: dict[str, Any]) -> bool | None:
-    """For a record of a pickle whose signature this host refused: whether it was refused
-    with the keys this host has now (False: check it again). None for other records.
-
-    Records of earlier releases say ``unsigned`` without the keys: checked again once."""
-    if "keys" in record:
-        return bool(record["keys"] == _key_ids())
-    return False if record.get("unsigned") else None
 
 
 # -- verifying ------------------------------------------------------------------------------
@@ -466,7 +313,7 @@ def _refused_with_these_keys(record: dict[str, Any]) -> bool | None:
 
 def _corrupt(artifact: Artifact, path: Path, st: os.stat_result, reason: str) -> ArtifactCorrupt:
     """Record on this host (and on the artifact's records) that the file failed its check."""
-    _write_record(artifact.digest, path, st, ok=False, reason=reason)
+    hostcache.write_record(artifact.digest, path, st, ok=False, reason=reason)
     _mark_failed(artifact, reason)
     return ArtifactCorrupt(reason)
 
@@ -481,7 +328,9 @@ def _unsigned(
     (issue 21). The record names the keys it was refused with: once this host's keys
     change (the SECRET_KEY set right), the file is checked again.
     """
-    _write_record(artifact.digest, path, st, ok=False, reason=reason, keys=_key_ids())
+    hostcache.write_record(
+        artifact.digest, path, st, ok=False, reason=reason, keys=hostcache.key_ids()
+    )
     return ArtifactSignatureError(reason)
 
 
@@ -525,25 +374,26 @@ def _check_file(artifact: Artifact, path: Path) -> None:
                 "(its checksum holds: a key this host lacks, or a forgery)"
             )
             raise _unsigned(artifact, path, st, reason)
-        signer = _key_id(formats.signing_keys()[index])
-    if _identity(path.stat()) == _identity(st):  # Not changed while it was hashed.
-        _write_record(artifact.digest, path, st, ok=True, signer=signer)
+        signer = hostcache.key_id(formats.signing_keys()[index])
+    # Not changed while it was hashed:
+    if hostcache.identity(path.stat()) == hostcache.identity(st):
+        hostcache.write_record(artifact.digest, path, st, ok=True, signer=signer)
 
 
 def _needs_check(artifact: Artifact, path: Path, st: os.stat_result) -> bool:
     """False when this host verified the file as it is now; raises if it found it corrupt."""
-    record = _read_record(artifact.digest)
-    if not _record_holds(record, path, st):
+    record = hostcache.read_record(artifact.digest)
+    if not hostcache.record_holds(record, path, st):
         return True
     assert record is not None
     if not record.get("ok"):
-        refused = _refused_with_these_keys(record)
+        refused = hostcache.refused_with_these_keys(record)
         if refused is None:
             raise ArtifactCorrupt(str(record.get("reason")))
         if refused:
             raise ArtifactSignatureError(str(record.get("reason")))
         return True  # Refused with other keys than this host has now: check again.
-    return artifact.format == "pickle" and not _signer_still_trusted(record)
+    return artifact.format == "pickle" and not hostcache.signer_still_trusted(record)
 
 
 def _download(storage: Storage, artifact: Artifact, target: Path) -> None:
@@ -634,13 +484,13 @@ def materialize(artifact: Artifact) -> Path:
 
 
 def _tree(root: Path) -> dict[str, list[int]]:
-    """Every file and folder under ``root``: relative name -> its identity (_identity:
-    the ctime too, so an edit whose mtime was put back still shows)."""
+    """Every file and folder under ``root``: relative name -> its identity
+    (hostcache.identity: the ctime too, so an edit whose mtime was put back still shows)."""
     found = {}
     for top, dirs, files in os.walk(root):
         for name in dirs + files:
             full = os.path.join(top, name)
-            found[os.path.relpath(full, root)] = _identity(os.lstat(full))
+            found[os.path.relpath(full, root)] = hostcache.identity(os.lstat(full))
     return found
 
 
@@ -728,12 +578,12 @@ def problem(artifact: Artifact) -> str | None:
         return None if remote else "its file is missing from storage"
     if st.st_size != artifact.size:
         return f"its file changed: {st.st_size} bytes, {artifact.size} published"
-    record = _read_record(artifact.digest)
+    record = hostcache.read_record(artifact.digest)
     if record is None or record.get("path") != str(path):
         return None
-    if not _record_holds(record, path, st):
+    if not hostcache.record_holds(record, path, st):
         return "its file changed since it was verified"
-    if record.get("ok") or _refused_with_these_keys(record) is False:
+    if record.get("ok") or hostcache.refused_with_these_keys(record) is False:
         return None  # Sound, or refused with keys this host no longer has.
     return str(record.get("reason"))
 
