@@ -21,6 +21,7 @@ from __future__ import annotations
 import logging
 import os
 import uuid
+from functools import cached_property
 from pathlib import Path
 from queue import Empty
 from time import monotonic
@@ -56,7 +57,7 @@ class Channel(filesystem.Channel):  # type: ignore[misc]
     def _get(self, queue: str, timeout: float | None = None) -> Any:
         wanted = f"{queue}.msg"
         inbox = Path(self.data_folder_in)
-        taken = self._taken_folder()
+        taken = self._taken_folder
         for name in sorted(os.listdir(inbox)):
             if name.partition(".")[2] != wanted:
                 continue
@@ -85,13 +86,12 @@ class Channel(filesystem.Channel):  # type: ignore[misc]
             return message
         raise Empty()
 
+    @cached_property
     def _taken_folder(self) -> Path:
         """processed_folder, made once: a rename into a missing folder would look like a
         file another consumer took, and the message would never be read."""
         folder = Path(self.processed_folder)
-        if not getattr(self, "_made_taken_folder", False):
-            folder.mkdir(parents=True, exist_ok=True)
-            self._made_taken_folder = True
+        folder.mkdir(parents=True, exist_ok=True)
         return folder
 
     @staticmethod

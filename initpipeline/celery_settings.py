@@ -26,6 +26,10 @@ REDIS_SCHEMES = ("redis", "rediss", "redis+socket", "sentinel")
 #: Six hours: above the longest phase of most projects (DEFAULT_TIMEOUT is one hour).
 VISIBILITY_TIMEOUT = 6 * 3600
 
+#: kombu's filesystem transport, writing each message whole (broker.py), by the name kombu
+#: resolves: importing it here would import kombu into every settings module.
+FILESYSTEM_TRANSPORT = "initpipeline.broker:FilesystemTransport"
+
 #: For phases that run for minutes to an hour (FIELD_NOTES, Celery and kombu).
 LONG_PHASES: dict[str, Any] = {
     # The message is acknowledged when the phase ends, not when it starts, so a worker
@@ -58,7 +62,7 @@ def filesystem_broker(folder: str | os.PathLike[str]) -> dict[str, Any]:
         "CELERY_BROKER_URL": "filesystem://localhost/",
         # kombu's transport, writing each message whole before a consumer can take it
         # (initpipeline/broker.py: the plain one can stop a worker, kombu#1551).
-        "CELERY_BROKER_TRANSPORT": "initpipeline.broker:FilesystemTransport",
+        "CELERY_BROKER_TRANSPORT": FILESYSTEM_TRANSPORT,
         "CELERY_BROKER_TRANSPORT_OPTIONS": {
             # One folder both ways: every process sends to and reads from the same queue.
             "data_folder_in": str(queue),

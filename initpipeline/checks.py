@@ -12,7 +12,7 @@ from django.conf import settings as django_settings
 from django.core import checks
 from django.core.exceptions import ImproperlyConfigured
 
-from .celery_settings import REDIS_SCHEMES
+from .celery_settings import FILESYSTEM_TRANSPORT, REDIS_SCHEMES
 from .conf import DEFAULTS
 from .conf import settings as conf
 from .dispatch import HARD_LIMIT_GRACE, PHASE_TASK_OPTIONS, celery_app
@@ -271,9 +271,6 @@ def refuse_to_serve() -> None:
 
 # -- warnings about the deployment (initpipeline.W001...) ---------------------------------
 
-#: CELERY_BROKER_TRANSPORT of the filesystem broker (celery_settings.filesystem_broker).
-FILESYSTEM_TRANSPORT = "initpipeline.broker:"
-
 #: Phases allowed to run this long (seconds) before early acks are worth a warning.
 LONG_PHASE = 300
 
@@ -346,11 +343,7 @@ def check_celery(app_configs: Sequence[AppConfig] | None = None, **kwargs: Any) 
             )
 
     transport = celery_conf.broker_transport
-    if (
-        isinstance(transport, str)
-        and transport.startswith(FILESYSTEM_TRANSPORT)
-        and scheme not in ("", "filesystem")
-    ):
+    if transport == FILESYSTEM_TRANSPORT and scheme not in ("", "filesystem"):
         # The scheme alone: a broker URL may hold a password.
         warnings.append(
             checks.Error(

@@ -16,7 +16,7 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import pytest
 from django.test import Client, override_settings
@@ -211,46 +211,51 @@ def sibling() -> Iterator[int]:
     proc.wait()
 
 
+class Worker(NamedTuple):
+    """A Repository as a Gunicorn worker of a server with a sibling, not started."""
+
+    repo: serving.Repository
+    folder: ServerFolder
+    replaced: list[int]  # the pid, each time it asked Gunicorn for a new worker
+
+
+@pytest.fixture
+def worker(sibling: int) -> Iterator[Worker]:
+    replaced: list[int] = []
+    repo = serving.Repository()
+    repo.replace_me = lambda: replaced.append(repo.pid)
+    folder = repo.server_folder = ServerFolder(sibling)
+    folder.write(repo.pid, SERVING, ["model"], 6)
+    yield Worker(repo, folder, replaced)
+    shutil.rmtree(folder.path, ignore_errors=True)
+
+
 def test_a_worker_that_sees_its_sibling_make_way_waits_for_its_turn(
-    sibling: int, monkeypatch: pytest.MonkeyPatch
+    worker: Worker, sibling: int, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # Both workers of a two-worker server see generation 7 at once. The sibling claims the
     # turn and leaves the folder after this worker found the turn free, but before it
     # looked for siblings that serve: it must wait for its turn, not load in this process.
-    replaced: list[int] = []
-    repo = serving.Repository()
-    repo.replace_me = lambda: replaced.append(repo.pid)
-    folder = repo.server_folder = ServerFolder(sibling)
-    try:
-        folder.write(repo.pid, SERVING, ["model"], 6)
-        assert folder.claim_turn(sibling, 7)
-        monkeypatch.setattr(folder, "turn_taken", lambda: False)
-        assert repo._make_way(7, {}, ["model"]) == serving.settings.REFRESH_INTERVAL
-        assert replaced == []
-        # Its successor serves and gives the turn back: now it is this worker's turn.
-        folder.give_turn_back()
-        folder.write(sibling, SERVING, ["model"], 7)
-        assert repo._make_way(7, {}, ["model"]) == serving.settings.REFRESH_INTERVAL
-        assert replaced == [repo.pid]
-        turn = folder.turn()
-        assert turn is not None and (turn["pid"], turn["generation"]) == (repo.pid, 7)
-    finally:
-        shutil.rmtree(folder.path, ignore_errors=True)
+    repo, folder, replaced = worker
+    assert folder.claim_turn(sibling, 7)
+    monkeypatch.setattr(folder, "turn_taken", lambda: False)
+    assert repo._make_way(7, {}, ["model"]) == serving.settings.REFRESH_INTERVAL
+    assert replaced == []
+    # Its successor serves and gives the turn back: now it is this worker's turn.
+    folder.give_turn_back()
+    folder.write(sibling, SERVING, ["model"], 7)
+    assert repo._make_way(7, {}, ["model"]) == serving.settings.REFRESH_INTERVAL
+    assert replaced == [repo.pid]
+    turn = folder.turn()
+    assert turn is not None and (turn["pid"], turn["generation"]) == (repo.pid, 7)
 
 
 def test_a_worker_alone_in_its_server_loads_itself_and_leaves_the_turn_free(
-    sibling: int,
+    worker: Worker,
 ) -> None:
-    replaced: list[int] = []
-    repo = serving.Repository()
-    repo.replace_me = lambda: replaced.append(repo.pid)
-    folder = repo.server_folder = ServerFolder(sibling)
-    try:
-        folder.write(repo.pid, SERVING, ["model"], 6)
-        assert repo._make_way(7, {}, ["model"]) is None
-        assert replaced == [] and folder.turn() is None
-    finally:
-        shutil.rmtree(folder.path, ignore_errors=True)
+    repo, folder, replaced = worker
+    assert repo._make_way(7, {}, ["model"]) is None
+    assert replaced == [] and folder.turn() is None
 
 
 def test_a_failing_load_keeps_the_old_object_and_is_retried_with_backoff(
