@@ -567,20 +567,20 @@ class Repository:
 
 @functools.cache
 def _metrics() -> ModuleType | None:
-    """initpipeline.metrics, when prometheus-client (the "metrics" extra) is installed.
+    """initpipeline.loadmetrics, when prometheus-client (the "metrics" extra) is installed.
 
-    Imported by the loader thread at its first load, never by a request: the import takes
-    about 50 ms, which a worker's first answer should not wait for.
+    Imported by the loader thread at its first load, never by a request: a worker's first
+    answer should not wait for prometheus-client's import.
     """
     try:
-        from . import metrics
+        from . import loadmetrics
     except ImportError:
         return None
-    return metrics
+    return loadmetrics
 
 
 def _observe(what: str, *args: Any) -> None:
-    """Count a load, a failure or a switch in this process's metrics (metrics.py)."""
+    """Count a load, a failure or a switch in this process's metrics (loadmetrics.py)."""
     found = _metrics()
     if found is None:
         return

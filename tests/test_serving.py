@@ -120,7 +120,7 @@ def gauge(metric: Any, **labels: str) -> float | None:
 def test_the_metrics_say_what_loads_and_whether_this_process_is_ready(
     repo: serving.Repository,
 ) -> None:
-    from initpipeline import metrics
+    from initpipeline import loadmetrics as metrics
 
     write_control(loader={"hold": ["1"]})
     publish_generation(model=("json", {"version": "1"}))
